@@ -1,0 +1,482 @@
+"""Core-lab CSV -> validated Parquet lesion index, with bad rows quarantined, never lost.
+
+Each CSV row is checked against the files it names (the cine header and the analysed frame, the
+mask, the contour JSON). A row that cannot be trusted goes to the quarantine file with its line
+number, field, file and reason; cosmetic faults (unreadable vessel text, a mask saved at another
+uniform scale, angles only in the DICOM) are repaired with a warning. Raw patient IDs are turned
+into salted keys on read and never written. Rows are numbered as lines of the CSV file (the header
+is line 1), as an editor shows them.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import io
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from angiotune import __version__
+from angiotune.data import angles
+from angiotune.data.normalise import normalise_phase, parse_vessel_text
+from angiotune.data.pseudonym import patient_key, resolve_salt, salt_fingerprint
+from angiotune.data.readers import CineHeader, is_dicom_path, read_contour, read_frame, \
+    read_header, read_mask
+from angiotune.data.splits import assign_splits
+from angiotune.errors import DataError
+from angiotune.taxonomies import Taxonomy, load_taxonomy
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"angiotune"
+REQUIRED_COLUMNS = ("patient_id", "vessel_pattern", "phase", "frame_index", "cass_segment",
+                    "medis_mask_path", "medis_contour_path")
+SOURCE_COLUMNS = ("dicom_path", "cine_path")
+KNOWN_COLUMNS = set(REQUIRED_COLUMNS) | set(SOURCE_COLUMNS) | {"primary_angle", "secondary_angle"}
+ANGLE_CONVENTION = ("angle_lao_deg: LAO positive, RAO negative (DICOM PositionerPrimaryAngle); "
+                    "angle_cranial_deg: cranial positive, caudal negative")
+REQUIRED_MEASUREMENTS = ("MLD_mm", "diameter_stenosis_pct", "interpolated_RVD_mm")
+ANGLE_AGREEMENT_DEG = 2.0
+CENTERLINE_COVERAGE = 0.8
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How to build an index. ``data_root`` defaults to the manifest's folder."""
+
+    data_root: Path | None = None
+    taxonomy: str = "CASS"
+    salt: str | None = None
+    strict: bool = False
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split_seed: int = 0
+    stenosis_tolerance_pct: float = 5.0  # allowed |DS - 100 (1 - MLD / RVD)|
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One quarantined row or one warning: where it is and what is wrong."""
+
+    row: int
+    field: str
+    file: str
+    reason: str
+
+
+@dataclass
+class IndexReport:
+    manifest: Path
+    out: Path
+    quarantine_path: Path
+    rows_read: int
+    index: pd.DataFrame
+    quarantined: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class _Rejected(Exception):
+    def __init__(self, field_name: str, reason: str, file: str = "") -> None:
+        super().__init__(reason)
+        self.field, self.reason, self.file = field_name, reason, file
+
+
+def build_index(manifest: str | Path, out: str | Path, settings: IndexSettings = IndexSettings(),
+                on_row: Callable[[int, int], None] | None = None) -> IndexReport:
+    """Validate ``manifest`` and write the Parquet index to ``out`` and its quarantine beside it."""
+    manifest, out = Path(manifest), Path(out)
+    rows, notes = read_manifest(manifest)
+    root = (settings.data_root or manifest.parent).resolve()
+    parser = _RowParser(root, load_taxonomy(settings.taxonomy), resolve_salt(settings.salt),
+                        settings)
+    records: list[dict] = []
+    quarantined: list[Problem] = []
+    warnings: list[Problem] = []
+    seen: dict[tuple, int] = {}
+    for done, (line, raw) in enumerate(rows, start=1):
+        try:
+            record, row_warnings = parser.parse(line, raw)
+            duplicate_of = seen.setdefault(_identity(record), line)
+            if duplicate_of != line:
+                raise _Rejected("row", f"duplicate of row {duplicate_of} (same patient, cine, "
+                                       "frame and segment)")
+        except _Rejected as rejected:
+            problem = Problem(line, rejected.field, rejected.file, rejected.reason)
+            if settings.strict:
+                raise DataError(problem.reason, file=str(manifest), row=line,
+                                field=problem.field) from None
+            quarantined.append(problem)
+        else:
+            records.append(record)
+            warnings += row_warnings
+        if on_row:
+            on_row(done, len(rows))
+    index = _to_frame(records, settings)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_parquet(index, out, manifest, root, parser, settings)
+    quarantine_path = quarantine_path_for(out)
+    pd.DataFrame([vars(p) for p in quarantined], columns=["row", "field", "file", "reason"]) \
+        .to_csv(quarantine_path, index=False)
+    return IndexReport(manifest, out, quarantine_path, len(rows), index, quarantined, warnings,
+                       notes)
+
+
+def quarantine_path_for(out: Path) -> Path:
+    return out.with_name(out.stem + ".quarantine.csv")
+
+
+def read_index(path: str | Path) -> pd.DataFrame:
+    """Load an index written by ``build_index``; refuses other Parquet files plainly."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("no such index file", file=str(path))
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"not a readable Parquet file ({error})", file=str(path)) from None
+    metadata = index_metadata(table.schema, path)
+    if metadata.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"index schema version {metadata.get('schema_version')} is not "
+                        f"{SCHEMA_VERSION}: rebuild it with `angiotune index`", file=str(path))
+    return table.to_pandas()
+
+
+def index_metadata(schema: pa.Schema, path: Path) -> dict:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise DataError("not an angiotune index (no angiotune metadata); build one with "
+                        "`angiotune index`", file=str(path))
+    return json.loads(raw)
+
+
+def read_manifest(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
+    """Rows of a core-lab CSV as (line number, {column: text}), with notes on what was assumed."""
+    if not path.exists():
+        raise DataError("no such manifest file", file=str(path))
+    data = path.read_bytes()
+    if b"\x00" in data[:4096]:
+        raise DataError("binary content, not a CSV text file", file=str(path))
+    notes = []
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        try:
+            text = data.decode("cp1252")
+        except UnicodeDecodeError:
+            raise DataError(f"not UTF-8 text (byte {error.start}); save the CSV as UTF-8",
+                            file=str(path)) from None
+        notes.append(f"{path.name} is not UTF-8; read it as Windows-1252")
+    header_line = text.split("\n", 1)[0]
+    if not header_line.strip():
+        raise DataError("empty CSV: no header row", file=str(path))
+    delimiter = max(",;\t", key=header_line.count)
+    if delimiter != ",":
+        notes.append(f"{path.name} uses {delimiter!r} as its delimiter")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
+    missing = [c for c in REQUIRED_COLUMNS if c not in reader.fieldnames]
+    if missing:
+        raise DataError(f"missing column(s) {', '.join(missing)}; found "
+                        f"{', '.join(reader.fieldnames) or 'none'}", file=str(path), row=1,
+                        field=missing[0])
+    if not any(c in reader.fieldnames for c in SOURCE_COLUMNS):
+        raise DataError("needs a dicom_path or a cine_path column", file=str(path), row=1,
+                        field="dicom_path")
+    unknown = [c for c in reader.fieldnames if c not in KNOWN_COLUMNS]
+    if unknown:
+        notes.append(f"ignored column(s) not copied to the index: {', '.join(unknown)}")
+    rows = []
+    for raw in reader:
+        extra = raw.pop(None, None)
+        cells = {name: (value or "").strip() for name, value in raw.items()}
+        rows.append((reader.line_num, cells | {"__extra__": bool(extra)}))
+    if not rows:
+        raise DataError("the CSV has a header but no data rows", file=str(path))
+    return rows, notes
+
+
+def _identity(record: dict) -> tuple:
+    return record["patient_key"], record["image_path"], record["frame_index"], record["segment"]
+
+
+class _RowParser:
+    """Turns one CSV row into one index record, or rejects it with the field to blame."""
+
+    def __init__(self, root: Path, taxonomy: Taxonomy, salt: str,
+                 settings: IndexSettings) -> None:
+        self.root, self.taxonomy, self.salt, self.settings = root, taxonomy, salt, settings
+
+    def parse(self, line: int, raw: dict) -> tuple[dict, list[Problem]]:
+        warnings: list[Problem] = []
+
+        def warn(field_name: str, message: str, file: str = "") -> None:
+            warnings.append(Problem(line, field_name, file, message))
+
+        if raw.get("__extra__"):
+            raise _Rejected("row", "more cells than header columns (a stray delimiter?)")
+        if not raw.get("patient_id"):
+            raise _Rejected("patient_id", "empty patient_id")
+        key = patient_key(raw["patient_id"], self.salt)
+        segment = self.taxonomy.lookup(raw.get("cass_segment", ""))
+        if segment is None:
+            raise _Rejected("cass_segment", f"{raw.get('cass_segment')!r} is not a segment of the "
+                                            f"{self.taxonomy.name} taxonomy")
+        vessel_source = self._check_vessel_text(raw.get("vessel_pattern", ""), segment.vessel,
+                                                warn)
+        phase = normalise_phase(raw.get("phase"))
+        if phase == "UNKNOWN":
+            warn("phase", f"unrecognised phase {raw.get('phase')!r}; stored as UNKNOWN")
+        frame_index = _integer(raw.get("frame_index"), "frame_index")
+
+        image_field = "dicom_path" if raw.get("dicom_path") else "cine_path"
+        if not raw.get(image_field):
+            raise _Rejected("dicom_path", "neither dicom_path nor cine_path is given")
+        image = self._existing(raw[image_field], image_field)
+        header = self._call(read_header, image, image_field)
+        if not 0 <= frame_index < header.frames:
+            raise _Rejected("frame_index", f"frame {frame_index} out of range: the cine has "
+                                           f"{header.frames} frames", raw[image_field])
+        self._call(read_frame, image, image_field, frame_index)
+
+        mask_path = self._existing(raw.get("medis_mask_path", ""), "medis_mask_path")
+        mask = self._fit_mask(self._call(read_mask, mask_path, "medis_mask_path"), header,
+                              raw["medis_mask_path"], warn)
+        contour_path = self._existing(raw.get("medis_contour_path", ""), "medis_contour_path")
+        contour = self._call(read_contour, contour_path, "medis_contour_path")
+        measures = self._measurements(contour, raw["medis_contour_path"])
+        self._check_mask_covers_centerline(mask, contour, raw["medis_mask_path"])
+        spacing, spacing_source = self._spacing(contour, header, raw, warn)
+        lao, cranial, angle_source = self._angles(raw, header, contour, warn)
+
+        ys, xs = np.nonzero(mask)
+        relative = image.relative_to(self.root).as_posix()
+        record = {
+            "sample_id": hashlib.sha256(f"{key}|{relative}|{frame_index}|{segment.code}"
+                                        .encode()).hexdigest()[:16],
+            "patient_key": key, "row": line,
+            "vessel": segment.vessel, "vessel_source": vessel_source,
+            "segment": segment.code, "segment_name": segment.name,
+            "segment_position": segment.position, "taxonomy": self.taxonomy.name,
+            "phase": phase, "frame_index": frame_index, "frames": header.frames,
+            "frame_height": header.height, "frame_width": header.width,
+            "image_path": relative, "image_format": "dicom" if is_dicom_path(image) else "npy",
+            "transfer_syntax": header.transfer_syntax,
+            "mask_path": mask_path.relative_to(self.root).as_posix(),
+            "contour_path": contour_path.relative_to(self.root).as_posix(),
+            "pixel_spacing_mm": spacing, "spacing_source": spacing_source,
+            "bbox_x0": int(xs.min()), "bbox_y0": int(ys.min()),
+            "bbox_x1": int(xs.max()) + 1, "bbox_y1": int(ys.max()) + 1,
+            "mask_area_px": int(mask.sum()),
+            **measures,
+            "angle_lao_deg": lao, "angle_cranial_deg": cranial, "angle_source": angle_source,
+            "warnings": "; ".join(f"{w.field}: {w.reason}" for w in warnings),
+        }
+        return record, warnings
+
+    def _existing(self, text: str, field_name: str) -> Path:
+        if not text:
+            raise _Rejected(field_name, f"empty {field_name}")
+        path = Path(text)
+        resolved = (path if path.is_absolute() else self.root / path).resolve()
+        if not resolved.is_relative_to(self.root):
+            raise _Rejected(field_name, f"path is outside the data root {self.root}", text)
+        if not resolved.is_file():
+            raise _Rejected(field_name, "missing file", text)
+        return resolved
+
+    def _call(self, reader, path: Path, field_name: str, *args):
+        try:
+            return reader(path, *args)
+        except DataError as error:
+            raise _Rejected(error.field or field_name, error.message,
+                            path.relative_to(self.root).as_posix()) from None
+
+    def _check_vessel_text(self, text: str, vessel: str, warn) -> str:
+        named = parse_vessel_text(text)
+        if not named:
+            warn("vessel_pattern", f"cannot read a vessel in {text!r}; using {vessel} from the "
+                                   "segment number")
+            return "segment"
+        if named == {vessel} or (vessel == "LM" and named <= {"LM", "LAD", "LCX"}):
+            return "text"
+        raise _Rejected("vessel_pattern", f"{text!r} names {'/'.join(sorted(named))} but the "
+                                          f"segment number says {vessel}")
+
+    def _fit_mask(self, mask: np.ndarray, header: CineHeader, file: str, warn) -> np.ndarray:
+        if mask.shape != (header.height, header.width):
+            scale_y, scale_x = header.height / mask.shape[0], header.width / mask.shape[1]
+            if not math.isclose(scale_y, scale_x, rel_tol=1e-9):
+                raise _Rejected("medis_mask_path", f"mask {mask.shape[1]}x{mask.shape[0]} is not "
+                                f"a uniform scale of the frame {header.width}x{header.height}",
+                                file)
+            resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(
+                (header.width, header.height), Image.Resampling.NEAREST)
+            mask = np.asarray(resized) > 0
+            warn("medis_mask_path", f"mask rescaled by {scale_x:g} to the frame size", file)
+        if not mask.any():
+            raise _Rejected("medis_mask_path", "empty mask (no foreground pixels)", file)
+        return mask
+
+    def _measurements(self, contour: dict, file: str) -> dict:
+        values = contour.get("measurements")
+        if not isinstance(values, dict):
+            raise _Rejected("measurements", "contour JSON has no 'measurements' object", file)
+        numbers = {}
+        for name in (*REQUIRED_MEASUREMENTS, "lesion_length_mm", "proximal_normal_diameter_mm",
+                     "distal_normal_diameter_mm"):
+            value = values.get(name)
+            if value is None and name not in REQUIRED_MEASUREMENTS:
+                numbers[name] = math.nan
+                continue
+            number = _number(value)
+            if number is None or number < 0 or (number == 0 and name != "diameter_stenosis_pct"):
+                raise _Rejected(f"measurements.{name}",
+                                f"{value!r} is not a positive finite number", file)
+            numbers[name] = number
+        mld, ds, rvd = (numbers[n] for n in REQUIRED_MEASUREMENTS)
+        if mld > rvd:
+            raise _Rejected("measurements.MLD_mm", f"MLD {mld:g} mm exceeds the reference "
+                                                   f"diameter {rvd:g} mm", file)
+        implied = 100.0 * (1.0 - mld / rvd)
+        if ds >= 100 or abs(ds - implied) > self.settings.stenosis_tolerance_pct:
+            raise _Rejected("measurements.diameter_stenosis_pct",
+                            f"{ds:g} % contradicts MLD {mld:g} mm and RVD {rvd:g} mm "
+                            f"(which give {implied:.1f} %)", file)
+        mld_xy = values.get("MLD_position_px") or [math.nan, math.nan]
+        return {
+            "mld_mm": mld, "diameter_stenosis_pct": ds, "rvd_mm": rvd,
+            "lesion_length_mm": numbers["lesion_length_mm"],
+            "proximal_diameter_mm": numbers["proximal_normal_diameter_mm"],
+            "distal_diameter_mm": numbers["distal_normal_diameter_mm"],
+            "mld_x": _number(mld_xy[0]) if len(mld_xy) == 2 else math.nan,
+            "mld_y": _number(mld_xy[1]) if len(mld_xy) == 2 else math.nan,
+        }
+
+    def _check_mask_covers_centerline(self, mask: np.ndarray, contour: dict, file: str) -> None:
+        """A mask of another lesion (a swapped file) misses this lesion's centerline."""
+        line = contour.get("centerline")
+        try:
+            points = np.asarray(line, dtype=float).reshape(-1, 2)
+        except (TypeError, ValueError):
+            return
+        if len(points) == 0 or not np.isfinite(points).all():
+            return
+        cols = np.clip(np.round(points[:, 0]).astype(int), 0, mask.shape[1] - 1)
+        rows = np.clip(np.round(points[:, 1]).astype(int), 0, mask.shape[0] - 1)
+        near = mask | np.pad(mask, 1)[2:, 1:-1] | np.pad(mask, 1)[:-2, 1:-1] \
+            | np.pad(mask, 1)[1:-1, 2:] | np.pad(mask, 1)[1:-1, :-2]
+        coverage = near[rows, cols].mean()
+        if coverage < CENTERLINE_COVERAGE:
+            raise _Rejected("medis_mask_path", f"mask covers only {coverage:.0%} of the contour's "
+                                               "centerline (a mask of another lesion?)", file)
+
+    def _spacing(self, contour: dict, header: CineHeader, raw: dict, warn) -> tuple[float, str]:
+        calibration = contour.get("calibration") if isinstance(contour, dict) else None
+        factor = _number((calibration or {}).get("scale_factor"))
+        if factor is not None and factor > 0:
+            return 1.0 / factor, "calibration"
+        if header.spacing_at_vessel_mm:
+            warn("calibration", "no calibration factor; pixel spacing from the DICOM's "
+                                "ImagerPixelSpacing and source distances")
+            return header.spacing_at_vessel_mm, "dicom"
+        raise _Rejected("calibration", "missing calibration: no calibration.scale_factor in the "
+                                       "contour JSON and no pixel spacing with source distances "
+                                       "in the image file", raw.get("medis_contour_path", ""))
+
+    def _angles(self, raw: dict, header: CineHeader, contour: dict, warn):
+        csv_lao = _csv_angle(raw.get("primary_angle", ""), primary=True)
+        csv_cranial = _csv_angle(raw.get("secondary_angle", ""), primary=False)
+        for name, text, value in (("primary_angle", raw.get("primary_angle"), csv_lao),
+                                  ("secondary_angle", raw.get("secondary_angle"), csv_cranial)):
+            if text and value is None:
+                warn(name, f"unreadable angle {text!r}; looking in the DICOM and contour JSON")
+        views = contour.get("view_angles") if isinstance(contour.get("view_angles"), dict) else {}
+        sources = [("csv", csv_lao, csv_cranial), ("dicom", header.lao_deg, header.cranial_deg),
+                   ("contour", angles.parse_primary(views.get("primary")),
+                    angles.parse_secondary(views.get("secondary")))]
+        usable = [(name, lao, cranial) for name, lao, cranial in sources
+                  if angles.valid_angle(lao, angles.MAX_PRIMARY_DEG)
+                  and angles.valid_angle(cranial, angles.MAX_SECONDARY_DEG)]
+        if not usable:
+            warn("primary_angle", "no view angles in the CSV, DICOM or contour JSON")
+            return math.nan, math.nan, "none"
+        name, lao, cranial = usable[0]
+        for other, other_lao, other_cranial in usable[1:]:
+            if abs(other_lao - lao) > ANGLE_AGREEMENT_DEG or \
+                    abs(other_cranial - cranial) > ANGLE_AGREEMENT_DEG:
+                warn("primary_angle", f"angles from {name} ({angles.format_primary(lao)}, "
+                     f"{angles.format_secondary(cranial)}) differ from {other} "
+                     f"({angles.format_primary(other_lao)}, "
+                     f"{angles.format_secondary(other_cranial)}); kept {name}")
+                break
+        return lao, cranial, name
+
+
+def _csv_angle(text: str, *, primary: bool) -> float | None:
+    """A CSV angle cell: a number in the CSV convention (RAO / cranial positive) or a label."""
+    if not text:
+        return None
+    number = _number(text)
+    if number is not None:
+        return angles.lao_from_csv_primary(number) if primary else number
+    return angles.parse_primary(text) if primary else angles.parse_secondary(text)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _integer(text: str | None, field_name: str) -> int:
+    number = _number(text)
+    if number is None or not number.is_integer() or number < 0:
+        raise _Rejected(field_name, f"{text!r} is not a non-negative whole number")
+    return int(number)
+
+
+_COLUMNS = ["sample_id", "patient_key", "split", "row", "vessel", "vessel_source", "segment",
+            "segment_name", "segment_position", "taxonomy", "phase", "frame_index", "frames",
+            "frame_height", "frame_width", "image_path", "image_format", "transfer_syntax",
+            "mask_path", "contour_path", "pixel_spacing_mm", "spacing_source", "bbox_x0",
+            "bbox_y0", "bbox_x1", "bbox_y1", "mask_area_px", "mld_mm", "diameter_stenosis_pct",
+            "rvd_mm", "lesion_length_mm", "proximal_diameter_mm", "distal_diameter_mm", "mld_x",
+            "mld_y", "angle_lao_deg", "angle_cranial_deg", "angle_source", "warnings"]
+
+
+def _to_frame(records: list[dict], settings: IndexSettings) -> pd.DataFrame:
+    frame = pd.DataFrame(records, columns=[c for c in _COLUMNS if c != "split"])
+    frame.insert(2, "split", assign_splits(list(frame["patient_key"]), list(frame["vessel"]),
+                                           settings.split_fractions, settings.split_seed))
+    return frame
+
+
+def _write_parquet(index: pd.DataFrame, out: Path, manifest: Path, root: Path,
+                   parser: _RowParser, settings: IndexSettings) -> None:
+    table = pa.Table.from_pandas(index, preserve_index=False)
+    metadata = {
+        "schema_version": SCHEMA_VERSION, "angiotune_version": __version__,
+        "taxonomy": parser.taxonomy.name, "angle_convention": ANGLE_CONVENTION,
+        "data_root": str(root), "manifest": manifest.name,
+        "salt_fingerprint": salt_fingerprint(parser.salt),
+        "split_fractions": list(settings.split_fractions), "split_seed": settings.split_seed,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           METADATA_KEY: json.dumps(metadata).encode()})
+    partial = out.with_name(out.name + ".partial")
+    pq.write_table(table, partial)
+    partial.replace(out)  # a reader never sees a half-written index

@@ -1,0 +1,218 @@
+"""Readers for cine frames (multi-frame DICOM, NPY), masks and QCA contour JSON.
+
+Each reader raises ``DataError`` naming the file; none returns half-read data. Frames come back as
+float32 in [0, 1], whatever the storage, and only the requested frame of a cine is decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+from PIL import Image, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+
+from angiotune.errors import DataError
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ""}
+
+
+@dataclass(frozen=True)
+class CineHeader:
+    """What the index needs from a cine without decoding pixels. No patient fields."""
+
+    frames: int
+    height: int
+    width: int
+    transfer_syntax: str = "npy"
+    lao_deg: float | None = None  # DICOM PositionerPrimaryAngle, LAO positive
+    cranial_deg: float | None = None
+    imager_pixel_spacing_mm: float | None = None
+    magnification: float | None = None
+
+    @property
+    def spacing_at_vessel_mm(self) -> float | None:
+        """ImagerPixelSpacing corrected by the geometric magnification (mm per pixel)."""
+        if self.imager_pixel_spacing_mm is None or self.magnification is None:
+            return None
+        return self.imager_pixel_spacing_mm / self.magnification
+
+
+def is_dicom_path(path: Path) -> bool:
+    return path.suffix.lower() != ".npy"
+
+
+def read_header(path: Path) -> CineHeader:
+    return _dicom_header(path) if is_dicom_path(path) else _npy_header(path)
+
+
+def read_frame(path: Path, index: int) -> np.ndarray:
+    """Frame ``index`` of a cine as float32 H x W in [0, 1]; decodes that frame only."""
+    frame = _dicom_frame(path, index) if is_dicom_path(path) else _npy_frame(path, index)
+    if not np.isfinite(frame).all():
+        raise DataError(f"frame {index} contains NaN or infinite values", file=str(path))
+    return frame
+
+
+def read_cine(path: Path) -> np.ndarray:
+    """Every frame, frames x H x W float32: for comparison and benchmarks, not the hot path."""
+    if not is_dicom_path(path):
+        return np.asarray(_load_npy(path), dtype=np.float32)
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except Exception as error:  # noqa: BLE001 - any decoder failure is a data problem
+        raise DataError(f"cannot decode pixel data ({error})", file=str(path)) from None
+    frames = pixels if int(ds.get("NumberOfFrames", 1) or 1) > 1 else pixels[None]
+    return np.stack([_normalise(f, ds) for f in frames])
+
+
+def _dicom_header(path: Path) -> CineHeader:
+    return _header_from(_dicom_meta(path), path)
+
+
+def _dicom_meta(path: Path):
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        raise DataError("not a DICOM file (no DICM preamble or file meta)", file=str(path)) \
+            from None
+    except Exception as error:  # noqa: BLE001 - truncated or garbled headers raise many types
+        raise DataError(f"unreadable DICOM header ({type(error).__name__}: {error})",
+                        file=str(path)) from None
+
+
+def _header_from(ds, path: Path) -> CineHeader:
+    for tag in ("Rows", "Columns"):
+        if not isinstance(ds.get(tag), int) or ds.get(tag) <= 0:
+            raise DataError(f"missing or invalid {tag}", file=str(path), field=tag)
+    frames = _positive_int(ds.get("NumberOfFrames", 1), path, "NumberOfFrames")
+    spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
+    spacing_mm = _finite(spacing[0]) if spacing else None
+    magnification = _finite(ds.get("EstimatedRadiographicMagnificationFactor"))
+    sdd, sod = _finite(ds.get("DistanceSourceToDetector")), _finite(ds.get("DistanceSourceToPatient"))
+    if sdd and sod:
+        magnification = sdd / sod
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    return CineHeader(frames=frames, height=ds.Rows, width=ds.Columns,
+                      transfer_syntax=str(syntax.name if syntax else "unknown"),
+                      lao_deg=_finite(ds.get("PositionerPrimaryAngle")),
+                      cranial_deg=_finite(ds.get("PositionerSecondaryAngle")),
+                      imager_pixel_spacing_mm=spacing_mm, magnification=magnification)
+
+
+def _dicom_frame(path: Path, index: int) -> np.ndarray:
+    ds = _dicom_meta(path)
+    header = _header_from(ds, path)
+    if not 0 <= index < header.frames:
+        raise DataError(f"frame {index} out of range: the cine has {header.frames} frames",
+                        file=str(path), field="frame_index")
+    try:
+        pixels = pydicom.pixels.pixel_array(path, index=index)
+    except Exception as error:  # noqa: BLE001 - decoders raise many types on corrupt data
+        raise DataError(f"cannot decode frame {index} ({type(error).__name__}: {error})",
+                        file=str(path), field="PixelData") from None
+    return _normalise(pixels, ds)
+
+
+def _normalise(pixels: np.ndarray, ds) -> np.ndarray:
+    """Stored values -> [0, 1] by the stored bit depth; MONOCHROME1 inverted; colour to grey."""
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        pixels = pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        low, high = 0, 2**bits - 1
+    scaled = (pixels - low) / float(high - low)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"not a readable NPY array ({error})", file=str(path)) from None
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.dtype.kind not in "fiu":
+        raise DataError(f"expected frames x H x W numbers, got shape {array.shape} "
+                        f"dtype {array.dtype}", file=str(path))
+    return array
+
+
+def _npy_header(path: Path) -> CineHeader:
+    frames, height, width = _load_npy(path).shape
+    return CineHeader(frames=frames, height=height, width=width)
+
+
+def _npy_frame(path: Path, index: int) -> np.ndarray:
+    cine = _load_npy(path)
+    if not 0 <= index < cine.shape[0]:
+        raise DataError(f"frame {index} out of range: the cine has {cine.shape[0]} frames",
+                        file=str(path), field="frame_index")
+    frame = np.asarray(cine[index], dtype=np.float32)
+    if cine.dtype.kind in "iu":
+        frame /= float(np.iinfo(cine.dtype).max)
+    if np.isfinite(frame).all() and (frame.min() < -1e-6 or frame.max() > 1 + 1e-6):
+        raise DataError(f"frame {index} has values outside 0..1 "
+                        f"({frame.min():.3g}..{frame.max():.3g})", file=str(path))
+    return frame
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A binary mask from PNG (any non-zero pixel) or NPY."""
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise DataError(f"not a readable NPY mask ({error})", file=str(path)) from None
+    else:
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("L"))
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise DataError(f"not a readable image mask ({error})", file=str(path)) from None
+    array = np.squeeze(array)
+    if array.ndim != 2:
+        raise DataError(f"mask must be 2D, got shape {array.shape}", file=str(path))
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DataError("mask contains NaN", file=str(path))
+    return array > 0
+
+
+def read_contour(path: Path) -> dict:
+    """Contour JSON as exported by QCA software; the structure is checked by the index."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"not valid UTF-8 JSON ({error})", file=str(path)) from None
+    if not isinstance(payload, dict):
+        raise DataError("expected a JSON object at the top level", file=str(path))
+    return payload
+
+
+def _finite(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _positive_int(value, path: Path, tag: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise DataError(f"invalid {tag} {value!r}", file=str(path), field=tag) from None
+    if number <= 0:
+        raise DataError(f"invalid {tag} {number}", file=str(path), field=tag)
+    return number

@@ -1,0 +1,35 @@
+"""Errors a user can act on. The CLI prints them without a traceback."""
+
+from __future__ import annotations
+
+
+class AngiotuneError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug."""
+
+
+class DataError(AngiotuneError):
+    """Bad input data, located by file, row and field where they are known."""
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
+                 field: str | None = None) -> None:
+        self.message = message
+        self.file = file
+        self.row = row
+        self.field = field
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = [f"{label} {value}" for label, value in
+                 (("file", self.file), ("row", self.row), ("field", self.field)) if value is not None]
+        return f"{', '.join(where)}: {self.message}" if where else self.message
+
+    def __reduce__(self):  # keep file/row/field when crossing Ray process boundaries
+        return _rebuild_data_error, (self.message, self.file, self.row, self.field)
+
+
+def _rebuild_data_error(message, file, row, field) -> DataError:
+    return DataError(message, file=file, row=row, field=field)
+
+
+class ConfigError(AngiotuneError):
+    """A configuration file (taxonomy, search space) that does not validate; names the key."""
