@@ -68,6 +68,7 @@ class VesselSegment:
     points: np.ndarray  # (N, 3) mm
     reference_radius: np.ndarray  # (N,) healthy lumen, linear taper
     radius: np.ndarray  # (N,) lumen after stenoses
+    render_start: int = 0  # first sample outside the parent's lumen (no double contrast)
 
     @property
     def arclength(self) -> np.ndarray:
@@ -144,7 +145,13 @@ def build_tree(rng: np.random.Generator) -> dict[str, VesselSegment]:
         points = _resample(path, SAMPLE_SPACING_MM)
         r0, r1 = np.array(spec["radius"]) * calibre
         taper = np.linspace(r0, r1, len(points))
-        segments[code] = VesselSegment(code, spec["tree"], points, taper, taper.copy())
+        inside = 0
+        if start is not None:
+            parent = segments[spec.get("parent") or spec["origin"][0]]
+            joint = np.argmin(np.linalg.norm(parent.points - start, axis=1))
+            reach = np.linalg.norm(points - start, axis=1) < parent.reference_radius[joint]
+            inside = int(np.argmin(reach)) if not reach.all() else 0
+        segments[code] = VesselSegment(code, spec["tree"], points, taper, taper.copy(), inside)
     for ostium_code in ("11", "1"):
         catheter = _catheter(segments[ostium_code])
         segments[catheter.code] = catheter

@@ -68,6 +68,7 @@ class ProjectedSegment:
     code: str
     points_px: np.ndarray  # (N, 2) x, y
     radius_px: np.ndarray  # (N,)
+    render_start: int = 0
 
 
 def project_segments(segments: Iterable[VesselSegment], view: View,
@@ -77,7 +78,7 @@ def project_segments(segments: Iterable[VesselSegment], view: View,
     for segment in segments:
         points = segment.points if transform is None else transform(segment.points)
         projected.append(ProjectedSegment(segment.code, view.project(points),
-                                          segment.radius * view.px_per_mm))
+                                          segment.radius * view.px_per_mm, segment.render_start))
     return projected
 
 
@@ -103,7 +104,9 @@ def contrast_path_mm(segments: Iterable[ProjectedSegment], shape: tuple[int, int
     """Length of contrast each ray crosses, in mm; crossing vessels add up as in X-ray."""
     path = np.zeros(shape[0] * shape[1])
     for segment in segments:
-        near = _nearest(segment, shape)
+        start = segment.render_start
+        near = _nearest(ProjectedSegment(segment.code, segment.points_px[start:],
+                                         segment.radius_px[start:]), shape)
         if near is None:
             continue
         flat, distance, index = near

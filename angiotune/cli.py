@@ -1,0 +1,137 @@
+"""The ``angiotune`` command: thin wrappers over the Python API, one call per subcommand.
+
+User errors (``AngiotuneError``) print one clear message and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from angiotune.errors import AngiotuneError
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="angiotune")
+def cli() -> None:
+    """Fine-tune SAM 3 on coronary angiography lesions: phantoms, index, search."""
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--lesions", default=40, show_default=True, help="Number of lesions (CSV rows).")
+@click.option("--size", default=512, show_default=True, help="Frame side in pixels (1016 real).")
+@click.option("--frames", default=6, show_default=True, help="Frames per cine run.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--tidy", is_flag=True, help="No deliberate export mess (free-text vessel names, "
+              "missing CSV angles, compressed DICOM, rescaled masks, a duplicate row).")
+def phantoms(out_dir: Path, lesions: int, size: int, frames: int, seed: int, tidy: bool) -> None:
+    """Write synthetic angiography phantoms (DICOM + NPY, masks, contours, CSV) to OUT_DIR."""
+    from angiotune.data.phantoms import PhantomSettings, generate_phantoms
+
+    try:
+        settings = PhantomSettings(lesions=lesions, size=size, frames=frames, seed=seed,
+                                   messy=not tidy)
+    except ValueError as error:
+        raise AngiotuneError(str(error)) from None
+    with _progress() as progress:
+        task = progress.add_task("rendering cine runs", total=None)
+        summary = generate_phantoms(out_dir, settings, on_run=lambda done, total:
+                                    progress.update(task, completed=done, total=total))
+    out.print(f"Wrote {summary.lesions} lesions of {summary.patients} synthetic patients "
+              f"({summary.runs} cine runs, {size}x{size} px, {frames} frames) to {out_dir}")
+    out.print(f"Manifests: {', '.join(str(out_dir / m) for m in summary.manifests)}")
+    out.print("These are phantoms with exact truth for testing; they are not clinical data.")
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Parquet index to write; the quarantine CSV goes beside it.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder the CSV's paths are relative to (default: the CSV's folder). "
+                   "Paths outside it are refused.")
+@click.option("--taxonomy", default="CASS", show_default=True,
+              help="CASS, SYNTAX, or a taxonomy YAML file.")
+@click.option("--strict", is_flag=True, help="Fail on the first bad row instead of quarantining.")
+@click.option("--seed", "split_seed", default=0, show_default=True, help="Split seed.")
+def index(manifest: Path, out_path: Path, data_root: Path | None, taxonomy: str, strict: bool,
+          split_seed: int) -> None:
+    """Validate a core-lab CSV MANIFEST into a Parquet lesion index with patient-level splits.
+
+    Patient IDs become salted keys (salt from ANGIOTUNE_SALT or ~/.angiotune/salt).
+    """
+    from angiotune.data.ingest import IndexSettings, build_index
+
+    settings = IndexSettings(data_root=data_root, taxonomy=taxonomy, strict=strict,
+                             split_seed=split_seed)
+    with _progress() as progress:
+        task = progress.add_task("checking rows", total=None)
+        report = build_index(manifest, out_path, settings, on_row=lambda done, total:
+                             progress.update(task, completed=done, total=total))
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    _print_index_summary(report)
+
+
+def _print_index_summary(report) -> None:
+    frame = report.index
+    table = Table(title=f"Lesion index {report.out}")
+    table.add_column("vessel")
+    for split in ("train", "val", "test"):
+        table.add_column(split, justify="right")
+    table.add_column("all", justify="right")
+    for vessel, group in frame.groupby("vessel"):
+        counts = group["split"].value_counts()
+        table.add_row(vessel, *(str(counts.get(s, 0)) for s in ("train", "val", "test")),
+                      str(len(group)))
+    out.print(table)
+    out.print(f"rows read {report.rows_read}, indexed {len(frame)} "
+              f"({frame['patient_key'].nunique()} patients), quarantined "
+              f"{len(report.quarantined)}, warnings {len(report.warnings)}")
+    if report.quarantined:
+        reasons = Counter(f"{p.field}: {p.reason.split(' (')[0]}" for p in report.quarantined)
+        quarantine = Table(title=f"Quarantined rows (details in {report.quarantine_path})")
+        quarantine.add_column("rows", justify="right")
+        quarantine.add_column("field: reason")
+        for reason, count in reasons.most_common():
+            quarantine.add_row(str(count), reason)
+        out.print(quarantine)
+    for warning in report.warnings[:10]:
+        console.print(f"[yellow]warning:[/] row {warning.row} {warning.field}: {warning.reason}")
+    if len(report.warnings) > 10:
+        console.print(f"[yellow]… {len(report.warnings) - 10} more warnings in the index's "
+                      "'warnings' column[/]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, standalone_mode=False, prog_name="angiotune")
+    except AngiotuneError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        return 2
+    except click.exceptions.Abort:
+        console.print("aborted")
+        return 130
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

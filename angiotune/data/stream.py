@@ -1,0 +1,154 @@
+"""Index rows -> ready training samples, and the Ray Data stream that feeds them to workers.
+
+``prepare_sample`` is plain Python (usable in a DataLoader or a test); ``lesion_dataset`` wraps
+it in Ray Data. The index is small metadata, so it is handed to Ray as in-memory rows: that avoids
+Ray 2.60's Parquet file-listing task (and from_pandas' metadata task), which wait for a whole free
+CPU and hang silently when training workers hold them. Decoding tasks ask for a fraction of a CPU
+for the same reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from angiotune.data.ingest import index_metadata, read_index
+from angiotune.data.readers import read_frame, read_mask
+from angiotune.data.transforms import (
+    box_to_square,
+    frame_to_square,
+    jitter_box,
+    mask_box,
+    normalise_intensity,
+    random_intensity,
+    random_similarity,
+    resize_mask,
+    warp,
+)
+from angiotune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+META_COLUMNS = ("sample_id", "split", "vessel", "segment", "diameter_stenosis_pct", "mld_mm",
+                "rvd_mm", "angle_lao_deg", "angle_cranial_deg")
+DATA_TASK_CPUS = 0.25
+MAX_BLOCKS = 64  # small blocks spread decoding over tasks
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How rows become model inputs.
+
+    ``fit``: "crop" takes a square of ``context`` times the lesion box around it (lesions are
+    under 1 % of a frame), "frame" letterboxes the whole frame as SAM does at full size.
+    ``augment``: train-only randomness; None means "when the split is train".
+    """
+
+    image_size: int = 224
+    fit: str = "crop"
+    context: float = 3.0
+    augment: bool | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fit not in ("crop", "frame"):
+            raise ValueError(f"fit must be 'crop' or 'frame', got {self.fit!r}")
+        if self.image_size < 16:
+            raise ValueError("image_size must be at least 16")
+
+
+def prepare_sample(row: dict, root: Path, settings: SampleSettings,
+                   rng: np.random.Generator | None = None) -> dict:
+    """Decode the analysed frame and mask of one index row and bring them to the model grid.
+
+    Returns image (float32 S x S in [0, 1]), mask (uint8 S x S), box (float32 x0 y0 x1 y1 in
+    model pixels, from the mask after any augmentation, jittered when augmenting),
+    pixel_spacing_mm of a model pixel, and the row's metadata.
+    """
+    augment = settings.augment if settings.augment is not None else row["split"] == "train"
+    if rng is None:
+        rng = np.random.default_rng([settings.seed, _stable_int(row["sample_id"])])
+    frame = read_frame(root / row["image_path"], int(row["frame_index"]))
+    mask = read_mask(root / row["mask_path"])
+    if mask.shape != frame.shape:
+        mask = resize_mask(mask, frame.shape)
+    box = np.array([row["bbox_x0"], row["bbox_y0"], row["bbox_x1"], row["bbox_y1"]], dtype=float)
+    size = settings.image_size
+    affine = (box_to_square(box, size, settings.context) if settings.fit == "crop"
+              else frame_to_square(frame.shape, size))
+    if augment:
+        affine = affine.then(random_similarity(rng, size))
+    image = normalise_intensity(warp(frame, affine, size, fill=float(np.median(frame))))
+    out_mask = warp(mask, affine, size, nearest=True)
+    out_box = mask_box(out_mask)
+    if out_box is None:  # the mask left the grid: impossible unless the index is stale
+        raise DataError("mask is empty after resampling", file=row["mask_path"])
+    if augment:
+        image = random_intensity(image, rng)
+        out_box = jitter_box(out_box, rng, size)
+    return {
+        "image": image, "mask": out_mask, "box": out_box.astype(np.float32),
+        "pixel_spacing_mm": np.float32(row["pixel_spacing_mm"] / affine.scale),
+        **{name: row[name] for name in META_COLUMNS},
+    }
+
+
+def _stable_int(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
+
+
+def _prepare_or_skip(row: dict, root: Path, settings: SampleSettings) -> list[dict]:
+    """One sample, or none with a logged reason: a file that went bad since indexing must not
+    stop a search; the sample is reported (by pseudonymous id) and skipped."""
+    # Training draws fresh augmentation each epoch; evaluation is seeded and fixed.
+    rng = np.random.default_rng() if settings.augment else None
+    try:
+        return [prepare_sample(row, root, settings, rng)]
+    except DataError as error:
+        log.warning("angiotune: skipped sample %s (%s)", row["sample_id"], error)
+        return []
+
+
+def load_rows(index: str | Path | pd.DataFrame, split: str | None = None,
+              data_root: str | Path | None = None) -> tuple[pd.DataFrame, Path]:
+    """Index rows (optionally one split) and the data root their paths are relative to."""
+    if isinstance(index, pd.DataFrame):
+        if data_root is None:
+            raise ValueError("data_root is required when the index is given as a DataFrame")
+        frame = index
+    else:
+        import pyarrow.parquet as pq
+
+        frame = read_index(index)
+        if data_root is None:
+            data_root = index_metadata(pq.read_schema(index), Path(index))["data_root"]
+    if split is not None:
+        frame = frame[frame["split"] == split]
+    return frame.reset_index(drop=True), Path(data_root)
+
+
+def lesion_dataset(index: str | Path | pd.DataFrame, split: str | None = None, *,
+                   settings: SampleSettings = SampleSettings(),
+                   data_root: str | Path | None = None,
+                   cpus_per_task: float = DATA_TASK_CPUS):
+    """A Ray Dataset of prepared samples for one split, decoded lazily in Ray tasks."""
+    import ray.data
+
+    rows, root = load_rows(index, split, data_root)
+    if rows.empty:
+        raise DataError(f"no rows in split {split!r}", file=str(index) if not isinstance(
+            index, pd.DataFrame) else None, field="split")
+    if settings.augment is None:
+        settings = replace(settings, augment=split == "train")
+    # from_items only puts objects; from_pandas / from_arrow start a metadata task that asks
+    # for a whole CPU and waits forever while training workers hold them (seen on Ray 2.60).
+    dataset = ray.data.from_items(rows.to_dict("records"),
+                                  override_num_blocks=min(len(rows), MAX_BLOCKS))
+    return dataset.flat_map(partial(_prepare_or_skip, root=root, settings=settings),
+                            num_cpus=cpus_per_task)

@@ -1,0 +1,98 @@
+"""Data path throughput, measured side by side in one run.
+
+1. Samples/s of the Ray Data stream (``lesion_dataset``) against a plain single-process loop over
+   the same rows with the same decoding (``prepare_sample``).
+2. Decoding only the analysed frame of a cine against decoding the whole cine, per layout
+   (uncompressed DICOM, RLE DICOM, NPY).
+
+    python benchmarks/data_throughput.py [--lesions 40 --size 512 --frames 15 --cpus 2]
+
+Prints ratios; figures from this machine are kept in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+from angiotune.data.ingest import IndexSettings, build_index  # noqa: E402
+from angiotune.data.phantoms import PhantomSettings, generate_phantoms  # noqa: E402
+from angiotune.data.readers import read_cine, read_frame  # noqa: E402
+from angiotune.data.stream import SampleSettings, lesion_dataset, load_rows, prepare_sample  # noqa: E402
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lesions", type=int, default=40)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--frames", type=int, default=15)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--image-size", type=int, default=224)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="angiotune-bench-"))
+    generate_phantoms(work / "data", PhantomSettings(lesions=args.lesions, size=args.size,
+                                                     frames=args.frames, seed=1))
+    index = work / "index.parquet"
+    build_index(work / "data" / "manifest.csv", index, IndexSettings(salt="benchmark"))
+    rows, root = load_rows(index)
+    settings = SampleSettings(image_size=args.image_size, augment=False)
+    records = [row for _, row in rows.iterrows()]
+    print(f"{len(records)} samples; frames {args.size}x{args.size}, {args.frames} per cine; "
+          f"model grid {args.image_size}; {args.cpus} CPUs")
+
+    loop_s = best_of(2, lambda: [prepare_sample(r.to_dict(), root, settings) for r in records])
+    loop_rate = len(records) / loop_s
+
+    import ray
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    dataset = lesion_dataset(index, None, settings=settings)
+
+    def stream() -> None:
+        count = sum(len(b["sample_id"]) for b in dataset.iter_batches(batch_size=8))
+        assert count == len(records), count
+
+    stream()  # warm-up: worker processes, imports
+    stream_s = best_of(2, stream)
+    stream_rate = len(records) / stream_s
+    ray.shutdown()
+    print("\n1. sample preparation (decode frame + mask, crop, normalise)")
+    print(f"   plain loop, 1 process : {loop_rate:7.1f} samples/s")
+    print(f"   Ray Data stream       : {stream_rate:7.1f} samples/s")
+    print(f"   ratio stream / loop   : {stream_rate / loop_rate:7.2f}x")
+
+    print("\n2. one frame vs the whole cine (per file, best of 3)")
+    for layout in ("Explicit VR Little Endian", "RLE Lossless", "npy"):
+        subset = rows[rows["transfer_syntax"] == layout].drop_duplicates("image_path")
+        if layout == "npy":
+            subset = rows.drop_duplicates("image_path").assign(
+                image_path=lambda f: f["image_path"].str.replace("dicom/", "cines/")
+                .str.replace(".dcm", ".npy"))
+        paths = [(root / p, int(i)) for p, i in zip(subset["image_path"], subset["frame_index"],
+                                                     strict=True)][:10]
+        if not paths:
+            continue
+        one = best_of(3, lambda: [read_frame(p, i) for p, i in paths]) / len(paths)
+        whole = best_of(3, lambda: [read_cine(p)[i] for p, i in paths]) / len(paths)
+        print(f"   {layout:26s}: one frame {1000 * one:7.2f} ms, whole cine "
+              f"{1000 * whole:7.2f} ms, ratio {whole / one:6.1f}x")
+
+
+if __name__ == "__main__":
+    main()

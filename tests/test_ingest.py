@@ -1,0 +1,696 @@
+"""The lesion index: both layouts, pseudonymity, quarantined rows, repairs, whole-file errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from angiotune.data.ingest import (
+    METADATA_KEY,
+    SCHEMA_VERSION,
+    IndexReport,
+    IndexSettings,
+    build_index,
+    read_index,
+)
+from angiotune.data.pseudonym import patient_key
+from angiotune.data.readers import read_frame, read_header, read_mask
+from angiotune.errors import DataError
+from angiotune.taxonomies import load_taxonomy
+
+TEST_SALT = "test-salt"  # the salt conftest builds the session indexes with
+# Columns that depend only on the lesion, not on how its cine is stored.
+LAYOUT_INDEPENDENT = [
+    "patient_key", "split", "row", "vessel", "vessel_source", "segment", "segment_name",
+    "segment_position", "taxonomy", "phase", "frame_index", "frames", "frame_height",
+    "frame_width", "mask_path", "contour_path", "pixel_spacing_mm", "spacing_source", "bbox_x0",
+    "bbox_y0", "bbox_x1", "bbox_y1", "mask_area_px", "mld_mm", "diameter_stenosis_pct", "rvd_mm",
+    "lesion_length_mm", "proximal_diameter_mm", "distal_diameter_mm", "mld_x", "mld_y",
+    "angle_lao_deg", "angle_cranial_deg", "warnings",
+]
+BBOX = ["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def corrupt_copy(phantom_dir: Path, tmp_path: Path, layout: str = "dicom") -> Path:
+    """A private copy of the phantom export to damage, with the runs of one ``layout`` only
+    (``"dicom"`` for manifest.csv, ``"npy"`` for manifest_npy.csv) to keep the copy small."""
+    skip = {"dicom": "cines", "npy": "dicom"}[layout]
+    return Path(shutil.copytree(phantom_dir, tmp_path / "data",
+                                ignore=lambda folder, names: [skip] if skip in names else []))
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def write_csv_rows(path: Path, fieldnames: list[str], rows: list[dict[str, str]], *,
+                   delimiter: str = ",", encoding: str = "utf-8") -> None:
+    with open(path, "w", newline="", encoding=encoding) as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames, delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def edit_row(manifest: Path, line: int, **cells: str) -> dict[str, str]:
+    """Change cells of the row on CSV line ``line`` (the header is line 1); returns the row."""
+    fieldnames, rows = read_csv_rows(manifest)
+    rows[line - 2].update(cells)
+    write_csv_rows(manifest, fieldnames, rows)
+    return rows[line - 2]
+
+
+def row_at(manifest: Path, line: int) -> dict[str, str]:
+    return read_csv_rows(manifest)[1][line - 2]
+
+
+def edit_contour(path: Path, change: Callable[[dict], None]) -> None:
+    contour = json.loads(path.read_text(encoding="utf-8"))
+    change(contour)
+    path.write_text(json.dumps(contour), encoding="utf-8")
+
+
+def save_mask(path: Path, mask: np.ndarray) -> None:
+    if path.suffix == ".npy":
+        np.save(path, mask.astype(np.uint8))
+    else:
+        Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+
+
+def index(data: Path, tmp_path: Path, manifest: str = "manifest.csv", **settings) -> IndexReport:
+    return build_index(data / manifest, tmp_path / "out" / "index.parquet",
+                       IndexSettings(salt=TEST_SALT, **settings))
+
+
+def solo_line(manifest_rows: list[dict], baseline: IndexReport,
+              want: Callable[[dict, pd.Series], bool] = lambda row, record: True) -> int:
+    """A CSV line whose run, mask and contour no other row uses (so damage hits it alone)."""
+    runs = Counter(row["dicom_path"] for row in manifest_rows)
+    by_line = baseline.index.set_index("row")
+    for position, row in enumerate(manifest_rows):
+        line = position + 2
+        if runs[row["dicom_path"]] == 1 and line in by_line.index and want(row, by_line.loc[line]):
+            return line
+    raise AssertionError("the phantom set has no row of the kind this test needs")
+
+
+def assert_quarantined(report: IndexReport, baseline: IndexReport, line: int, field: str,
+                       reason: str, file: str | None = None) -> None:
+    """Row ``line`` and only it is quarantined, for ``field``; every other good row is indexed."""
+    mine = [p for p in report.quarantined if p.row == line]
+    assert len(mine) == 1, report.quarantined
+    assert mine[0].field == field, mine[0]
+    assert reason in mine[0].reason, mine[0]
+    if file is not None:
+        assert mine[0].file == file, mine[0]
+    assert sorted(p.row for p in report.quarantined) == \
+        sorted([line] + [p.row for p in baseline.quarantined])
+    assert sorted(report.index["row"]) == sorted(set(baseline.index["row"]) - {line})
+    written = pd.read_csv(report.quarantine_path)
+    assert list(written.columns) == ["row", "field", "file", "reason"]
+    assert written.loc[written["row"] == line, "field"].tolist() == [field]
+
+
+def record(report: IndexReport, line: int) -> pd.Series:
+    rows = report.index[report.index["row"] == line]
+    assert len(rows) == 1, f"row {line} is not in the index"
+    return rows.iloc[0]
+
+
+# --- the clean phantom set -------------------------------------------------------------------
+
+
+def test_clean_set_indexes_every_lesion(phantom_index, manifest_rows):
+    assert phantom_index.rows_read == len(manifest_rows) == 17
+    assert len(phantom_index.index) == 16
+    assert phantom_index.index["sample_id"].is_unique
+    assert set(phantom_index.index["split"]) <= {"train", "val", "test"}
+    assert (phantom_index.index["image_format"] == "dicom").all()
+    taxonomy = load_taxonomy("CASS")
+    for _, rec in phantom_index.index.iterrows():
+        row = manifest_rows[rec["row"] - 2]
+        assert rec["segment"] == row["cass_segment"]
+        assert rec["vessel"] == taxonomy.segments[rec["segment"]].vessel
+        assert rec["bbox_x0"] < rec["bbox_x1"] and rec["bbox_y0"] < rec["bbox_y1"]
+        assert rec["mask_area_px"] <= (rec["bbox_x1"] - rec["bbox_x0"]) * \
+            (rec["bbox_y1"] - rec["bbox_y0"])
+        assert rec["bbox_x0"] <= rec["mld_x"] <= rec["bbox_x1"]
+        assert rec["bbox_y0"] <= rec["mld_y"] <= rec["bbox_y1"]
+
+
+def test_duplicated_row_is_quarantined(phantom_index, manifest_rows):
+    last = manifest_rows[-1]
+    original = manifest_rows.index(last) + 2
+    assert original < len(manifest_rows) + 1
+    [problem] = phantom_index.quarantined
+    assert problem.row == len(manifest_rows) + 1
+    assert problem.field == "row"
+    assert f"duplicate of row {original}" in problem.reason
+    assert original in set(phantom_index.index["row"])
+    written = pd.read_csv(phantom_index.quarantine_path)
+    assert written["row"].tolist() == [problem.row]
+    assert "duplicate of row" in written["reason"].iloc[0]
+
+
+def test_both_layouts_give_the_same_index(phantom_index, phantom_index_npy):
+    dicom, npy = phantom_index.index, phantom_index_npy.index
+    assert len(dicom) == len(npy) == 16
+    pd.testing.assert_frame_equal(dicom[LAYOUT_INDEPENDENT], npy[LAYOUT_INDEPENDENT])
+    assert (npy["image_format"] == "npy").all() and (npy["transfer_syntax"] == "npy").all()
+    assert npy["image_path"].str.startswith("cines/").all()
+    assert dicom["image_path"].str.startswith("dicom/").all()
+    assert not set(dicom["sample_id"]) & set(npy["sample_id"])
+    assert [p.row for p in phantom_index.quarantined] == \
+        [p.row for p in phantom_index_npy.quarantined]
+
+
+def test_index_readers_agree(phantom_index):
+    by_pandas = pd.read_parquet(phantom_index.out)
+    by_arrow = pq.read_table(phantom_index.out).to_pandas()
+    by_us = read_index(phantom_index.out)
+    for frame in (by_pandas, by_arrow, by_us):
+        pd.testing.assert_frame_equal(frame, phantom_index.index)
+    metadata = json.loads(pq.read_schema(phantom_index.out).metadata[METADATA_KEY])
+    assert metadata["schema_version"] == SCHEMA_VERSION
+    assert metadata["taxonomy"] == "CASS"
+    assert "LAO positive" in metadata["angle_convention"]
+    assert TEST_SALT not in json.dumps(metadata)
+
+
+def test_read_index_refuses_other_files(tmp_path):
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"a": [1, 2]}), plain)
+    with pytest.raises(DataError, match="not an angiotune index"):
+        read_index(plain)
+    with pytest.raises(DataError, match="no such index"):
+        read_index(tmp_path / "missing.parquet")
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"not parquet at all" * 10)
+    with pytest.raises(DataError, match="not a readable Parquet"):
+        read_index(garbage)
+
+
+# --- pseudonymity ----------------------------------------------------------------------------
+
+
+def _identities(phantom_dir: Path, manifest_rows: list[dict]) -> set[str]:
+    raw = {row["patient_id"] for row in manifest_rows}
+    for row in manifest_rows:
+        ds = pydicom.dcmread(phantom_dir / row["dicom_path"], stop_before_pixels=True)
+        raw |= {str(ds.PatientID), str(ds.PatientName), *str(ds.PatientName).split("^"),
+                str(ds.PatientBirthDate)}
+    return raw
+
+
+def test_no_raw_patient_identity_is_written(phantom_dir, phantom_index, phantom_index_npy,
+                                            manifest_rows):
+    secrets = _identities(phantom_dir, manifest_rows)
+    assert len({row["patient_id"] for row in manifest_rows}) == 10
+    for report in (phantom_index, phantom_index_npy):
+        files = [report.out.read_bytes(), report.quarantine_path.read_bytes()]
+        table = pq.read_table(report.out)
+        decoded = [json.dumps(table.to_pylist()), str(table.schema.metadata),
+                   report.index.to_csv(), json.dumps([vars(p) for p in report.quarantined]),
+                   json.dumps([vars(p) for p in report.warnings]), " ".join(report.notes)]
+        for secret in secrets:
+            assert all(secret.encode() not in blob for blob in files), secret
+            assert all(secret not in text for text in decoded), secret
+            assert all(secret.upper() not in text.upper() for text in decoded), secret
+
+
+def test_patient_keys_are_salted_hmacs(phantom_index, manifest_rows):
+    for _, rec in phantom_index.index.iterrows():
+        raw = manifest_rows[rec["row"] - 2]["patient_id"]
+        assert rec["patient_key"] == patient_key(raw, TEST_SALT)
+        assert rec["patient_key"] != patient_key(raw, "another-salt")
+    # Lesions of one patient share a key and a split; different patients get different keys.
+    by_patient = Counter(row["patient_id"] for row in manifest_rows[:-1])
+    keys = phantom_index.index.groupby("patient_key")
+    assert sorted(keys.size()) == sorted(by_patient.values())
+    assert (keys["split"].nunique() == 1).all()
+
+
+# --- other encodings of the pixels -----------------------------------------------------------
+
+
+def test_jpeg_lossless_decodes_through_readers():
+    path = Path(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    header = read_header(path)
+    assert header.transfer_syntax.startswith("JPEG Lossless")
+    assert (header.frames, header.height, header.width) == (1, 100, 100)
+    frame = read_frame(path, 0)
+    rgb = pydicom.dcmread(path).pixel_array.astype(np.float32)
+    expected = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32) / 255
+    assert frame.shape == (100, 100) and frame.dtype == np.float32
+    np.testing.assert_allclose(frame, expected, atol=1e-6)
+    assert frame.max() - frame.min() > 0.5
+    with pytest.raises(DataError) as error:
+        read_frame(path, 1)
+    assert error.value.field == "frame_index"
+
+
+def test_jpeg_ls_decodes_through_readers():
+    path = Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+    header = read_header(path)
+    assert header.transfer_syntax.startswith("JPEG-LS Lossless")
+    assert (header.frames, header.height, header.width) == (1, 64, 64)
+    frame = read_frame(path, 0)
+    stored = pydicom.dcmread(path).pixel_array.astype(np.float64)  # signed 16 bit
+    np.testing.assert_allclose(frame, (stored + 2**15) / (2**16 - 1), atol=1e-6)
+    # Lossless: the stored values come back exactly, up to the [0, 1] scaling.
+    reference = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array
+    np.testing.assert_array_equal(stored, reference)
+
+
+# --- quarantine: one test per kind of bad row ------------------------------------------------
+
+
+def test_missing_file(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    dicom = row_at(data / "manifest.csv", line)["dicom_path"]
+    (data / dicom).unlink()
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "dicom_path", "missing file", dicom)
+
+
+def test_corrupt_dicom(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    dicom = row_at(data / "manifest.csv", line)["dicom_path"]
+    size = (data / dicom).stat().st_size
+    (data / dicom).write_bytes(np.random.default_rng(0).bytes(size))
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "dicom_path", "not a DICOM file", dicom)
+
+
+def test_truncated_dicom(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index,
+                     lambda row, rec: rec["transfer_syntax"] == "Explicit VR Little Endian")
+    dicom = row_at(data / "manifest.csv", line)["dicom_path"]
+    content = (data / dicom).read_bytes()
+    (data / dicom).write_bytes(content[:len(content) // 2])
+    report = index(data, tmp_path)
+    # The analysed frame lies in the half that was cut off: its pixels cannot be decoded.
+    assert_quarantined(report, phantom_index, line, "PixelData", "cannot decode frame", dicom)
+
+
+@pytest.mark.parametrize(("frame", "reason"), [("4", "out of range"), ("99", "out of range"),
+                                               ("-1", "not a non-negative whole number"),
+                                               ("2.5", "not a non-negative whole number"),
+                                               ("", "not a non-negative whole number")])
+def test_frame_index_out_of_range(phantom_dir, phantom_index, manifest_rows, tmp_path, frame,
+                                  reason):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    edit_row(data / "manifest.csv", line, frame_index=frame)
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "frame_index", reason)
+
+
+def test_empty_mask(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    mask_path = row_at(data / "manifest.csv", line)["medis_mask_path"]
+    save_mask(data / mask_path, np.zeros_like(read_mask(data / mask_path)))
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "medis_mask_path", "empty mask", mask_path)
+
+
+def test_mask_not_a_uniform_scale(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index,
+                     lambda row, rec: row["medis_mask_path"].endswith(".png"))
+    mask_path = row_at(data / "manifest.csv", line)["medis_mask_path"]
+    mask = read_mask(data / mask_path)
+    assert mask.shape == (256, 256)
+    save_mask(data / mask_path, mask[:250])  # 250 rows x 256 columns
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "medis_mask_path", "not a uniform scale",
+                       mask_path)
+
+
+def test_vessel_text_contradicts_segment(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index, lambda row, rec: row["cass_segment"] == "13")
+    edit_row(data / "manifest.csv", line, vessel_pattern="MID LCX")
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "vessel_pattern", "segment number says LAD")
+
+
+@pytest.mark.parametrize("code", ["99", "0", "abc", ""])
+def test_segment_outside_taxonomy(phantom_dir, phantom_index, manifest_rows, tmp_path, code):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    edit_row(data / "manifest.csv", line, cass_segment=code)
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "cass_segment", "not a segment of the CASS")
+
+
+def test_contradicting_measurements(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    contour = row_at(data / "manifest.csv", line)["medis_contour_path"]
+
+    def contradict(payload: dict) -> None:
+        m = payload["measurements"]
+        m["diameter_stenosis_pct"] = min(m["diameter_stenosis_pct"] + 20, 99)
+
+    edit_contour(data / contour, contradict)
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "measurements.diameter_stenosis_pct",
+                       "contradicts", contour)
+
+
+def test_contradiction_within_tolerance_is_kept(phantom_dir, phantom_index, manifest_rows,
+                                                tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    contour = row_at(data / "manifest.csv", line)["medis_contour_path"]
+    edit_contour(data / contour,
+                 lambda p: p["measurements"].update(
+                     diameter_stenosis_pct=p["measurements"]["diameter_stenosis_pct"] + 3))
+    report = index(data, tmp_path)
+    assert [p.row for p in report.quarantined] == [p.row for p in phantom_index.quarantined]
+    assert record(report, line)["diameter_stenosis_pct"] == pytest.approx(
+        record(phantom_index, line)["diameter_stenosis_pct"] + 3)
+
+
+def test_mld_larger_than_reference(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    contour = row_at(data / "manifest.csv", line)["medis_contour_path"]
+    edit_contour(data / contour, lambda p: p["measurements"].update(MLD_mm=9.0))
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "measurements.MLD_mm", "exceeds", contour)
+
+
+def test_missing_calibration_npy_layout_is_quarantined(phantom_dir, phantom_index_npy,
+                                                       manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path, "npy")
+    line = solo_line(manifest_rows, phantom_index_npy)
+    contour = row_at(data / "manifest_npy.csv", line)["medis_contour_path"]
+    edit_contour(data / contour, lambda p: p.pop("calibration"))
+    report = index(data, tmp_path, "manifest_npy.csv")
+    assert_quarantined(report, phantom_index_npy, line, "calibration", "missing calibration",
+                       contour)
+
+
+def test_missing_calibration_dicom_layout_falls_back_to_dicom(phantom_dir, phantom_index,
+                                                              manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    contour = row_at(data / "manifest.csv", line)["medis_contour_path"]
+    edit_contour(data / contour, lambda p: p.pop("calibration"))
+    report = index(data, tmp_path)
+    assert [p.row for p in report.quarantined] == [p.row for p in phantom_index.quarantined]
+    kept, before = record(report, line), record(phantom_index, line)
+    assert kept["spacing_source"] == "dicom" and before["spacing_source"] == "calibration"
+    # ImagerPixelSpacing over SDD / SOD is the calibration the core lab would have reported.
+    assert kept["pixel_spacing_mm"] == pytest.approx(before["pixel_spacing_mm"], rel=1e-4)
+    assert [w.field for w in report.warnings if w.row == line] == ["calibration"]
+    assert "calibration" in kept["warnings"]
+
+
+def test_nan_measurement(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    contour = row_at(data / "manifest.csv", line)["medis_contour_path"]
+    edit_contour(data / contour, lambda p: p["measurements"].update(MLD_mm=math.nan))
+    assert "NaN" in (data / contour).read_text()
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "measurements.MLD_mm",
+                       "not a positive finite number", contour)
+
+
+@pytest.mark.parametrize("outside", ["../../etc/passwd", "/etc/passwd", "dicom/../../x.dcm"])
+def test_path_outside_data_root(phantom_dir, phantom_index, manifest_rows, tmp_path, outside):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    edit_row(data / "manifest.csv", line, dicom_path=outside)
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "dicom_path", "outside the data root",
+                       outside)
+
+
+def test_mask_path_outside_data_root(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    edit_row(data / "manifest.csv", line, medis_mask_path="../../etc/passwd")
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "medis_mask_path", "outside the data root")
+
+
+def test_swapped_mask(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    target = row_at(data / "manifest.csv", line)
+    other = next(r for r in manifest_rows
+                 if r["patient_id"] != target["patient_id"]
+                 and r["medis_mask_path"].endswith(".png"))
+    edit_row(data / "manifest.csv", line, medis_mask_path=other["medis_mask_path"])
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "medis_mask_path", "centerline",
+                       other["medis_mask_path"])
+
+
+# --- cosmetic faults: repaired with a warning, never dropped ---------------------------------
+
+
+@pytest.mark.parametrize("text", ["see report", "LESION 1", ""])
+def test_unreadable_vessel_text_is_kept(phantom_dir, phantom_index, manifest_rows, tmp_path,
+                                        text):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index,
+                     lambda row, rec: rec["vessel_source"] == "text")
+    edit_row(data / "manifest.csv", line, vessel_pattern=text)
+    report = index(data, tmp_path)
+    assert [p.row for p in report.quarantined] == [p.row for p in phantom_index.quarantined]
+    kept = record(report, line)
+    assert kept["vessel_source"] == "segment"
+    assert kept["vessel"] == record(phantom_index, line)["vessel"]
+    assert [w.field for w in report.warnings if w.row == line] == ["vessel_pattern"]
+
+
+def test_half_resolution_mask_is_rescaled(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index,
+                     lambda row, rec: row["medis_mask_path"].endswith(".png")
+                     and "rescaled" not in rec["warnings"])
+    mask_path = row_at(data / "manifest.csv", line)["medis_mask_path"]
+    full = read_mask(data / mask_path)
+    assert full.shape == (256, 256)
+    save_mask(data / mask_path, full[::2, ::2])
+    report = index(data, tmp_path)
+    assert [p.row for p in report.quarantined] == [p.row for p in phantom_index.quarantined]
+    kept, before = record(report, line), record(phantom_index, line)
+    warnings = [w for w in report.warnings if w.row == line]
+    assert [w.field for w in warnings] == ["medis_mask_path"]
+    assert "rescaled by 2" in warnings[0].reason and warnings[0].file == mask_path
+    ys, xs = np.nonzero(full)
+    truth = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    assert [before[c] for c in BBOX] == truth
+    assert np.abs(np.array([kept[c] for c in BBOX]) - truth).max() <= 2
+    assert kept["mask_area_px"] == pytest.approx(before["mask_area_px"], rel=0.3)
+    assert (kept["frame_height"], kept["frame_width"]) == (256, 256)
+
+
+def _angles_missing(phantom_dir, baseline, manifest_rows, tmp_path, manifest) -> tuple:
+    data = corrupt_copy(phantom_dir, tmp_path, "npy" if "npy" in manifest else "dicom")
+    line = solo_line(manifest_rows, baseline, lambda row, rec: abs(rec["angle_lao_deg"]) > 5
+                     and row["primary_angle"] != "")
+    csv_primary = float(row_at(data / manifest, line)["primary_angle"])
+    csv_secondary = float(row_at(data / manifest, line)["secondary_angle"])
+    edit_row(data / manifest, line, primary_angle="", secondary_angle="")
+    report = index(data, tmp_path, manifest)
+    assert [p.row for p in report.quarantined] == [p.row for p in baseline.quarantined]
+    return record(report, line), csv_primary, csv_secondary
+
+
+def test_angles_missing_filled_from_dicom(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    kept, primary, secondary = _angles_missing(phantom_dir, phantom_index, manifest_rows,
+                                               tmp_path, "manifest.csv")
+    assert kept["angle_source"] == "dicom"
+    assert kept["angle_lao_deg"] == pytest.approx(-primary)  # CSV RAO positive, stored LAO
+    assert kept["angle_cranial_deg"] == pytest.approx(secondary)
+
+
+def test_angles_missing_filled_from_contour(phantom_dir, phantom_index_npy, manifest_rows,
+                                            tmp_path):
+    kept, primary, secondary = _angles_missing(phantom_dir, phantom_index_npy, manifest_rows,
+                                               tmp_path, "manifest_npy.csv")
+    assert kept["angle_source"] == "contour"
+    assert kept["angle_lao_deg"] == pytest.approx(-primary)
+    assert kept["angle_cranial_deg"] == pytest.approx(secondary)
+
+
+def test_angles_missing_everywhere_are_nan(phantom_dir, phantom_index_npy, manifest_rows,
+                                           tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path, "npy")
+    line = solo_line(manifest_rows, phantom_index_npy)
+    row = edit_row(data / "manifest_npy.csv", line, primary_angle="", secondary_angle="")
+    edit_contour(data / row["medis_contour_path"], lambda p: p.pop("view_angles"))
+    report = index(data, tmp_path, "manifest_npy.csv")
+    kept = record(report, line)
+    assert kept["angle_source"] == "none"
+    assert math.isnan(kept["angle_lao_deg"]) and math.isnan(kept["angle_cranial_deg"])
+    assert "primary_angle" in [w.field for w in report.warnings if w.row == line]
+
+
+def test_labelled_csv_angles(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    edit_row(data / "manifest.csv", line, primary_angle="LAO 45", secondary_angle="CAUDAL 25")
+    report = index(data, tmp_path)
+    kept = record(report, line)
+    assert (kept["angle_lao_deg"], kept["angle_cranial_deg"]) == (45.0, -25.0)
+    assert kept["angle_source"] == "csv"
+    # The DICOM says otherwise: the CSV is kept, and the disagreement is reported.
+    disagreement = [w for w in report.warnings if w.row == line and w.field == "primary_angle"]
+    assert len(disagreement) == 1 and "differ from dicom" in disagreement[0].reason
+
+
+def test_unrecognised_phase_is_kept_as_unknown(phantom_dir, phantom_index, manifest_rows,
+                                               tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    edit_row(data / "manifest.csv", line, phase="??")
+    report = index(data, tmp_path)
+    assert record(report, line)["phase"] == "UNKNOWN"
+    assert "phase" in [w.field for w in report.warnings if w.row == line]
+
+
+# --- strict mode -----------------------------------------------------------------------------
+
+
+def test_strict_raises_naming_file_row_and_field(phantom_dir, phantom_index, manifest_rows,
+                                                 tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    edit_row(data / "manifest.csv", line, cass_segment="99")
+    with pytest.raises(DataError) as error:
+        index(data, tmp_path, strict=True)
+    message = str(error.value)
+    assert str(data / "manifest.csv") in message
+    assert f"row {line}" in message
+    assert "field cass_segment" in message
+    assert (error.value.row, error.value.field) == (line, "cass_segment")
+    assert not (tmp_path / "out" / "index.parquet").exists()
+
+
+def test_strict_stops_at_the_duplicate(phantom_dir, tmp_path):
+    with pytest.raises(DataError) as error:
+        index(phantom_dir, tmp_path, strict=True)
+    assert error.value.row == 18 and error.value.field == "row"
+    assert "duplicate of row" in str(error.value)
+
+
+# --- whole-file problems ---------------------------------------------------------------------
+
+
+def test_empty_csv(tmp_path):
+    (tmp_path / "manifest.csv").write_bytes(b"")
+    with pytest.raises(DataError, match="empty CSV") as error:
+        index(tmp_path, tmp_path)
+    assert error.value.file == str(tmp_path / "manifest.csv")
+
+
+def test_header_without_rows(phantom_dir, tmp_path):
+    header = (phantom_dir / "manifest.csv").read_text().splitlines()[0]
+    (tmp_path / "manifest.csv").write_text(header + "\n")
+    with pytest.raises(DataError, match="no data rows"):
+        index(tmp_path, tmp_path)
+
+
+def test_missing_columns(phantom_dir, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    fieldnames, rows = read_csv_rows(data / "manifest.csv")
+    fieldnames.remove("frame_index")
+    write_csv_rows(data / "manifest.csv", fieldnames,
+                   [{k: v for k, v in r.items() if k != "frame_index"} for r in rows])
+    with pytest.raises(DataError, match="missing column") as error:
+        index(data, tmp_path)
+    assert (error.value.row, error.value.field) == (1, "frame_index")
+    assert "frame_index" in str(error.value)
+
+
+def test_no_image_column(phantom_dir, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    fieldnames, rows = read_csv_rows(data / "manifest.csv")
+    drop = {"dicom_path", "cine_path"}
+    write_csv_rows(data / "manifest.csv", [f for f in fieldnames if f not in drop],
+                   [{k: v for k, v in r.items() if k not in drop} for r in rows])
+    with pytest.raises(DataError, match="dicom_path or a cine_path"):
+        index(data, tmp_path)
+
+
+def test_semicolon_delimiter(phantom_dir, phantom_index, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    fieldnames, rows = read_csv_rows(data / "manifest.csv")
+    write_csv_rows(data / "manifest.csv", fieldnames, rows, delimiter=";")
+    assert (data / "manifest.csv").read_text().count(",") == 0
+    report = index(data, tmp_path)
+    assert any("';'" in note and "delimiter" in note for note in report.notes)
+    pd.testing.assert_frame_equal(report.index[LAYOUT_INDEPENDENT],
+                                  phantom_index.index[LAYOUT_INDEPENDENT])
+    assert [p.row for p in report.quarantined] == [p.row for p in phantom_index.quarantined]
+
+
+def test_cp1252_csv(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    fieldnames, rows = read_csv_rows(data / "manifest.csv")
+    line = solo_line(manifest_rows, phantom_index, lambda row, rec: rec["vessel"] == "LAD"
+                     and rec["vessel_source"] == "text")
+    rows[line - 2]["vessel_pattern"] = "LAD \u2013 r\u00e9sultat"  # en dash, e acute
+    write_csv_rows(data / "manifest.csv", fieldnames, rows, encoding="cp1252")
+    raw = (data / "manifest.csv").read_bytes()
+    assert b"\x96" in raw and b"\xe9" in raw  # really cp1252, not UTF-8
+    report = index(data, tmp_path)
+    assert any("Windows-1252" in note for note in report.notes)
+    pd.testing.assert_frame_equal(report.index[LAYOUT_INDEPENDENT],
+                                  phantom_index.index[LAYOUT_INDEPENDENT])
+
+
+def test_utf8_bom_and_header_case(phantom_dir, phantom_index, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    text = (data / "manifest.csv").read_text(encoding="utf-8")
+    header, rest = text.split("\n", 1)
+    (data / "manifest.csv").write_text(header.upper() + "\n" + rest, encoding="utf-8-sig")
+    report = index(data, tmp_path)
+    assert report.notes == []
+    assert len(report.index) == len(phantom_index.index)
+
+
+def test_binary_file_is_not_a_csv(tmp_path):
+    (tmp_path / "manifest.csv").write_bytes(b"PK\x03\x04\x00\x00binary")
+    with pytest.raises(DataError, match="binary"):
+        index(tmp_path, tmp_path)
+
+
+def test_stray_delimiter_row(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    lines = (data / "manifest.csv").read_text(encoding="utf-8").splitlines()
+    lines[line - 1] += ",extra"
+    (data / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "row", "more cells than header")
