@@ -1,3 +1,3 @@
-"""angiotune: Ray-distributed hyperparameter search for SAM 3 LoRA adapters on coronary angiograms."""
+"""angiotune: Ray-distributed search for SAM 3 LoRA adapters on coronary angiograms."""
 
 __version__ = "0.1.0"

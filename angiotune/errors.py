@@ -19,8 +19,8 @@ class DataError(AngiotuneError):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        where = [f"{label} {value}" for label, value in
-                 (("file", self.file), ("row", self.row), ("field", self.field)) if value is not None]
+        parts = (("file", self.file), ("row", self.row), ("field", self.field))
+        where = [f"{label} {value}" for label, value in parts if value is not None]
         return f"{', '.join(where)}: {self.message}" if where else self.message
 
     def __reduce__(self):  # keep file/row/field when crossing Ray process boundaries

@@ -694,3 +694,81 @@ def test_stray_delimiter_row(phantom_dir, phantom_index, manifest_rows, tmp_path
     (data / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     report = index(data, tmp_path)
     assert_quarantined(report, phantom_index, line, "row", "more cells than header")
+
+
+# --- faults found in review: each once crashed the index or slipped through ------------------
+
+
+@pytest.mark.parametrize("syntax", ["Explicit VR Little Endian", "RLE Lossless"])
+def test_truncated_dicom_with_intact_analysed_frame(phantom_dir, phantom_index, manifest_rows,
+                                                    tmp_path, syntax):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index,
+                     lambda row, rec: rec["transfer_syntax"] == syntax)
+    dicom = edit_row(data / "manifest.csv", line, frame_index="0")["dicom_path"]
+    content = (data / dicom).read_bytes()
+    (data / dicom).write_bytes(content[:int(len(content) * 0.8)])
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "PixelData", "truncated", dicom)
+
+
+@pytest.mark.parametrize("change", [
+    lambda c: c.update(calibration=0.52),
+    lambda c: c["measurements"].update(MLD_position_px=5),
+    lambda c: c["measurements"].update(MLD_position_px={"x": 1, "y": 2}),
+    lambda c: c.update(centerline="not a list"),
+])
+def test_malformed_contour_json_never_stops_the_index(phantom_dir, phantom_index, manifest_rows,
+                                                      tmp_path, change):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    edit_contour(data / row_at(data / "manifest.csv", line)["medis_contour_path"], change)
+    report = index(data, tmp_path)
+    # Kept with what can be trusted (calibration falls back to the DICOM), or quarantined;
+    # never an exception, and every other row is indexed.
+    assert line in set(report.index["row"]) | {p.row for p in report.quarantined}
+    assert set(report.index["row"]) >= set(phantom_index.index["row"]) - {line}
+
+
+def test_single_value_imager_pixel_spacing(phantom_dir, phantom_index, manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    row = row_at(data / "manifest.csv", line)
+    ds = pydicom.dcmread(data / row["dicom_path"])
+    ds.ImagerPixelSpacing = ds.ImagerPixelSpacing[0]
+    ds.save_as(data / row["dicom_path"])
+    edit_contour(data / row["medis_contour_path"], lambda c: c.pop("calibration"))
+    report = index(data, tmp_path)
+    kept = record(report, line)
+    assert kept["spacing_source"] == "dicom"
+    assert kept["pixel_spacing_mm"] == pytest.approx(
+        record(phantom_index, line)["pixel_spacing_mm"], rel=1e-4)
+
+
+def test_path_naming_the_patient_is_quarantined_without_leaking(phantom_dir, phantom_index,
+                                                                manifest_rows, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    line = solo_line(manifest_rows, phantom_index)
+    row = row_at(data / "manifest.csv", line)
+    folder = data / row["patient_id"]
+    folder.mkdir()
+    moved = f"{row['patient_id']}/{Path(row['dicom_path']).name}"
+    shutil.move(data / row["dicom_path"], data / moved)
+    edit_row(data / "manifest.csv", line, dicom_path=moved)
+    report = index(data, tmp_path)
+    assert_quarantined(report, phantom_index, line, "dicom_path", "contains the patient ID")
+    for path in (report.out, report.quarantine_path):
+        assert row["patient_id"].encode() not in path.read_bytes()
+
+
+def test_all_rows_quarantined_still_writes_a_typed_index(phantom_dir, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    fieldnames, rows = read_csv_rows(data / "manifest.csv")
+    write_csv_rows(data / "manifest.csv", fieldnames, [{**r, "cass_segment": "99"} for r in rows])
+    report = index(data, tmp_path)
+    assert report.index.empty and len(report.quarantined) == len(rows)
+    schema = pq.read_schema(report.out)
+    assert schema.field("frame_index").type == pa.int64()
+    assert schema.field("mld_mm").type == pa.float64()
+    assert pa.types.is_string(schema.field("split").type) or \
+        pa.types.is_large_string(schema.field("split").type)

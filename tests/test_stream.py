@@ -29,7 +29,7 @@ def test_prepare_sample_without_ray(stream_index):
     rows, root = load_rows(stream_index, "val")
     sample = prepare_sample(rows.iloc[0].to_dict(), root, SETTINGS)
     assert sample["image"].shape == (64, 64) and sample["image"].dtype == np.float32
-    assert 0.0 <= sample["image"].min() and sample["image"].max() <= 1.0
+    assert sample["image"].min() >= 0.0 and sample["image"].max() <= 1.0
     x0, y0, x1, y1 = sample["box"].astype(int)
     assert sample["mask"].sum() > 0
     assert sample["mask"][y0:y1, x0:x1].sum() == sample["mask"].sum()

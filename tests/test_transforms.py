@@ -88,9 +88,12 @@ def test_resize_mask_uniform_scale():
 def test_random_steps_repeat_for_a_seed_and_differ_across_seeds():
     image = np.random.default_rng(0).random((32, 32)).astype(np.float32)
     box = np.array([4, 4, 20, 20], dtype=np.float32)
-    a = random_intensity(image, np.random.default_rng(7)), jitter_box(box, np.random.default_rng(7), 224)
-    b = random_intensity(image, np.random.default_rng(7)), jitter_box(box, np.random.default_rng(7), 224)
-    c = random_intensity(image, np.random.default_rng(8)), jitter_box(box, np.random.default_rng(8), 224)
+
+    def draw(seed):
+        rng = np.random.default_rng
+        return random_intensity(image, rng(seed)), jitter_box(box, rng(seed), 224)
+
+    a, b, c = draw(7), draw(7), draw(8)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     assert not np.array_equal(a[0], c[0])

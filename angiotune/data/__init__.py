@@ -1,1 +1,1 @@
-"""Data layer: phantoms, ingest of core-lab exports into a Parquet index, readers, the Ray Data stream."""
+"""Data layer: phantoms, core-lab export -> Parquet index, readers, the Ray Data stream."""

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,15 @@ from angiotune import __version__
 from angiotune.data import angles
 from angiotune.data.normalise import normalise_phase, parse_vessel_text
 from angiotune.data.pseudonym import patient_key, resolve_salt, salt_fingerprint
-from angiotune.data.readers import CineHeader, is_dicom_path, read_contour, read_frame, \
-    read_header, read_mask
+from angiotune.data.readers import (
+    CineHeader,
+    check_complete,
+    is_dicom_path,
+    read_contour,
+    read_frame,
+    read_header,
+    read_mask,
+)
 from angiotune.data.splits import assign_splits
 from angiotune.errors import DataError
 from angiotune.taxonomies import Taxonomy, load_taxonomy
@@ -109,8 +117,11 @@ def build_index(manifest: str | Path, out: str | Path, settings: IndexSettings =
             if duplicate_of != line:
                 raise _Rejected("row", f"duplicate of row {duplicate_of} (same patient, cine, "
                                        "frame and segment)")
-        except _Rejected as rejected:
-            problem = Problem(line, rejected.field, rejected.file, rejected.reason)
+        except Exception as error:  # noqa: BLE001 - one odd row must never stop the whole index
+            rejected = error if isinstance(error, _Rejected) else _Rejected(
+                "row", f"unexpected {type(error).__name__}: {error}")
+            problem = Problem(line, rejected.field, _redact(rejected.file, raw),
+                              _redact(rejected.reason, raw))
             if settings.strict:
                 raise DataError(problem.reason, file=str(manifest), row=line,
                                 field=problem.field) from None
@@ -246,6 +257,7 @@ class _RowParser:
             raise _Rejected("frame_index", f"frame {frame_index} out of range: the cine has "
                                            f"{header.frames} frames", raw[image_field])
         self._call(read_frame, image, image_field, frame_index)
+        self._call(check_complete, image, image_field, header)
 
         mask_path = self._existing(raw.get("medis_mask_path", ""), "medis_mask_path")
         mask = self._fit_mask(self._call(read_mask, mask_path, "medis_mask_path"), header,
@@ -257,8 +269,16 @@ class _RowParser:
         spacing, spacing_source = self._spacing(contour, header, raw, warn)
         lao, cranial, angle_source = self._angles(raw, header, contour, warn)
 
+        stored_paths = {field_name: path.relative_to(self.root).as_posix() for field_name, path
+                        in ((image_field, image), ("medis_mask_path", mask_path),
+                            ("medis_contour_path", contour_path))}
+        for field_name, stored in stored_paths.items():
+            if _redact(stored, raw) != stored:
+                raise _Rejected(field_name, "the path contains the patient ID, which the index "
+                                            "must not store; rename the file or folder (for "
+                                            "example by study UID)", stored)
         ys, xs = np.nonzero(mask)
-        relative = image.relative_to(self.root).as_posix()
+        relative = stored_paths[image_field]
         record = {
             "sample_id": hashlib.sha256(f"{key}|{relative}|{frame_index}|{segment.code}"
                                         .encode()).hexdigest()[:16],
@@ -270,8 +290,8 @@ class _RowParser:
             "frame_height": header.height, "frame_width": header.width,
             "image_path": relative, "image_format": "dicom" if is_dicom_path(image) else "npy",
             "transfer_syntax": header.transfer_syntax,
-            "mask_path": mask_path.relative_to(self.root).as_posix(),
-            "contour_path": contour_path.relative_to(self.root).as_posix(),
+            "mask_path": stored_paths["medis_mask_path"],
+            "contour_path": stored_paths["medis_contour_path"],
             "pixel_spacing_mm": spacing, "spacing_source": spacing_source,
             "bbox_x0": int(xs.min()), "bbox_y0": int(ys.min()),
             "bbox_x1": int(xs.max()) + 1, "bbox_y1": int(ys.max()) + 1,
@@ -351,14 +371,15 @@ class _RowParser:
             raise _Rejected("measurements.diameter_stenosis_pct",
                             f"{ds:g} % contradicts MLD {mld:g} mm and RVD {rvd:g} mm "
                             f"(which give {implied:.1f} %)", file)
-        mld_xy = values.get("MLD_position_px") or [math.nan, math.nan]
+        mld_xy = values.get("MLD_position_px")
+        if not isinstance(mld_xy, (list, tuple)) or len(mld_xy) != 2:
+            mld_xy = [math.nan, math.nan]
         return {
             "mld_mm": mld, "diameter_stenosis_pct": ds, "rvd_mm": rvd,
             "lesion_length_mm": numbers["lesion_length_mm"],
             "proximal_diameter_mm": numbers["proximal_normal_diameter_mm"],
             "distal_diameter_mm": numbers["distal_normal_diameter_mm"],
-            "mld_x": _number(mld_xy[0]) if len(mld_xy) == 2 else math.nan,
-            "mld_y": _number(mld_xy[1]) if len(mld_xy) == 2 else math.nan,
+            "mld_x": _number_or_nan(mld_xy[0]), "mld_y": _number_or_nan(mld_xy[1]),
         }
 
     def _check_mask_covers_centerline(self, mask: np.ndarray, contour: dict, file: str) -> None:
@@ -380,8 +401,9 @@ class _RowParser:
                                                "centerline (a mask of another lesion?)", file)
 
     def _spacing(self, contour: dict, header: CineHeader, raw: dict, warn) -> tuple[float, str]:
-        calibration = contour.get("calibration") if isinstance(contour, dict) else None
-        factor = _number((calibration or {}).get("scale_factor"))
+        calibration = contour.get("calibration")
+        factor = _number(calibration.get("scale_factor")) if isinstance(calibration, dict) \
+            else None
         if factor is not None and factor > 0:
             return 1.0 / factor, "calibration"
         if header.spacing_at_vessel_mm:
@@ -441,6 +463,22 @@ def _number(value) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _redact(text: str, raw: dict) -> str:
+    """``text`` with the row's raw patient ID (as typed, or with _ or - for spaces) removed."""
+    patient = " ".join((raw.get("patient_id") or "").split())
+    if len(patient) < 3:
+        return text
+    for variant in {patient, patient.replace(" ", "_"), patient.replace(" ", "-"),
+                    patient.replace(" ", "")}:
+        text = re.sub(re.escape(variant), "<patient>", text, flags=re.IGNORECASE)
+    return text
+
+
+def _number_or_nan(value) -> float:
+    number = _number(value)
+    return math.nan if number is None else number
+
+
 def _integer(text: str | None, field_name: str) -> int:
     number = _number(text)
     if number is None or not number.is_integer() or number < 0:
@@ -457,10 +495,23 @@ _COLUMNS = ["sample_id", "patient_key", "split", "row", "vessel", "vessel_source
             "mld_y", "angle_lao_deg", "angle_cranial_deg", "angle_source", "warnings"]
 
 
+_INTEGER_COLUMNS = ("row", "frame_index", "frames", "frame_height", "frame_width", "bbox_x0",
+                    "bbox_y0", "bbox_x1", "bbox_y1", "mask_area_px")
+_FLOAT_COLUMNS = ("pixel_spacing_mm", "mld_mm", "diameter_stenosis_pct", "rvd_mm",
+                  "lesion_length_mm", "proximal_diameter_mm", "distal_diameter_mm", "mld_x",
+                  "mld_y", "angle_lao_deg", "angle_cranial_deg")
+
+
 def _to_frame(records: list[dict], settings: IndexSettings) -> pd.DataFrame:
     frame = pd.DataFrame(records, columns=[c for c in _COLUMNS if c != "split"])
-    frame.insert(2, "split", assign_splits(list(frame["patient_key"]), list(frame["vessel"]),
-                                           settings.split_fractions, settings.split_seed))
+    # Fixed types, so even an index whose rows were all quarantined has the right schema.
+    frame = frame.astype({**{c: "int64" for c in _INTEGER_COLUMNS},
+                          **{c: "float64" for c in _FLOAT_COLUMNS},
+                          **{c: "str" for c in _COLUMNS if c not in _INTEGER_COLUMNS
+                             and c not in _FLOAT_COLUMNS and c != "split"}})
+    splits = assign_splits(list(frame["patient_key"]), list(frame["vessel"]),
+                           settings.split_fractions, settings.split_seed)
+    frame.insert(2, "split", pd.Series(splits, index=frame.index, dtype="str"))
     return frame
 
 

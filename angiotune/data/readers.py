@@ -16,6 +16,7 @@ import pydicom
 import pydicom.pixels
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from angiotune.errors import DataError
 
@@ -62,7 +63,7 @@ def read_frame(path: Path, index: int) -> np.ndarray:
 def read_cine(path: Path) -> np.ndarray:
     """Every frame, frames x H x W float32: for comparison and benchmarks, not the hot path."""
     if not is_dicom_path(path):
-        return np.asarray(_load_npy(path), dtype=np.float32)
+        return np.array(_load_npy(path), dtype=np.float32)  # a copy: reads every frame
     try:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
@@ -87,15 +88,52 @@ def _dicom_meta(path: Path):
                         file=str(path)) from None
 
 
+def check_complete(path: Path, header: CineHeader) -> None:
+    """Refuse a cine cut short (an interrupted copy) even when the analysed frame survived."""
+    if not is_dicom_path(path):
+        return  # np.load refuses an NPY file shorter than its header says
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+        element = ds.get_item("PixelData")
+    except Exception as error:  # noqa: BLE001 - garbled files raise many types
+        raise DataError(f"unreadable DICOM ({type(error).__name__}: {error})", file=str(path),
+                        field="PixelData") from None
+    if element is None:
+        raise DataError("pixel data missing or truncated", file=str(path), field="PixelData")
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        expected = (header.height * header.width * header.frames
+                    * int(ds.get("SamplesPerPixel", 1)) * int(ds.get("BitsAllocated", 8)) // 8)
+        available = path.stat().st_size - (element.file_tell or 0)
+        if available < expected:
+            raise DataError(f"truncated: {header.frames} frames need {expected} bytes of pixel "
+                            f"data, the file holds at most {available}", file=str(path),
+                            field="PixelData")
+    elif header.frames > 1:
+        _dicom_frame(path, header.frames - 1)
+
+
 def _header_from(ds, path: Path) -> CineHeader:
+    try:
+        return _parse_header(ds, path)
+    except DataError:
+        raise
+    except Exception as error:  # noqa: BLE001 - odd tag values raise many types
+        raise DataError(f"unusable DICOM header ({type(error).__name__}: {error})",
+                        file=str(path)) from None
+
+
+def _parse_header(ds, path: Path) -> CineHeader:
     for tag in ("Rows", "Columns"):
         if not isinstance(ds.get(tag), int) or ds.get(tag) <= 0:
             raise DataError(f"missing or invalid {tag}", file=str(path), field=tag)
     frames = _positive_int(ds.get("NumberOfFrames", 1), path, "NumberOfFrames")
     spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
+    if spacing is not None and not isinstance(spacing, (list, tuple, MultiValue)):
+        spacing = [spacing]  # written with one value instead of row and column spacing
     spacing_mm = _finite(spacing[0]) if spacing else None
     magnification = _finite(ds.get("EstimatedRadiographicMagnificationFactor"))
-    sdd, sod = _finite(ds.get("DistanceSourceToDetector")), _finite(ds.get("DistanceSourceToPatient"))
+    sdd = _finite(ds.get("DistanceSourceToDetector"))
+    sod = _finite(ds.get("DistanceSourceToPatient"))
     if sdd and sod:
         magnification = sdd / sod
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None

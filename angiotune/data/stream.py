@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 META_COLUMNS = ("sample_id", "split", "vessel", "segment", "diameter_stenosis_pct", "mld_mm",
                 "rvd_mm", "angle_lao_deg", "angle_cranial_deg")
 DATA_TASK_CPUS = 0.25
-MAX_BLOCKS = 64  # small blocks spread decoding over tasks
+ROWS_PER_BLOCK = 8  # enough rows per task to amortise its start, few enough to spread
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,6 @@ def lesion_dataset(index: str | Path | pd.DataFrame, split: str | None = None, *
     # from_items only puts objects; from_pandas / from_arrow start a metadata task that asks
     # for a whole CPU and waits forever while training workers hold them (seen on Ray 2.60).
     dataset = ray.data.from_items(rows.to_dict("records"),
-                                  override_num_blocks=min(len(rows), MAX_BLOCKS))
+                                  override_num_blocks=-(-len(rows) // ROWS_PER_BLOCK))
     return dataset.flat_map(partial(_prepare_or_skip, root=root, settings=settings),
                             num_cpus=cpus_per_task)

@@ -13,6 +13,7 @@ from angiotune.errors import ConfigError
 VESSELS = ("RCA", "LAD", "LCX", "LM", "RAMUS")
 POSITIONS = ("proximal", "mid", "distal", "branch")
 _BUILTIN = Path(__file__).parent
+BUILTIN_NAMES = ("CASS", "SYNTAX")
 
 __all__ = ["VESSELS", "POSITIONS", "Segment", "Taxonomy", "load_taxonomy"]
 
@@ -50,8 +51,8 @@ def normalise_code(code: object) -> str:
 @cache
 def load_taxonomy(name_or_path: str = "CASS") -> Taxonomy:
     """Load a built-in taxonomy by name (CASS, SYNTAX) or a YAML file with the same schema."""
-    builtin = _BUILTIN / f"{name_or_path.lower()}.yaml"
-    path = builtin if builtin.exists() else Path(name_or_path)
+    builtin = name_or_path.upper() in BUILTIN_NAMES
+    path = _BUILTIN / f"{name_or_path.lower()}.yaml" if builtin else Path(name_or_path)
     if not path.exists():
         raise ConfigError(f"taxonomy {name_or_path!r}: not a built-in name (CASS, SYNTAX) "
                           "and no such file")

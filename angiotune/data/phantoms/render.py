@@ -18,9 +18,9 @@ from scipy.spatial import cKDTree
 from angiotune.data.phantoms.anatomy import VesselSegment
 
 IODINE_ATTENUATION_PER_MM = 0.12
-DISPLAY_OFFSET, DISPLAY_GAIN = 0.12, 0.62
+DISPLAY_OFFSET, DISPLAY_GAIN = 0.10, 0.54
 FOCAL_BLUR_MM = 0.12
-QUANTUM_NOISE = 0.018
+QUANTUM_NOISE = 0.014
 COLLIMATOR_LEVEL = 0.06
 
 

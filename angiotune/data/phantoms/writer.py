@@ -1,4 +1,4 @@
-"""Writers for phantom outputs in the layouts core labs deliver: XA DICOM, NPY cines, masks, JSON."""
+"""Phantom outputs in the layouts core labs deliver: XA DICOM, NPY cines, masks, JSON."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
     RLELossless,
     XRayAngiographicImageStorage,
     generate_uid,
