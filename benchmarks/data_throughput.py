@@ -26,7 +26,13 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 from angiotune.data.ingest import IndexSettings, build_index  # noqa: E402
 from angiotune.data.phantoms import PhantomSettings, generate_phantoms  # noqa: E402
 from angiotune.data.readers import read_cine, read_frame  # noqa: E402
-from angiotune.data.stream import SampleSettings, lesion_dataset, load_rows, prepare_sample  # noqa: E402
+from angiotune.data.stream import (  # noqa: E402
+    DATA_TASK_CPUS,
+    SampleSettings,
+    lesion_dataset,
+    load_rows,
+    prepare_sample,
+)
 
 
 def best_of(repeats: int, fn) -> float:
@@ -46,6 +52,8 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeat", type=int, default=8, help="Pass over the rows this often.")
+    parser.add_argument("--task-cpus", type=float, default=DATA_TASK_CPUS,
+                        help="CPUs each Ray Data decoding task asks for.")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="angiotune-bench-"))
@@ -59,7 +67,7 @@ def main() -> None:
     settings = SampleSettings(image_size=args.image_size, augment=False)
     records = [row for _, row in rows.iterrows()]
     print(f"{len(records)} samples; frames {args.size}x{args.size}, {args.frames} per cine; "
-          f"model grid {args.image_size}; {args.cpus} CPUs")
+          f"model grid {args.image_size}; {args.cpus} CPUs; {args.task_cpus} CPU per data task")
 
     loop_s = best_of(2, lambda: [prepare_sample(r.to_dict(), root, settings) for r in records])
     loop_rate = len(records) / loop_s
@@ -67,7 +75,8 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    dataset = lesion_dataset(rows, None, settings=settings, data_root=root)
+    dataset = lesion_dataset(rows, None, settings=settings, data_root=root,
+                             cpus_per_task=args.task_cpus)
 
     def stream() -> None:
         count = sum(len(b["sample_id"]) for b in dataset.iter_batches(batch_size=8))

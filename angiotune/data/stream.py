@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 META_COLUMNS = ("sample_id", "split", "vessel", "segment", "diameter_stenosis_pct", "mld_mm",
                 "rvd_mm", "angle_lao_deg", "angle_cranial_deg")
-DATA_TASK_CPUS = 0.25
+DATA_TASK_CPUS = 0.5  # 0.25 oversubscribes 2 cores: 3.5x slower (benchmarks/README.md)
 ROWS_PER_BLOCK = 8  # enough rows per task to amortise its start, few enough to spread
 
 
@@ -103,16 +103,20 @@ def _stable_int(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
 
 
-def _prepare_or_skip(row: dict, root: Path, settings: SampleSettings) -> list[dict]:
-    """One sample, or none with a logged reason: a file that went bad since indexing must not
-    stop a search; the sample is reported (by pseudonymous id) and skipped."""
+def _prepare_batch(rows: pd.DataFrame, root: Path, settings: SampleSettings) -> dict:
+    """Prepare a batch of rows into stacked arrays. A row whose files went bad since indexing is
+    logged (by pseudonymous sample id) and left out: it must not stop a search."""
     # Training draws fresh augmentation each epoch; evaluation is seeded and fixed.
-    rng = np.random.default_rng() if settings.augment else None
-    try:
-        return [prepare_sample(row, root, settings, rng)]
-    except DataError as error:
-        log.warning("angiotune: skipped sample %s (%s)", row["sample_id"], error)
-        return []
+    samples = []
+    for row in rows.to_dict("records"):
+        rng = np.random.default_rng() if settings.augment else None
+        try:
+            samples.append(prepare_sample(row, root, settings, rng))
+        except DataError as error:
+            log.warning("angiotune: skipped sample %s (%s)", row["sample_id"], error)
+    if not samples:
+        return {}
+    return {name: np.stack([s[name] for s in samples]) for name in samples[0]}
 
 
 def load_rows(index: str | Path | pd.DataFrame, split: str | None = None,
@@ -150,5 +154,6 @@ def lesion_dataset(index: str | Path | pd.DataFrame, split: str | None = None, *
     # for a whole CPU and waits forever while training workers hold them (seen on Ray 2.60).
     dataset = ray.data.from_items(rows.to_dict("records"),
                                   override_num_blocks=-(-len(rows) // ROWS_PER_BLOCK))
-    return dataset.flat_map(partial(_prepare_or_skip, root=root, settings=settings),
-                            num_cpus=cpus_per_task)
+    return dataset.map_batches(partial(_prepare_batch, root=root, settings=settings),
+                               batch_size=ROWS_PER_BLOCK, batch_format="pandas",
+                               num_cpus=cpus_per_task)
