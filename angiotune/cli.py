@@ -118,6 +118,89 @@ def _print_index_summary(report) -> None:
                       "'warnings' column[/]")
 
 
+@cli.command()
+@click.option("--space", "space_file", required=True,
+              help="Search space YAML (a path, or a file name in search_spaces/).")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
+              help="Lesion index (Parquet). Default: the embedded phantoms.")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="Local SAM 3 folder (Hugging Face layout). Default: the embedded tiny model.")
+@click.option("--name", help="Search name (default: the space's name).")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results"), show_default=True)
+@click.option("--address", help="Join an existing Ray cluster (e.g. 127.0.0.1:6379 or auto).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted search of the same name.")
+def search(space_file: str, data: Path | None, model: Path | None, name: str | None,
+           results: Path, address: str | None, resume: bool) -> None:
+    """Search adapter hyperparameters with Ray Tune + Optuna + ASHA; keep the best per vessel."""
+    from angiotune.search import load_space
+    from angiotune.search import search as run
+
+    space = load_space(space_file)
+    what = ("embedded synthetic phantoms and the embedded tiny SAM 3 model (a demonstration, "
+            "not a clinical result)" if data is None and model is None else
+            f"index {data or 'embedded phantoms'}, model {model or 'embedded tiny SAM 3'}")
+    out.print(f"Search {name or space.name}: {space.samples} trials of {space.epochs} epochs on "
+              f"{what}")
+    out.print("Ray dashboard: http://127.0.0.1:8265 (local; over SSH use a tunnel: "
+              "ssh -L 8265:127.0.0.1:8265 HOST)")
+    outcome = run(space, data=data, model=model, name=name, results=results, address=address,
+                  resume=resume)
+    out.print(f"{outcome.trials} trials ({outcome.errors} failed); Optuna study: sqlite:///"
+              f"{outcome.run_dir / 'optuna.db'} (optuna-dashboard can open it)")
+    zero = outcome.zero_shot.get("dice", float("nan"))
+    out.print(f"Zero-shot base on validation: Dice {zero:.3f}")
+    for message in outcome.messages:
+        out.print(message)
+    _print_best_table(results)
+
+
+@cli.command()
+@click.option("--vessel", type=click.Choice(["RCA", "LAD", "LCX"], case_sensitive=False))
+@click.option("--all", "show_all", is_flag=True, help="A table of every vessel.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results"), show_default=True)
+def best(vessel: str | None, show_all: bool, as_json: bool, results: Path) -> None:
+    """Show the kept adapter for a vessel (or --all)."""
+    import json
+
+    from angiotune.registry.store import list_entries, read_entry
+
+    if not vessel and not show_all:
+        raise AngiotuneError("give --vessel RCA|LAD|LCX or --all")
+    entries = list_entries(results) if show_all else {vessel.upper():
+                                                      read_entry(results, vessel.upper())}
+    if as_json:
+        out.print_json(json.dumps(entries if show_all else entries[vessel.upper()]))
+        return
+    if not show_all and entries[vessel.upper()] is None:
+        raise AngiotuneError(f"no adapter kept for {vessel.upper()} in {results}/best; run "
+                             "`angiotune search` first")
+    _print_best_table(results, entries)
+
+
+def _print_best_table(results: Path, entries: dict | None = None) -> None:
+    from angiotune.registry.store import list_entries
+
+    entries = entries if entries is not None else list_entries(results)
+    table = Table(title=f"Best adapters ({results}/best)")
+    for column in ("vessel", "strategy", "rank", "targets", "lr", "Dice", "IoU", "zero-shot Dice",
+                   "trial", "path"):
+        table.add_column(column)
+    for vessel, entry in entries.items():
+        if entry is None:
+            table.add_row(vessel, *["-"] * 9)
+            continue
+        config, metrics = entry["config"], entry["metrics"]
+        table.add_row(vessel, str(config.get("strategy")), str(config.get("rank", "-")),
+                      str(config.get("targets", "-")), f"{config.get('lr', float('nan')):.2g}",
+                      f"{entry['score']:.3f}", f"{metrics.get(f'iou/{vessel}', float('nan')):.3f}",
+                      f"{entry['zero_shot'].get(f'dice/{vessel}', float('nan')):.3f}",
+                      str(entry.get("trial_id")), entry["path"])
+    out.print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="angiotune")

@@ -1,0 +1,103 @@
+"""Adaptation strategies over a frozen SAM 3 base: LoRA (peft), decoder-only, full fine-tuning.
+
+What a strategy trains is saved on its own, never the base: LoRA as a peft adapter folder
+(``adapter_config.json`` + ``adapter_model.safetensors``, loadable with plain
+``PeftModel.from_pretrained``), decoder-only and full as ``trained_weights.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from angiotune.errors import ConfigError
+
+STRATEGIES = ("lora", "decoder_only", "full")
+# Named groups of linear layers LoRA can target (regexes over module paths of the tracker).
+TARGET_GROUPS = {
+    "vision_qv": r"vision_encoder\..*\.(q_proj|v_proj)",
+    "vision_attn": r"vision_encoder\..*\.(q_proj|k_proj|v_proj|o_proj)",
+    "vision_mlp": r"vision_encoder\..*\.(fc1|fc2)",
+    "decoder_attn": r"mask_decoder\.transformer\..*\.(q_proj|k_proj|v_proj|o_proj)",
+}
+DECODER_MODULES = ("mask_decoder", "prompt_encoder")
+WEIGHTS_FILE = "trained_weights.safetensors"
+SETTINGS_FILE = "angiotune_adapter.json"
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """Which weights train. ``train_decoder`` also trains the whole mask decoder under LoRA."""
+
+    strategy: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("vision_qv",)
+    train_decoder: bool = True
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy: {self.strategy!r} is not one of {STRATEGIES}")
+        unknown = [t for t in self.targets if t not in TARGET_GROUPS]
+        if unknown:
+            raise ConfigError(f"targets: unknown target module group(s) {unknown}; "
+                              f"known: {sorted(TARGET_GROUPS)}")
+        if self.strategy == "lora" and (self.rank < 1 or not self.targets):
+            raise ConfigError("lora needs rank >= 1 and at least one target group")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: {self.dropout} is not in [0, 1)")
+
+    def target_regex(self) -> str:
+        return r".*(" + "|".join(TARGET_GROUPS[t] for t in self.targets) + r")"
+
+
+def adapt(base: torch.nn.Module, settings: AdapterSettings) -> torch.nn.Module:
+    """The model to train: the base with only the strategy's weights left trainable."""
+    if settings.strategy == "lora":
+        config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
+                            lora_dropout=settings.dropout, target_modules=settings.target_regex(),
+                            modules_to_save=["mask_decoder"] if settings.train_decoder else None)
+        return get_peft_model(base, config)
+    for name, parameter in base.named_parameters():
+        parameter.requires_grad = settings.strategy == "full" or name.startswith(DECODER_MODULES)
+    return base
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_adapter(model: torch.nn.Module, settings: AdapterSettings, folder: Path,
+                 base_id: str) -> None:
+    """Only what was trained, plus the settings and the base it needs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(folder, safe_serialization=True)
+    else:
+        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+                 if p.requires_grad}
+        save_file(state, folder / WEIGHTS_FILE)
+    record = {"settings": asdict(settings), "base_model": base_id, "format": 1}
+    (folder / SETTINGS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def load_adapter(base: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """The base with a saved adapter applied, ready for inference."""
+    record = json.loads((folder / SETTINGS_FILE).read_text(encoding="utf-8"))
+    settings = AdapterSettings(**{**record["settings"],
+                                  "targets": tuple(record["settings"]["targets"])})
+    if settings.strategy == "lora":
+        return PeftModel.from_pretrained(base, folder).eval()
+    state = load_file(folder / WEIGHTS_FILE)
+    missing = set(state) - set(dict(base.named_parameters()))
+    if missing:
+        raise ConfigError(f"{folder}: weights for {len(missing)} parameters the base model "
+                          "does not have (an adapter saved for another base?)")
+    base.load_state_dict(state, strict=False)
+    return base.eval()

@@ -1,0 +1,92 @@
+"""SAM 3 tracker models: the embedded tiny one, or a real checkpoint from a local directory.
+
+The box-prompted tracker (``Sam3TrackerModel``) segments "the thing inside this box": the lesion
+task. Nothing is fetched from the hub; a real checkpoint is a local folder in Hugging Face layout.
+The embedded model has the same classes with a small config, pre-trained by
+``angiotune.model.pretrain`` on generic shapes (not angiograms), so adapting it to lesions mirrors
+adapting the real model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import Sam3TrackerConfig, Sam3TrackerModel
+
+from angiotune.errors import AngiotuneError
+
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+EMBEDDED_IMAGE_SIZE = 112
+SAM3_MODEL_TYPES = ("sam3_tracker", "sam3", "sam3_video", "sam3_tracker_video")
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # Sam3Processor's normalisation
+
+
+class ModelError(AngiotuneError):
+    """A model path that is missing, not SAM 3, or not loadable."""
+
+
+def tiny_tracker_config(image_size: int = EMBEDDED_IMAGE_SIZE) -> Sam3TrackerConfig:
+    """A SAM 3 tracker small enough to train on two CPU cores (about 0.56 M parameters)."""
+    tokens = image_size // 14
+    vision = dict(
+        model_type="sam3_vision_model",
+        backbone_config=dict(model_type="sam3_vit_model", hidden_size=64, num_hidden_layers=4,
+                             num_attention_heads=4, intermediate_size=128,
+                             image_size=image_size, patch_size=14, window_size=tokens // 2,
+                             global_attn_indexes=[1, 3]),
+        fpn_hidden_size=64,
+        backbone_feature_sizes=[[tokens * 4] * 2, [tokens * 2] * 2, [tokens] * 2])
+    return Sam3TrackerConfig(
+        vision_config=vision,
+        prompt_encoder_config=dict(hidden_size=64, image_size=image_size, patch_size=14),
+        mask_decoder_config=dict(hidden_size=64, mlp_dim=128, num_attention_heads=4,
+                                 iou_head_hidden_dim=64))
+
+
+def load_base_model(path: str | Path | None = None) -> Sam3TrackerModel:
+    """The frozen starting point: the embedded tiny model (None) or a local SAM 3 checkpoint."""
+    folder = EMBEDDED_DIR if path is None else Path(path)
+    config_file = folder / "config.json"
+    if not folder.is_dir():
+        raise ModelError(f"model path {folder} does not exist or is not a folder")
+    if not config_file.is_file():
+        raise ModelError(f"model path {folder} has no config.json: not a Hugging Face model "
+                         "folder (download SAM 3 with access to facebook/sam3 and pass its folder)")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelError(f"{config_file}: unreadable ({error})") from None
+    if model_type not in SAM3_MODEL_TYPES:
+        raise ModelError(f"{folder} holds a {model_type!r} model, not SAM 3 "
+                         f"(expected one of {', '.join(SAM3_MODEL_TYPES)})")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(f"{folder} has no .safetensors weights (only safetensors are loaded)")
+    try:
+        model = Sam3TrackerModel.from_pretrained(folder, local_files_only=True,
+                                                 use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelError(f"cannot load SAM 3 from {folder}: {error}") from None
+    return model.eval()
+
+
+def base_model_id(path: str | Path | None = None) -> str:
+    """Names the base weights an adapter needs: folder and a hash of its weight files."""
+    folder = EMBEDDED_DIR if path is None else Path(path)
+    digest = hashlib.sha256()
+    for weights in sorted(folder.glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    name = "embedded:tiny-sam3-tracker" if path is None else str(folder.resolve())
+    return f"{name}@{digest.hexdigest()[:12]}"
+
+
+def image_size_of(model: torch.nn.Module) -> int:
+    config = model.config
+    return int(config.prompt_encoder_config.image_size)
+
+
+def to_pixel_values(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) grey in [0, 1] -> (B, 3, H, W) normalised as SAM 3 expects."""
+    return ((images - PIXEL_MEAN) / PIXEL_STD).unsqueeze(1).expand(-1, 3, -1, -1)

@@ -1,0 +1,1 @@
+"""Best adapters per vessel: atomic, checksummed entries under results/best/."""

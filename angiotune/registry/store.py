@@ -1,0 +1,133 @@
+"""The best adapter per vessel, kept under ``results/best/<VESSEL>/``.
+
+An entry holds the adapter (as saved by ``angiotune.model.adapters``), ``manifest.json`` (metrics,
+the zero-shot base beside them, the trial's configuration, the base model it needs, the
+validation split it was scored on, checksums of its files) and a short model card. An entry is
+replaced only by one that scores better on the same validation split; the replacement is written
+beside it and renamed into place under a lock, so a reader never sees half an entry.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import json
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from angiotune import __version__
+from angiotune.errors import AngiotuneError
+
+MANIFEST = "manifest.json"
+ADAPTER = "adapter"
+VESSELS = ("RCA", "LAD", "LCX")
+
+
+class RegistryError(AngiotuneError):
+    """A missing or damaged registry entry."""
+
+
+def best_dir(results: Path) -> Path:
+    return Path(results) / "best"
+
+
+@contextmanager
+def _locked(results: Path):
+    folder = best_dir(results)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield folder
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_entry(results: Path, vessel: str) -> dict | None:
+    """The manifest of a vessel's entry, verified against its checksums; None when absent."""
+    folder = best_dir(results) / vessel
+    if not (folder / MANIFEST).exists():
+        return None
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    if _checksums(folder / ADAPTER) != manifest.get("checksums"):
+        raise RegistryError(f"{folder}: adapter files do not match the manifest's checksums "
+                            "(damaged or edited); rerun the search to replace the entry")
+    manifest["path"] = str(folder.resolve())
+    return manifest
+
+
+def promote(results: Path, vessel: str, adapter: Path, record: dict) -> tuple[bool, str]:
+    """Keep ``adapter`` as the vessel's best if it beats the entry there; says why or why not."""
+    with _locked(results) as folder:
+        current = read_entry(results, vessel)
+        score, mode = record["score"], record["mode"]
+        if current is not None:
+            if current["validation_split"] != record["validation_split"]:
+                return False, (f"kept the existing {vessel} adapter: it was scored on another "
+                               "validation split, so the two cannot be compared")
+            better = score > current["score"] if mode == "max" else score < current["score"]
+            if not better:
+                return False, (f"kept the existing {vessel} adapter ({record['metric']} "
+                               f"{current['score']:.4f} vs {score:.4f})")
+        staging = folder / f".{vessel}.staging-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(adapter, staging / ADAPTER)
+        manifest = {**record, "vessel": vessel, "angiotune_version": __version__,
+                    "created": datetime.datetime.now(datetime.timezone.utc)
+                    .isoformat(timespec="seconds"),
+                    "checksums": _checksums(staging / ADAPTER)}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        (staging / "README.md").write_text(model_card(manifest))
+        target = folder / vessel
+        retired = folder / f".{vessel}.retired-{uuid.uuid4().hex[:8]}"
+        if target.exists():
+            target.rename(retired)
+        staging.rename(target)
+        shutil.rmtree(retired, ignore_errors=True)
+        was = f" (was {current['score']:.4f})" if current else ""
+        return True, f"new best {vessel} adapter: {record['metric']} {score:.4f}{was}"
+
+
+def model_card(manifest: dict) -> str:
+    config = manifest.get("config", {})
+    zero = manifest.get("zero_shot", {})
+    return f"""# angiotune adapter: {manifest['vessel']} lesion segmentation
+
+- Task: segment the analysed coronary segment inside a box prompt (SAM 3 tracker).
+- Data: {manifest.get('data_note', 'see the index named below')}
+- Index: {manifest.get('index')}
+- Base model: {manifest.get('base_model')}
+  (from {manifest.get('base_model_path') or 'the embedded model'})
+- Strategy: {config.get('strategy')}, rank {config.get('rank')}, targets {config.get('targets')},
+  lr {config.get('lr')}
+- Validation {manifest['metric']}: {manifest['score']:.4f}
+  (zero-shot base: {zero.get(manifest['metric'], float('nan')):.4f})
+- Search: {manifest.get('search')}, trial {manifest.get('trial_id')}, epoch {manifest.get('epoch')}
+
+Validation scores are on the validation split used for selection; held-out test scores come from
+`angiotune evaluate`. Results on phantoms test the software; they are not clinical results.
+"""
+
+
+def list_entries(results: Path) -> dict[str, dict | None]:
+    return {vessel: read_entry(results, vessel) for vessel in VESSELS}
+
+
+def load_best_model(results: Path, vessel: str):
+    """The ready model for a vessel: its base with the kept adapter applied."""
+    from angiotune.model.adapters import load_adapter
+    from angiotune.model.sam3 import load_base_model
+
+    entry = read_entry(results, vessel)
+    if entry is None:
+        raise RegistryError(f"no adapter kept for {vessel} in {best_dir(results)}; run "
+                            "`angiotune search` first")
+    base = load_base_model(entry.get("base_model_path"))
+    return load_adapter(base, Path(entry["path"]) / ADAPTER)

@@ -1,0 +1,122 @@
+"""``run_search``: Ray Tune with Optuna (TPE) and ASHA over Ray Train trials, then the registry.
+
+Each Tune trial is a small driver that starts a ``TorchTrainer`` (the Ray 2.60 pattern: a trainer
+cannot be handed to the Tuner directly) with the trial's Ray Data streams. The Optuna study lives
+in an SQLite storage under the run's folder, so ``optuna-dashboard`` can open it, and a search
+killed midway is resumed with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from angiotune.errors import AngiotuneError
+from angiotune.search.space import SearchSpace
+
+RESULTS_DIR = Path("results")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    index: Path
+    name: str
+    results: Path = RESULTS_DIR
+    model_path: Path | None = None
+    address: str | None = None
+    resume: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return (self.results / "searches" / self.name).resolve()
+
+
+def _optuna_search(space: SearchSpace, run_dir: Path):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PrunedAwareOptunaSearch(OptunaSearch):
+        """Tells Optuna that trials ASHA stopped early were pruned, not complete: TPE would
+        otherwise treat their early scores as final (seen on Ray 2.60)."""
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            ot_trial = self._ot_trials.get(trial_id)
+            epochs = (result or {}).get("epoch", space.epochs)
+            if ot_trial is None or error or result is None or epochs >= space.epochs:
+                return super().on_trial_complete(trial_id, result, error)
+            value = result.get(self._metric)
+            if value is not None:
+                ot_trial.report(value, int(epochs))
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            self._ot_trials.pop(trial_id)
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'optuna.db'}")
+    return PrunedAwareOptunaSearch(
+        space=space.define_by_run, metric=space.metric, mode=space.mode,
+        sampler=optuna.samplers.TPESampler(seed=space.seed), storage=storage,
+        study_name=space.name)
+
+
+def run_search(space: SearchSpace, settings: SearchSettings):
+    """Run (or resume) a search; returns the Tune ResultGrid."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from angiotune.search.trial import run_trial
+
+    run_dir = settings.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(run_dir)
+    if not ray.is_initialized():
+        ray.init(address=settings.address, dashboard_host="127.0.0.1",
+                 include_dashboard=True, log_to_driver=False)
+    constants = {"epochs": space.epochs, "index": str(Path(settings.index).resolve()),
+                 "model_path": str(settings.model_path) if settings.model_path else None,
+                 "image_size": space.image_size, "batch_size": space.batch_size,
+                 "workers": space.workers, "cpus_per_worker": space.cpus_per_worker,
+                 "gpus_per_worker": space.gpus_per_worker, "seed": space.seed,
+                 "storage": str(run_dir / "train")}
+    (run_dir / "space.json").write_text(json.dumps(asdict(space), indent=1, default=str))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, constants=constants),
+                                    {"cpu": 0.25})
+    tuner_path = run_dir / "tune"
+    if settings.resume:
+        if not tune.Tuner.can_restore(str(tuner_path)):
+            raise AngiotuneError(f"nothing to resume at {tuner_path}: no search named "
+                                 f"{settings.name!r} was started there")
+        tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable,
+                                   resume_unfinished=True, resume_errored=False)
+    else:
+        if tuner_path.exists():
+            raise AngiotuneError(f"a search named {settings.name!r} already exists in "
+                                 f"{run_dir}; use --resume to continue it or another --name")
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=space.epochs,
+                                  grace_period=space.grace_period,
+                                  reduction_factor=space.reduction_factor,
+                                  stop_last_trials=False)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=_optuna_search(space, run_dir),
+                                        scheduler=scheduler, metric=space.metric,
+                                        mode=space.mode, num_samples=space.samples,
+                                        max_concurrent_trials=space.max_concurrent),
+            run_config=tune.RunConfig(name="tune", storage_path=str(run_dir),
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      verbose=1))
+    return tuner.fit()
+
+
+def _check_writable(folder: Path) -> None:
+    probe = folder / ".write-probe"
+    try:
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as error:
+        raise AngiotuneError(f"results folder {folder} is not writable ({error.strerror}); "
+                             "free space or choose another --results") from None
+    stats = os.statvfs(folder)
+    if stats.f_bavail * stats.f_frsize < 200 * 2**20:
+        raise AngiotuneError(f"results folder {folder} has under 200 MB free")

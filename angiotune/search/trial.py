@@ -1,0 +1,44 @@
+"""One Tune trial: a driver that runs the Ray Train loop on the trial's data streams.
+
+Built inside the trial, so no dataset is pinned in the Tune driver's object store for the whole
+search. The Train run's name comes from the trial id (no timestamp), so a retried or restored
+trial resumes from its own last checkpoint.
+"""
+
+from __future__ import annotations
+
+
+def run_trial(config: dict, constants: dict) -> None:
+    from ray import tune
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from angiotune.data.stream import SampleSettings, lesion_dataset
+    from angiotune.train.loop import train_loop_per_worker
+
+    settings = {**constants, **config}
+    samples = SampleSettings(image_size=int(settings["image_size"]), seed=int(settings["seed"]))
+    datasets = {split: lesion_dataset(settings["index"], split, settings=samples)
+                for split in ("train", "val")}
+    use_gpu = float(settings["gpus_per_worker"]) > 0
+    resources = {"CPU": float(settings["cpus_per_worker"])}
+    if use_gpu:
+        resources["GPU"] = float(settings["gpus_per_worker"])
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=settings,
+        scaling_config=ScalingConfig(num_workers=int(settings["workers"]), use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        datasets=datasets,
+        # Every rank evaluates the whole validation split: a split one makes rank-0-only
+        # evaluation hang at the next epoch (Ray 2.60).
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=f"trial-{tune.get_context().get_trial_id()}",
+            storage_path=settings["storage"],
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            failure_config=FailureConfig(max_failures=int(settings.get("max_failures", 1)))),
+    )
+    trainer.fit()

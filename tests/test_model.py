@@ -1,0 +1,139 @@
+"""Base model loading, adapters (save/load with plain peft), losses and the plain training step."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from angiotune.errors import ConfigError
+from angiotune.model.adapters import AdapterSettings, adapt, load_adapter, save_adapter, \
+    trainable_parameters
+from angiotune.model.losses import LossWeights, dice_loss, focal_loss, hard_iou, weighted_bce
+from angiotune.model.pretrain import shape_batch
+from angiotune.model.sam3 import EMBEDDED_IMAGE_SIZE, ModelError, base_model_id, load_base_model
+from angiotune.train.step import dice_scores, evaluate, predict_logits, train_step
+
+SIZE = EMBEDDED_IMAGE_SIZE
+
+
+@pytest.fixture()
+def batch():
+    return shape_batch(np.random.default_rng(0), SIZE, 4, jitter=False)
+
+
+# --- losses against hand-worked values -------------------------------------------------------
+
+
+def test_dice_loss_hand_values():
+    target = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    sure = torch.tensor([[[20.0, 20.0], [-20.0, -20.0]]])
+    assert float(dice_loss(sure, target, smooth=0.0)) == pytest.approx(0.0, abs=1e-6)
+    half = torch.zeros(1, 2, 2)  # p = 0.5 everywhere: 2 * 1 / (2 + 2) = 0.5
+    assert float(dice_loss(half, target, smooth=0.0)) == pytest.approx(0.5)
+
+
+def test_focal_and_bce_hand_values():
+    logit, target = torch.tensor([[0.0]]), torch.tensor([[1.0]])
+    # p = 0.5: bce = ln 2; focal = alpha * (1 - 0.5)^2 * ln 2
+    assert float(focal_loss(logit, target, gamma=2, alpha=0.25)) == \
+        pytest.approx(0.25 * 0.25 * math.log(2))
+    assert float(weighted_bce(logit, target, pos_weight=10.0)) == pytest.approx(10 * math.log(2))
+    assert float(weighted_bce(logit, 1 - target, pos_weight=10.0)) == pytest.approx(math.log(2))
+
+
+def test_hard_iou_and_dice_scores():
+    target = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+    logits = torch.tensor([[[1.0, -1.0, 1.0, -1.0]]])  # predicts pixels 0 and 2
+    assert float(hard_iou(logits, target)[0]) == pytest.approx(1 / 3)
+    assert float(dice_scores(logits, target)[0]) == pytest.approx(0.5)
+    empty = torch.full((1, 1, 4), -1.0)
+    assert float(dice_scores(empty, torch.zeros(1, 1, 4))[0]) == 1.0
+
+
+def test_loss_weights_validate():
+    with pytest.raises(ValueError, match="pixel_loss"):
+        LossWeights(pixel_loss="hinge")
+
+
+# --- base model ------------------------------------------------------------------------------
+
+
+def test_embedded_model_loads_and_predicts(batch):
+    model = load_base_model()
+    logits, iou = predict_logits(model, torch.as_tensor(batch["image"]),
+                                 torch.as_tensor(batch["box"]))
+    assert logits.shape == (4, SIZE, SIZE) and iou.shape == (4,)
+    assert base_model_id().startswith("embedded:tiny-sam3-tracker@")
+
+
+def test_model_path_errors(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_base_model(tmp_path / "missing")
+    with pytest.raises(ModelError, match="no config.json"):
+        load_base_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelError, match="not SAM 3"):
+        load_base_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "sam3_tracker"}))
+    with pytest.raises(ModelError, match="safetensors"):
+        load_base_model(tmp_path)
+
+
+# --- adapters --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["lora", "decoder_only", "full"])
+def test_strategies_train_what_they_say(strategy):
+    base = load_base_model()
+    total = sum(p.numel() for p in base.parameters())
+    model = adapt(base, AdapterSettings(strategy=strategy, rank=4, train_decoder=False))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if strategy == "lora":
+        assert names and all("lora_" in n for n in names)
+        assert trainable_parameters(model) < 0.1 * total
+    elif strategy == "decoder_only":
+        assert all(n.startswith(("mask_decoder", "prompt_encoder")) for n in names)
+    else:
+        assert trainable_parameters(model) == total
+
+
+def test_unknown_target_group_is_rejected():
+    with pytest.raises(ConfigError, match="targets"):
+        AdapterSettings(targets=("vision_qv", "text_encoder"))
+
+
+@pytest.mark.parametrize("strategy", ["lora", "decoder_only"])
+def test_adapter_round_trip(tmp_path, batch, strategy):
+    settings = AdapterSettings(strategy=strategy, rank=4, targets=("vision_qv", "decoder_attn"))
+    model = adapt(load_base_model(), settings)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        train_step(model, batch, optimizer, LossWeights())
+    model.eval()
+    images, boxes = torch.as_tensor(batch["image"]), torch.as_tensor(batch["box"])
+    expected, _ = predict_logits(model, images, boxes)
+    save_adapter(model, settings, tmp_path / "adapter", base_model_id())
+    restored = load_adapter(load_base_model(), tmp_path / "adapter")
+    found, _ = predict_logits(restored, images, boxes)
+    torch.testing.assert_close(found, expected)
+    baseline, _ = predict_logits(load_base_model(), images, boxes)
+    assert not torch.allclose(baseline, expected)
+    if strategy == "lora":  # plain peft, no angiotune code, loads it too
+        plain = PeftModel.from_pretrained(load_base_model(), tmp_path / "adapter").eval()
+        torch.testing.assert_close(predict_logits(plain, images, boxes)[0], expected)
+
+
+def test_train_step_fits_a_batch(batch):
+    torch.manual_seed(0)
+    model = adapt(load_base_model(), AdapterSettings(rank=8, targets=("vision_attn",)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    first = train_step(model, batch, optimizer, LossWeights())["loss"]
+    for _ in range(15):
+        last = train_step(model, batch, optimizer, LossWeights())["loss"]
+    assert last < 0.8 * first
+    metrics = evaluate(model, [batch])
+    assert set(metrics) == {"dice", "iou", "dice/shape", "iou/shape", "n", "n/shape"}
+    assert metrics["n"] == 4

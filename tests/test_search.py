@@ -1,0 +1,65 @@
+"""A real two-trial search on the session's local Ray: Tune + Optuna + ASHA over Ray Train."""
+
+import json
+
+import optuna
+import pytest
+from peft import PeftModel
+
+from angiotune.data.ingest import IndexSettings, build_index
+from angiotune.model.sam3 import load_base_model
+from angiotune.registry.store import list_entries, load_best_model
+from angiotune.search import search
+from angiotune.search.space import parse_space
+
+pytestmark = pytest.mark.ray
+
+TWO_TRIALS = {
+    "name": "two", "metric": "dice", "mode": "max", "samples": 2, "max_concurrent": 1,
+    "epochs": 2, "seed": 0, "asha": {"grace_period": 1, "reduction_factor": 2},
+    "data": {"image_size": 112, "batch_size": 8},
+    "fixed": {"strategy": "lora"},
+    "params": {"rank": {"type": "int", "low": 2, "high": 8},
+               "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
+}
+
+
+@pytest.fixture(scope="module")
+def finished_search(ray_cluster, phantom_dir, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    index = results / "index.parquet"
+    build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="test-salt"))
+    outcome = search(parse_space(TWO_TRIALS, "two.yaml"), data=index, results=results)
+    return outcome, results
+
+
+def test_search_runs_every_trial(finished_search):
+    outcome, _ = finished_search
+    assert outcome.trials == 2 and outcome.errors == 0
+    assert 0.0 <= outcome.zero_shot["dice"] <= 1.0
+
+
+def test_optuna_study_has_each_trial_once(finished_search):
+    outcome, _ = finished_search
+    study = optuna.load_study(study_name="two",
+                              storage=f"sqlite:///{outcome.run_dir / 'optuna.db'}")
+    assert len(study.trials) == 2
+    assert {t.state for t in study.trials} <= {optuna.trial.TrialState.COMPLETE,
+                                               optuna.trial.TrialState.PRUNED}
+
+
+def test_best_adapters_are_kept_and_load_with_plain_peft(finished_search):
+    _, results = finished_search
+    kept = {v: e for v, e in list_entries(results).items() if e is not None}
+    assert kept, "no vessel got an adapter"
+    for vessel, entry in kept.items():
+        assert entry["metric"] == f"dice/{vessel}"
+        assert f"dice/{vessel}" in entry["zero_shot"]
+        assert entry["config"]["strategy"] == "lora"
+        folder = f"{entry['path']}/adapter"
+        plain = PeftModel.from_pretrained(load_base_model(), folder)
+        assert any("lora_" in name for name, _ in plain.named_parameters())
+        assert load_best_model(results, vessel) is not None
+        card = (results / "best" / vessel / "README.md").read_text()
+        assert "not clinical results" in card
+    assert json.loads((results / "best" / next(iter(kept)) / "manifest.json").read_text())

@@ -1,0 +1,67 @@
+"""Search space YAML: the shipped spaces load; each kind of mistake is refused naming the key."""
+
+import copy
+
+import optuna
+import pytest
+
+from angiotune.errors import ConfigError
+from angiotune.search.space import SPACES_DIR, load_space, parse_space
+
+VALID = {
+    "name": "t", "metric": "dice", "mode": "max", "samples": 2, "epochs": 2,
+    "asha": {"grace_period": 1, "reduction_factor": 2},
+    "fixed": {"strategy": "lora"},
+    "params": {
+        "rank": {"type": "int", "low": 2, "high": 8, "log": True},
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "pixel_loss": {"type": "categorical", "choices": ["focal", "bce"]},
+        "pos_weight": {"type": "float", "low": 2.0, "high": 20.0, "when": {"pixel_loss": "bce"}},
+    },
+}
+
+
+@pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_spaces_load(path):
+    space = load_space(path)
+    assert space.samples >= 1 and space.params
+
+
+def test_define_by_run_suggests_conditionals_only_when_they_apply():
+    space = parse_space(VALID, "valid.yaml")
+    focal = optuna.trial.FixedTrial({"rank": 4, "lr": 1e-3, "pixel_loss": "focal"})
+    assert space.define_by_run(focal) == {"strategy": "lora"}
+    assert "pos_weight" not in focal.params
+    bce = optuna.trial.FixedTrial({"rank": 4, "lr": 1e-3, "pixel_loss": "bce", "pos_weight": 5.0})
+    space.define_by_run(bce)
+    assert bce.params["pos_weight"] == 5.0
+
+
+def _broken(change):
+    raw = copy.deepcopy(VALID)
+    change(raw)
+    return raw
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    (lambda r: r.update(colour="red"), "colour"),
+    (lambda r: r.update(samples="eight"), "samples"),
+    (lambda r: r.update(mode="maximise"), "mode"),
+    (lambda r: r["params"].update(depth={"type": "int", "low": 1, "high": 3}), "params.depth"),
+    (lambda r: r["params"]["rank"].update(type="integer"), "params.rank.type"),
+    (lambda r: r["params"]["lr"].update(low=0.1, high=0.01), "params.lr"),
+    (lambda r: r["params"]["lr"].update(low=0.0), "params.lr"),
+    (lambda r: r["params"]["pixel_loss"].update(choices=[]), "params.pixel_loss.choices"),
+    (lambda r: r["params"]["pos_weight"].update(when={"optimizer": "adam"}),
+     "params.pos_weight.when"),
+    (lambda r: r["params"].update(targets={"type": "categorical",
+                                           "choices": ["vision_qv", "text_encoder"]}),
+     "params.targets.choices"),
+    (lambda r: r["fixed"].update(strategy="adapters"), "fixed.strategy"),
+    (lambda r: r["asha"].update(grace_period=5), "grace_period"),
+    (lambda r: r["asha"].update(halving=3), "asha"),
+])
+def test_mistakes_are_refused_naming_the_key(change, key):
+    with pytest.raises(ConfigError) as error:
+        parse_space(_broken(change), "space.yaml")
+    assert "space.yaml" in str(error.value) and key in str(error.value)
