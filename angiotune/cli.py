@@ -16,8 +16,9 @@ from rich.table import Table
 
 from angiotune.errors import AngiotuneError
 
-console = Console(stderr=True)
-out = Console()
+# Wide enough for the tables when output goes to a file or a pipe (rich assumes 80 there).
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _progress() -> Progress:
@@ -184,21 +185,25 @@ def _print_best_table(results: Path, entries: dict | None = None) -> None:
     from angiotune.registry.store import list_entries
 
     entries = entries if entries is not None else list_entries(results)
-    table = Table(title=f"Best adapters ({results}/best)")
-    for column in ("vessel", "strategy", "rank", "targets", "lr", "Dice", "IoU", "zero-shot Dice",
-                   "trial", "path"):
-        table.add_column(column)
+    table = Table(title=f"Best adapters in {results}/best (validation split)")
+    for column in ("vessel", "Dice", "zero-shot", "IoU", "strategy", "rank", "targets", "lr",
+                   "trial"):
+        table.add_column(column, no_wrap=True)
+    nan = float("nan")
     for vessel, entry in entries.items():
         if entry is None:
-            table.add_row(vessel, *["-"] * 9)
+            table.add_row(vessel, *["-"] * 8)
             continue
         config, metrics = entry["config"], entry["metrics"]
-        table.add_row(vessel, str(config.get("strategy")), str(config.get("rank", "-")),
-                      str(config.get("targets", "-")), f"{config.get('lr', float('nan')):.2g}",
-                      f"{entry['score']:.3f}", f"{metrics.get(f'iou/{vessel}', float('nan')):.3f}",
-                      f"{entry['zero_shot'].get(f'dice/{vessel}', float('nan')):.3f}",
-                      str(entry.get("trial_id")), entry["path"])
+        table.add_row(vessel, f"{entry['score']:.3f}",
+                      f"{entry['zero_shot'].get(f'dice/{vessel}', nan):.3f}",
+                      f"{metrics.get(f'iou/{vessel}', nan):.3f}", str(config.get("strategy")),
+                      str(config.get("rank", "-")), str(config.get("targets", "-")),
+                      f"{config.get('lr', nan):.2g}", str(entry.get("trial_id")))
     out.print(table)
+    for vessel, entry in entries.items():
+        if entry is not None:
+            out.print(f"{vessel}: {entry['path']}", soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,13 @@ import torch
 from peft import PeftModel
 
 from angiotune.errors import ConfigError
-from angiotune.model.adapters import AdapterSettings, adapt, load_adapter, save_adapter, \
-    trainable_parameters
+from angiotune.model.adapters import (
+    AdapterSettings,
+    adapt,
+    load_adapter,
+    save_adapter,
+    trainable_parameters,
+)
 from angiotune.model.losses import LossWeights, dice_loss, focal_loss, hard_iou, weighted_bce
 from angiotune.model.pretrain import shape_batch
 from angiotune.model.sam3 import EMBEDDED_IMAGE_SIZE, ModelError, base_model_id, load_base_model

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import Sam3TrackerConfig, Sam3TrackerModel
+from transformers.utils import logging as transformers_logging
 
 from angiotune.errors import AngiotuneError
 
@@ -64,6 +65,7 @@ def load_base_model(path: str | Path | None = None) -> Sam3TrackerModel:
                          f"(expected one of {', '.join(SAM3_MODEL_TYPES)})")
     if not any(folder.glob("*.safetensors")):
         raise ModelError(f"{folder} has no .safetensors weights (only safetensors are loaded)")
+    transformers_logging.disable_progress_bar()  # one bar per trial worker is noise
     try:
         model = Sam3TrackerModel.from_pretrained(folder, local_files_only=True,
                                                  use_safetensors=True)

@@ -41,7 +41,36 @@ def _optuna_search(space: SearchSpace, run_dir: Path):
         """Tells Optuna that trials ASHA stopped early were pruned, not complete: TPE would
         otherwise treat their early scores as final (seen on Ray 2.60)."""
 
+        def _already_told(self, trial_id) -> bool:
+            """After a hard kill, Tune may rerun a trial whose end Optuna already stored:
+            telling it again would fail the search, and it must not count twice."""
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is None:
+                return False
+            stored = self._ot_study._storage.get_trial(ot_trial._trial_id)
+            return stored.state.is_finished()
+
+        def suggest(self, trial_id):
+            """Reuse an Optuna trial that was asked for just before a hard kill but never ran
+            (Tune's last saved state predates it), instead of leaving it RUNNING forever."""
+            if trial_id not in self._ot_trials:
+                mapped = {t._trial_id for t in self._ot_trials.values()}
+                for stored in self._ot_study.get_trials(
+                        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                    if stored._trial_id not in mapped:
+                        self._ot_trials[trial_id] = optuna.Trial(self._ot_study,
+                                                                 stored._trial_id)
+                        break
+            return super().suggest(trial_id)
+
+        def on_trial_result(self, trial_id, result):
+            if not self._already_told(trial_id):
+                super().on_trial_result(trial_id, result)
+
         def on_trial_complete(self, trial_id, result=None, error=False):
+            if self._already_told(trial_id):
+                self._ot_trials.pop(trial_id, None)
+                return
             ot_trial = self._ot_trials.get(trial_id)
             epochs = (result or {}).get("epoch", space.epochs)
             if ot_trial is None or error or result is None or epochs >= space.epochs:
@@ -71,8 +100,10 @@ def run_search(space: SearchSpace, settings: SearchSettings):
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_writable(run_dir)
     if not ray.is_initialized():
-        ray.init(address=settings.address, dashboard_host="127.0.0.1",
-                 include_dashboard=True, log_to_driver=False)
+        if settings.address:
+            ray.init(address=settings.address, log_to_driver=False)
+        else:  # the dashboard stays on: Ray frees an early-stopped trial's workers through it
+            ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
     constants = {"epochs": space.epochs, "index": str(Path(settings.index).resolve()),
                  "model_path": str(settings.model_path) if settings.model_path else None,
                  "image_size": space.image_size, "batch_size": space.batch_size,

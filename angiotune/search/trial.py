@@ -41,4 +41,12 @@ def run_trial(config: dict, constants: dict) -> None:
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             failure_config=FailureConfig(max_failures=int(settings.get("max_failures", 1)))),
     )
-    trainer.fit()
+    result = trainer.fit()
+    # A trial restored after its Train run had already finished reports nothing in fit(); Tune
+    # then sees a final result without the metric and fails the search. Repeating the last
+    # metrics is harmless otherwise (same epoch, same checkpoint).
+    if result.metrics:
+        final = dict(result.metrics)
+        if result.checkpoint is not None:
+            final["checkpoint_path"] = result.checkpoint.path
+        tune.report(final)
