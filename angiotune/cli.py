@@ -143,10 +143,8 @@ def search(space_file: str, data: Path | None, model: Path | None, name: str | N
             f"index {data or 'embedded phantoms'}, model {model or 'embedded tiny SAM 3'}")
     out.print(f"Search {name or space.name}: {space.samples} trials of {space.epochs} epochs on "
               f"{what}")
-    out.print("Ray dashboard: http://127.0.0.1:8265 (local; over SSH use a tunnel: "
-              "ssh -L 8265:127.0.0.1:8265 HOST)")
     outcome = run(space, data=data, model=model, name=name, results=results, address=address,
-                  resume=resume)
+                  resume=resume, announce=out.print)
     out.print(f"{outcome.trials} trials ({outcome.errors} failed); Optuna study: sqlite:///"
               f"{outcome.run_dir / 'optuna.db'} (optuna-dashboard can open it)")
     zero = outcome.zero_shot.get("dice", float("nan"))

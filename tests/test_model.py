@@ -142,3 +142,30 @@ def test_train_step_fits_a_batch(batch):
     metrics = evaluate(model, [batch])
     assert set(metrics) == {"dice", "iou", "dice/shape", "iou/shape", "n", "n/shape"}
     assert metrics["n"] == 4
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(batch):
+    def gradients(checkpointing: bool):
+        torch.manual_seed(0)
+        model = adapt(load_base_model(), AdapterSettings(rank=4, targets=("vision_attn",)))
+        if checkpointing:
+            from angiotune.model.sam3 import enable_gradient_checkpointing
+
+            assert enable_gradient_checkpointing(model) == 4
+        model.train()
+        logits, _ = predict_logits(model, torch.as_tensor(batch["image"]),
+                                   torch.as_tensor(batch["box"]))
+        logits.mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name])
+
+
+def test_bf16_autocast_step_runs(batch):
+    model = adapt(load_base_model(), AdapterSettings(rank=4))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    parts = train_step(model, batch, optimizer, LossWeights(), autocast_dtype=torch.bfloat16)
+    assert math.isfinite(parts["loss"])

@@ -63,3 +63,33 @@ def test_best_adapters_are_kept_and_load_with_plain_peft(finished_search):
         card = (results / "best" / vessel / "README.md").read_text()
         assert "not clinical results" in card
     assert json.loads((results / "best" / next(iter(kept)) / "manifest.json").read_text())
+
+
+def test_asha_stopped_trials_are_pruned_not_complete_in_optuna(tmp_path):
+    """Guard: Ray's OptunaSearch tells ASHA-stopped trials to Optuna as COMPLETE (Ray 2.60)."""
+    from angiotune.search.run import _optuna_search
+
+    space = parse_space({**TWO_TRIALS, "epochs": 4}, "two.yaml")
+    searcher = _optuna_search(space, tmp_path)
+    searcher.suggest("stopped")
+    searcher.suggest("finished")
+    early = {"dice": 0.3, "epoch": 1, "training_iteration": 1}
+    searcher.on_trial_result("stopped", early)
+    searcher.on_trial_complete("stopped", early)
+    searcher.on_trial_complete("finished", {"dice": 0.5, "epoch": 4, "training_iteration": 4})
+    study = optuna.load_study(study_name="two", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [t.state for t in sorted(study.trials, key=lambda t: t.number)]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+    assert study.best_value == 0.5
+
+
+def test_two_ddp_workers_evaluate_every_epoch(ray_cluster, phantom_dir, tmp_path):
+    """Guard: a validation set split across workers and read by rank 0 only hangs at the
+    next epoch; every rank reads the whole validation split instead."""
+    index = tmp_path / "index.parquet"
+    build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="test-salt"))
+    space = parse_space({**TWO_TRIALS, "name": "ddp", "samples": 1, "epochs": 2,
+                         "resources": {"workers": 2, "cpus_per_worker": 1}}, "ddp.yaml")
+    outcome = search(space, data=index, results=tmp_path / "results")
+    assert outcome.trials == 1 and outcome.errors == 0
+    assert any(entry["epoch"] == 2 for entry in outcome.best.values())

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from transformers import Sam3TrackerConfig, Sam3TrackerModel
 from transformers.utils import logging as transformers_logging
 
@@ -92,3 +94,26 @@ def image_size_of(model: torch.nn.Module) -> int:
 def to_pixel_values(images: torch.Tensor) -> torch.Tensor:
     """(B, H, W) grey in [0, 1] -> (B, 3, H, W) normalised as SAM 3 expects."""
     return ((images - PIXEL_MEAN) / PIXEL_STD).unsqueeze(1).expand(-1, 3, -1, -1)
+
+
+_VISION_BLOCK = re.compile(r"(^|\.)vision_encoder\.backbone\.layers\.\d+$")
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
+    """Recompute each vision-encoder block during backward instead of keeping its activations.
+
+    The tracker does not offer Hugging Face's switch, so each block's forward is wrapped in
+    ``torch.utils.checkpoint``; results and gradients are unchanged. Returns the block count.
+    """
+    blocks = [m for name, m in model.named_modules() if _VISION_BLOCK.search(name)]
+    for block in blocks:
+        forward = block.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False,
+                                                         **kwargs)
+            return _forward(*args, **kwargs)
+
+        block.forward = checkpointed
+    return len(blocks)

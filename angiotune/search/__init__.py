@@ -69,7 +69,7 @@ def validation_fingerprint(index: Path) -> str:
 
 def search(space: SearchSpace, *, data: Path | None = None, model: Path | None = None,
            name: str | None = None, results: Path = Path("results"), address: str | None = None,
-           resume: bool = False) -> SearchOutcome:
+           resume: bool = False, announce=None) -> SearchOutcome:
     """Run a search space end to end and keep the best adapter per vessel."""
     from angiotune.model.sam3 import image_size_of, load_base_model
     from angiotune.registry.store import VESSELS, promote
@@ -81,7 +81,8 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
                              f"model's {image_size_of(base)}")
     index = Path(data) if data else embedded_index(results)
     settings = SearchSettings(index=index, name=name or space.name, results=Path(results),
-                              model_path=model, address=address, resume=resume)
+                              model_path=model, address=address, resume=resume,
+                              announce=announce)
     baseline = zero_shot(index, model, space.image_size)
     grid = run_search(space, settings)
     outcome = SearchOutcome(settings.name, settings.run_dir, len(grid), grid.num_errors,

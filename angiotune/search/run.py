@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class SearchSettings:
     model_path: Path | None = None
     address: str | None = None
     resume: bool = False
+    announce: Callable[[str], None] | None = None  # where to say the dashboard's address
 
     @property
     def run_dir(self) -> Path:
@@ -101,15 +103,19 @@ def run_search(space: SearchSpace, settings: SearchSettings):
     _check_writable(run_dir)
     if not ray.is_initialized():
         if settings.address:
-            ray.init(address=settings.address, log_to_driver=False)
+            context = ray.init(address=settings.address, log_to_driver=False)
         else:  # the dashboard stays on: Ray frees an early-stopped trial's workers through it
-            ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
+            context = ray.init(dashboard_host="127.0.0.1", include_dashboard=True,
+                               log_to_driver=False)
+        if settings.announce and context.dashboard_url:
+            settings.announce(f"Ray dashboard: http://{context.dashboard_url} (over SSH: "
+                              "ssh -L 8265:127.0.0.1:8265 HOST, then open it locally)")
     constants = {"epochs": space.epochs, "index": str(Path(settings.index).resolve()),
                  "model_path": str(settings.model_path) if settings.model_path else None,
                  "image_size": space.image_size, "batch_size": space.batch_size,
                  "workers": space.workers, "cpus_per_worker": space.cpus_per_worker,
                  "gpus_per_worker": space.gpus_per_worker, "seed": space.seed,
-                 "storage": str(run_dir / "train")}
+                 "storage": str(run_dir / "train"), "metric": space.metric, "mode": space.mode}
     (run_dir / "space.json").write_text(json.dumps(asdict(space), indent=1, default=str))
     trainable = tune.with_resources(tune.with_parameters(run_trial, constants=constants),
                                     {"cpu": 0.25})

@@ -41,7 +41,7 @@ PARAM_TYPES = {"float", "int", "categorical"}
 # What a trial understands; anything else in params or fixed is a typo.
 TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", "train_decoder",
               "lr", "weight_decay", "dice_weight", "pixel_weight", "iou_weight", "pixel_loss",
-              "pos_weight", "focal_gamma", "batch_size"}
+              "pos_weight", "focal_gamma", "batch_size", "precision", "gradient_checkpointing"}
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
 

@@ -38,7 +38,11 @@ def run_trial(config: dict, constants: dict) -> None:
             name=f"trial-{tune.get_context().get_trial_id()}",
             storage_path=settings["storage"],
             callbacks=[TuneReportCallback()],
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            # Keep the two best epochs by the search metric; the registry only takes
+            # checkpoints that still exist.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=settings["metric"],
+                checkpoint_score_order=settings["mode"]),
             failure_config=FailureConfig(max_failures=int(settings.get("max_failures", 1)))),
     )
     result = trainer.fit()

@@ -16,8 +16,8 @@ import torch
 
 from angiotune.model.adapters import AdapterSettings, adapt, load_adapter, save_adapter
 from angiotune.model.losses import LossWeights
-from angiotune.model.sam3 import base_model_id, load_base_model
-from angiotune.train.step import evaluate, train_step
+from angiotune.model.sam3 import base_model_id, enable_gradient_checkpointing, load_base_model
+from angiotune.train.step import PRECISIONS, evaluate, train_step
 
 STATE_FILE = "training_state.pt"
 ADAPTER_DIR = "adapter"
@@ -66,6 +66,14 @@ def train_loop_per_worker(config: dict) -> None:
             model = _make_trainable(model, settings)
             state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
             start_epoch = int(state["epoch"])
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    if config.get("gradient_checkpointing", on_gpu):
+        enable_gradient_checkpointing(model)
+    precision = config.get("precision") or ("bf16" if on_gpu else "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     model = ray.train.torch.prepare_model(model, parallel_strategy=None
                                           if ray.train.get_context().get_world_size() == 1
                                           else "ddp")
@@ -81,7 +89,8 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, int(config["epochs"])):
         losses = []
         for batch in train_shard.iter_batches(batch_size=batch_size):
-            parts = train_step(model, batch, optimizer, weights)
+            parts = train_step(model, batch, optimizer, weights,
+                               autocast_dtype=PRECISIONS[precision], scaler=scaler)
             if not math.isfinite(parts["loss"]):
                 raise DivergedError(f"loss became {parts['loss']} in epoch {epoch + 1}")
             losses.append(parts["loss"])

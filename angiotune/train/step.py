@@ -46,10 +46,18 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
                weights: LossWeights, *, autocast_dtype: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None,
                max_grad_norm: float = 1.0) -> dict[str, float]:
-    """Forward, loss, backward and one optimiser step; returns the loss parts."""
+    """Forward, loss, backward and one optimiser step; returns the loss parts.
+
+    ``autocast_dtype`` runs the forward pass in bf16 or fp16 (the loss stays fp32); fp16 also
+    wants a ``scaler`` so small gradients do not underflow.
+    """
     model.train()
     device = next(model.parameters()).device
     batch = as_tensors(batch, device)
@@ -58,10 +66,17 @@ def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optim
     loss, parts = segmentation_loss(logits.float(), iou_pred.float(), batch["mask"].float(),
                                     weights)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))
+        scaler.step(optimizer)
+        scaler.update()
     return parts
 
 
