@@ -184,18 +184,19 @@ def _print_best_table(results: Path, entries: dict | None = None) -> None:
 
     entries = entries if entries is not None else list_entries(results)
     table = Table(title=f"Best adapters in {results}/best (validation split)")
-    for column in ("vessel", "Dice", "zero-shot", "IoU", "strategy", "rank", "targets", "lr",
-                   "trial"):
+    for column in ("vessel", "Dice", "zero-shot", "IoU", "prompt", "strategy", "rank", "targets",
+                   "lr", "trial"):
         table.add_column(column, no_wrap=True)
     nan = float("nan")
     for vessel, entry in entries.items():
         if entry is None:
-            table.add_row(vessel, *["-"] * 8)
+            table.add_row(vessel, *["-"] * 9)
             continue
         config, metrics = entry["config"], entry["metrics"]
         table.add_row(vessel, f"{entry['score']:.3f}",
                       f"{entry['zero_shot'].get(f'dice/{vessel}', nan):.3f}",
-                      f"{metrics.get(f'iou/{vessel}', nan):.3f}", str(config.get("strategy")),
+                      f"{metrics.get(f'iou/{vessel}', nan):.3f}",
+                      str(entry.get("prompt_mode", "box")), str(config.get("strategy")),
                       str(config.get("rank", "-")), str(config.get("targets", "-")),
                       f"{config.get('lr', nan):.2g}", str(entry.get("trial_id")))
     out.print(table)

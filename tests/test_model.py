@@ -71,7 +71,7 @@ def test_embedded_model_loads_and_predicts(batch):
     logits, iou = predict_logits(model, torch.as_tensor(batch["image"]),
                                  torch.as_tensor(batch["box"]))
     assert logits.shape == (4, SIZE, SIZE) and iou.shape == (4,)
-    assert base_model_id().startswith("embedded:tiny-sam3-tracker@")
+    assert base_model_id().startswith("embedded:embedded@")
 
 
 def test_model_path_errors(tmp_path):
@@ -169,3 +169,12 @@ def test_bf16_autocast_step_runs(batch):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     parts = train_step(model, batch, optimizer, LossWeights(), autocast_dtype=torch.bfloat16)
     assert math.isfinite(parts["loss"])
+
+
+def test_adapter_reloads_trainable_for_resume(tmp_path):
+    settings = AdapterSettings(rank=4, train_decoder=True)
+    model = adapt(load_base_model(), settings)
+    expected = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    save_adapter(model, settings, tmp_path / "adapter", base_model_id())
+    resumed = load_adapter(load_base_model(), tmp_path / "adapter", trainable=True)
+    assert sorted(n for n, p in resumed.named_parameters() if p.requires_grad) == expected

@@ -92,4 +92,20 @@ def test_two_ddp_workers_evaluate_every_epoch(ray_cluster, phantom_dir, tmp_path
                          "resources": {"workers": 2, "cpus_per_worker": 1}}, "ddp.yaml")
     outcome = search(space, data=index, results=tmp_path / "results")
     assert outcome.trials == 1 and outcome.errors == 0
-    assert any(entry["epoch"] == 2 for entry in outcome.best.values())
+    assert list(outcome.epochs_run.values()) == [2]
+
+
+def test_text_box_search_keeps_concept_adapters(ray_cluster, phantom_dir, tmp_path):
+    from transformers import Sam3Model
+
+    index = tmp_path / "index.parquet"
+    build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="test-salt"))
+    space = parse_space({**TWO_TRIALS, "name": "text", "samples": 1, "epochs": 1,
+                         "fixed": {"strategy": "lora", "prompt_mode": "text_box"}}, "text.yaml")
+    results = tmp_path / "results"
+    outcome = search(space, data=index, results=results)
+    assert outcome.trials == 1 and outcome.errors == 0
+    kept = {v: e for v, e in list_entries(results).items() if e is not None}
+    assert kept and all(e["prompt_mode"] == "text_box" for e in kept.values())
+    model = load_best_model(results, next(iter(kept)))
+    assert isinstance(model.get_base_model(), Sam3Model)

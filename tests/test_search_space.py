@@ -65,3 +65,14 @@ def test_mistakes_are_refused_naming_the_key(change, key):
     with pytest.raises(ConfigError) as error:
         parse_space(_broken(change), "space.yaml")
     assert "space.yaml" in str(error.value) and key in str(error.value)
+
+
+def test_prompt_mode_is_fixed_per_search():
+    raw = copy.deepcopy(VALID)
+    raw["params"]["prompt_mode"] = {"type": "categorical", "choices": ["box", "text_box"]}
+    with pytest.raises(ConfigError, match="params.prompt_mode"):
+        parse_space(raw, "space.yaml")
+    raw = copy.deepcopy(VALID)
+    raw["fixed"]["prompt_mode"] = "speech"
+    with pytest.raises(ConfigError, match="fixed.prompt_mode"):
+        parse_space(raw, "space.yaml")

@@ -31,6 +31,7 @@ from angiotune.data.transforms import (
     resize_mask,
     warp,
 )
+from angiotune.data.prompts import lesion_prompt, neighbour_prompt
 from angiotune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ def prepare_sample(row: dict, root: Path, settings: SampleSettings,
         out_box = jitter_box(out_box, rng, size)
     return {
         "image": image, "mask": out_mask, "box": out_box.astype(np.float32),
+        # For the text_box mode: the lesion's concept and a hard negative from its vessel.
+        "prompt": lesion_prompt(row["segment_name"]),
+        "negative_prompt": neighbour_prompt(row["segment"], row["taxonomy"], rng),
         "pixel_spacing_mm": np.float32(row["pixel_spacing_mm"] / affine.scale),
         **{name: row[name] for name in META_COLUMNS},
     }

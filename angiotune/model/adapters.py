@@ -23,9 +23,15 @@ TARGET_GROUPS = {
     "vision_qv": r"vision_encoder\..*\.(q_proj|v_proj)",
     "vision_attn": r"vision_encoder\..*\.(q_proj|k_proj|v_proj|o_proj)",
     "vision_mlp": r"vision_encoder\..*\.(fc1|fc2)",
-    "decoder_attn": r"mask_decoder\.transformer\..*\.(q_proj|k_proj|v_proj|o_proj)",
+    # The tracker's two-way transformer; in the concept model, the DETR decoder and the mask
+    # decoder's prompt attention.
+    "decoder_attn": r"(mask_decoder|detr_decoder)\..*\.(q_proj|k_proj|v_proj|o_proj)",
 }
-DECODER_MODULES = ("mask_decoder", "prompt_encoder")
+# What decoder_only trains: the tracker's prompt encoder and mask decoder, or the concept
+# model's geometry encoder, DETR decoder, scoring and mask decoder.
+DECODER_MODULES = ("mask_decoder", "prompt_encoder", "detr_decoder", "geometry_encoder",
+                   "dot_product_scoring")
+FROZEN_MODULES = ("text_encoder", "text_projection")  # text stays as pre-trained
 WEIGHTS_FILE = "trained_weights.safetensors"
 SETTINGS_FILE = "angiotune_adapter.json"
 
@@ -63,10 +69,22 @@ def adapt(base: torch.nn.Module, settings: AdapterSettings) -> torch.nn.Module:
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
                             lora_dropout=settings.dropout, target_modules=settings.target_regex(),
                             modules_to_save=["mask_decoder"] if settings.train_decoder else None)
-        return get_peft_model(base, config)
-    for name, parameter in base.named_parameters():
-        parameter.requires_grad = settings.strategy == "full" or name.startswith(DECODER_MODULES)
-    return base
+        return _freeze_text(get_peft_model(base, config))
+    return _set_trainable(base, settings)
+
+
+def _set_trainable(model: torch.nn.Module, settings: AdapterSettings) -> torch.nn.Module:
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = (settings.strategy == "full"
+                                   or name.startswith(DECODER_MODULES))
+    return _freeze_text(model)
+
+
+def _freeze_text(model: torch.nn.Module) -> torch.nn.Module:
+    for name, parameter in model.named_parameters():
+        if any(f".{frozen}." in f".{name}" for frozen in FROZEN_MODULES):
+            parameter.requires_grad = False
+    return model
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
@@ -87,17 +105,18 @@ def save_adapter(model: torch.nn.Module, settings: AdapterSettings, folder: Path
     (folder / SETTINGS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
-def load_adapter(base: torch.nn.Module, folder: Path) -> torch.nn.Module:
-    """The base with a saved adapter applied, ready for inference."""
+def load_adapter(base: torch.nn.Module, folder: Path, trainable: bool = False) -> torch.nn.Module:
+    """The base with a saved adapter applied: for inference, or to go on training it."""
     record = json.loads((folder / SETTINGS_FILE).read_text(encoding="utf-8"))
     settings = AdapterSettings(**{**record["settings"],
                                   "targets": tuple(record["settings"]["targets"])})
     if settings.strategy == "lora":
-        return PeftModel.from_pretrained(base, folder).eval()
+        model = PeftModel.from_pretrained(base, folder, is_trainable=trainable)
+        return _freeze_text(model) if trainable else model.eval()
     state = load_file(folder / WEIGHTS_FILE)
     missing = set(state) - set(dict(base.named_parameters()))
     if missing:
         raise ConfigError(f"{folder}: weights for {len(missing)} parameters the base model "
                           "does not have (an adapter saved for another base?)")
     base.load_state_dict(state, strict=False)
-    return base.eval()
+    return _set_trainable(base, settings) if trainable else base.eval()

@@ -17,6 +17,7 @@ class LossWeights:
     dice: float = 1.0
     pixel: float = 1.0
     iou: float = 0.1
+    score: float = 1.0  # text_box mode: query scores, presence and hard negatives
     pixel_loss: str = "focal"  # or "bce"
     pos_weight: float = 10.0  # for "bce"
     focal_gamma: float = 2.0

@@ -5,7 +5,8 @@ the same kind of thing at toy scale: it learns "segment the object in this box" 
 polygons, rings and strokes over textured backgrounds (never angiograms), so LoRA on phantoms has
 a zero-shot base to improve on. Regenerate the shipped weights with
 
-    python -m angiotune.model.pretrain --out angiotune/model/embedded
+    python -m angiotune.model.pretrain                        # the tracker (box prompts)
+    python -m angiotune.model.pretrain --prompt-mode text_box  # the concept model
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 from scipy import ndimage
 
 from angiotune.data.transforms import jitter_box, mask_box
+from angiotune.model.concept import build_tokenizer, tiny_concept_config
 from angiotune.model.losses import LossWeights
-from angiotune.model.sam3 import EMBEDDED_DIR, EMBEDDED_IMAGE_SIZE, tiny_tracker_config
+from angiotune.model.sam3 import EMBEDDED_IMAGE_SIZE, embedded_dir, tiny_tracker_config
 from angiotune.train.step import evaluate, train_step
 
 
@@ -31,10 +33,12 @@ def _ellipse(yy, xx, rng, size):
     angle = rng.uniform(0, np.pi)
     u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
     v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
-    inside = (u / rx) ** 2 + (v / ry) ** 2 <= 1
-    if rng.random() < 0.3:  # a ring
-        inside &= (u / (0.6 * rx)) ** 2 + (v / (0.6 * ry)) ** 2 > 1
-    return inside
+    return (u / rx) ** 2 + (v / ry) ** 2 <= 1
+
+
+def _ring(yy, xx, rng, size):
+    outer = _ellipse(yy, xx, rng, size)
+    return outer & ~ndimage.binary_erosion(outer, iterations=max(2, size // 40))
 
 
 def _polygon(yy, xx, rng, size):
@@ -59,45 +63,55 @@ def _stroke(yy, xx, rng, size):
     return ndimage.distance_transform_edt(line) <= rng.uniform(0.015, 0.05) * size
 
 
-SHAPES = (_ellipse, _polygon, _stroke)
+SHAPES = {"ellipse": _ellipse, "polygon": _polygon, "stroke": _stroke, "ring": _ring}
 
 
-def shape_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One image in [0, 1] with 2-4 shapes on texture, and the mask of the last-drawn one."""
+def shape_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """One image in [0, 1] with 2-4 shapes on texture, the last-drawn one's mask and kind."""
     yy, xx = np.mgrid[0:size, 0:size].astype(float)
     image = ndimage.gaussian_filter(rng.normal(size=(size, size)), rng.uniform(2, 12))
     image = 0.5 + 0.12 * image / (image.std() + 1e-9) + rng.uniform(-0.2, 0.2) * (xx / size)
     target = np.zeros((size, size), dtype=bool)
     for _ in range(int(rng.integers(2, 5))):
         while True:
-            target = SHAPES[rng.integers(len(SHAPES))](yy, xx, rng, size)
+            kind = str(rng.choice(list(SHAPES)))
+            target = SHAPES[kind](yy, xx, rng, size)
             if target.sum() > 20:
                 break
         image = np.where(target, image + rng.choice([-1, 1]) * rng.uniform(0.12, 0.35), image)
     image = ndimage.gaussian_filter(image, rng.uniform(0.3, 1.2))
     image += rng.normal(0, rng.uniform(0.005, 0.04), image.shape)
-    return np.clip(image, 0, 1).astype(np.float32), target.astype(np.uint8)
+    return np.clip(image, 0, 1).astype(np.float32), target.astype(np.uint8), kind
 
 
 def shape_batch(rng: np.random.Generator, size: int, count: int, jitter: bool) -> dict:
-    images, masks, boxes = [], [], []
+    images, masks, boxes, prompts, negatives = [], [], [], [], []
     for _ in range(count):
-        image, mask = shape_sample(rng, size)
+        image, mask, kind = shape_sample(rng, size)
         box = mask_box(mask)
         images.append(image)
         masks.append(mask)
         boxes.append(jitter_box(box, rng, size) if jitter else box)
+        prompts.append(kind)
+        negatives.append(str(rng.choice([k for k in SHAPES if k != kind])))
     return {"image": np.stack(images), "mask": np.stack(masks),
-            "box": np.stack(boxes).astype(np.float32), "vessel": np.array(["shape"] * count)}
+            "box": np.stack(boxes).astype(np.float32), "vessel": np.array(["shape"] * count),
+            "prompt": np.array(prompts), "negative_prompt": np.array(negatives)}
 
 
-def pretrain(out: Path, steps: int, batch_size: int, seed: int, lr: float) -> dict:
+def pretrain(out: Path, steps: int, batch_size: int, seed: int, lr: float,
+             prompt_mode: str = "box") -> dict:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    from transformers import Sam3TrackerModel
+    from transformers import Sam3Model, Sam3TrackerModel
 
     size = EMBEDDED_IMAGE_SIZE
-    model = Sam3TrackerModel(tiny_tracker_config(size))
+    tokenizer = None
+    if prompt_mode == "box":
+        model = Sam3TrackerModel(tiny_tracker_config(size))
+    else:
+        tokenizer = build_tokenizer()
+        model = Sam3Model(tiny_concept_config(len(tokenizer), size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
     weights = LossWeights(pixel_loss="bce", pos_weight=2.0)
@@ -105,16 +119,21 @@ def pretrain(out: Path, steps: int, batch_size: int, seed: int, lr: float) -> di
                   for k in range(4)]
     start = time.time()
     for step in range(1, steps + 1):
-        parts = train_step(model, shape_batch(rng, size, batch_size, True), optimizer, weights)
+        parts = train_step(model, shape_batch(rng, size, batch_size, True), optimizer, weights,
+                           tokenizer=tokenizer)
         schedule.step()
         if step % 100 == 0 or step == steps:
-            metrics = evaluate(model, validation)
+            metrics = evaluate(model, validation, tokenizer)
             print(f"step {step:5d}  loss {parts['loss']:.3f}  shapes dice {metrics['dice']:.3f}"
                   f"  {time.time() - start:.0f}s", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    record = {"what": "tiny SAM 3 tracker pre-trained by angiotune on generic synthetic shapes "
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    kind = "tracker (box prompts)" if prompt_mode == "box" else "concept model (text + box)"
+    record = {"what": f"tiny SAM 3 {kind} pre-trained by angiotune on generic synthetic shapes "
                       "(no angiograms); a stand-in for the real SAM 3 weights",
+              "prompt_mode": prompt_mode,
               "steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr,
               "image_size": size, "parameters": sum(p.numel() for p in model.parameters()),
               "shapes_validation_dice": round(metrics["dice"], 4),
@@ -125,14 +144,16 @@ def pretrain(out: Path, steps: int, batch_size: int, seed: int, lr: float) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=EMBEDDED_DIR)
+    parser.add_argument("--prompt-mode", choices=["box", "text_box"], default="box")
+    parser.add_argument("--out", type=Path, help="Default: the embedded folder of the mode.")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=2e-3)
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    print(pretrain(args.out, args.steps, args.batch_size, args.seed, args.lr))
+    out = args.out or embedded_dir(args.prompt_mode)
+    print(pretrain(out, args.steps, args.batch_size, args.seed, args.lr, args.prompt_mode))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
-from transformers import Sam3TrackerConfig, Sam3TrackerModel
+from transformers import Sam3Model, Sam3TrackerConfig, Sam3TrackerModel
 from transformers.utils import logging as transformers_logging
 
 from angiotune.errors import AngiotuneError
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
+EMBEDDED_CONCEPT_DIR = Path(__file__).parent / "embedded_concept"
+PROMPT_MODES = ("box", "text_box")
 EMBEDDED_IMAGE_SIZE = 112
 SAM3_MODEL_TYPES = ("sam3_tracker", "sam3", "sam3_video", "sam3_tracker_video")
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # Sam3Processor's normalisation
@@ -49,9 +51,19 @@ def tiny_tracker_config(image_size: int = EMBEDDED_IMAGE_SIZE) -> Sam3TrackerCon
                                  iou_head_hidden_dim=64))
 
 
-def load_base_model(path: str | Path | None = None) -> Sam3TrackerModel:
-    """The frozen starting point: the embedded tiny model (None) or a local SAM 3 checkpoint."""
-    folder = EMBEDDED_DIR if path is None else Path(path)
+def embedded_dir(prompt_mode: str = "box") -> Path:
+    if prompt_mode not in PROMPT_MODES:
+        raise ModelError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
+    return EMBEDDED_DIR if prompt_mode == "box" else EMBEDDED_CONCEPT_DIR
+
+
+def load_base_model(path: str | Path | None = None, prompt_mode: str = "box"):
+    """The frozen starting point: the embedded tiny model (None) or a local SAM 3 checkpoint.
+
+    ``box`` loads the tracker (``Sam3TrackerModel``), ``text_box`` the concept model
+    (``Sam3Model``); a full SAM 3 checkpoint holds both.
+    """
+    folder = embedded_dir(prompt_mode) if path is None else Path(path)
     config_file = folder / "config.json"
     if not folder.is_dir():
         raise ModelError(f"model path {folder} does not exist or is not a folder")
@@ -68,27 +80,38 @@ def load_base_model(path: str | Path | None = None) -> Sam3TrackerModel:
     if not any(folder.glob("*.safetensors")):
         raise ModelError(f"{folder} has no .safetensors weights (only safetensors are loaded)")
     transformers_logging.disable_progress_bar()  # one bar per trial worker is noise
+    model_class = Sam3TrackerModel if prompt_mode == "box" else Sam3Model
     try:
-        model = Sam3TrackerModel.from_pretrained(folder, local_files_only=True,
-                                                 use_safetensors=True)
+        model = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelError(f"cannot load SAM 3 from {folder}: {error}") from None
     return model.eval()
 
 
-def base_model_id(path: str | Path | None = None) -> str:
+def load_prompt_tokenizer(path: str | Path | None = None):
+    """The concept model's tokenizer: the embedded word-level one, or the checkpoint's CLIP one."""
+    from transformers import AutoTokenizer
+
+    folder = EMBEDDED_CONCEPT_DIR if path is None else Path(path)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"no tokenizer in {folder} for the text_box mode ({error})") from None
+
+
+def base_model_id(path: str | Path | None = None, prompt_mode: str = "box") -> str:
     """Names the base weights an adapter needs: folder and a hash of its weight files."""
-    folder = EMBEDDED_DIR if path is None else Path(path)
+    folder = embedded_dir(prompt_mode) if path is None else Path(path)
     digest = hashlib.sha256()
     for weights in sorted(folder.glob("*.safetensors")):
         digest.update(weights.read_bytes())
-    name = "embedded:tiny-sam3-tracker" if path is None else str(folder.resolve())
+    name = f"embedded:{folder.name}" if path is None else str(folder.resolve())
     return f"{name}@{digest.hexdigest()[:12]}"
 
 
 def image_size_of(model: torch.nn.Module) -> int:
-    config = model.config
-    return int(config.prompt_encoder_config.image_size)
+    """The input side in pixels (both the tracker and the concept model share the backbone)."""
+    return int(model.config.vision_config.backbone_config.image_size)
 
 
 def to_pixel_values(images: torch.Tensor) -> torch.Tensor:

@@ -129,5 +129,5 @@ def load_best_model(results: Path, vessel: str):
     if entry is None:
         raise RegistryError(f"no adapter kept for {vessel} in {best_dir(results)}; run "
                             "`angiotune search` first")
-    base = load_base_model(entry.get("base_model_path"))
+    base = load_base_model(entry.get("base_model_path"), entry.get("prompt_mode", "box"))
     return load_adapter(base, Path(entry["path"]) / ADAPTER)

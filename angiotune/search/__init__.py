@@ -29,6 +29,7 @@ class SearchOutcome:
     zero_shot: dict[str, float]
     best: dict[str, dict] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    epochs_run: dict[str, int] = field(default_factory=dict)  # trial id -> last epoch
 
 
 def embedded_index(results: Path) -> Path:
@@ -45,11 +46,11 @@ def embedded_index(results: Path) -> Path:
     return index
 
 
-def zero_shot(index: Path, model_path: Path | None, image_size: int,
+def zero_shot(index: Path, model_path: Path | None, image_size: int, prompt_mode: str = "box",
               batch_size: int = 16) -> dict[str, float]:
     """The base model's validation metrics before any adaptation (plain PyTorch, no Ray)."""
     from angiotune.data.stream import SampleSettings, load_rows, prepare_sample
-    from angiotune.model.sam3 import load_base_model
+    from angiotune.model.sam3 import load_base_model, load_prompt_tokenizer
     from angiotune.train.step import evaluate
 
     rows, root = load_rows(index, "val")
@@ -57,7 +58,8 @@ def zero_shot(index: Path, model_path: Path | None, image_size: int,
     samples = [prepare_sample(row, root, settings) for row in rows.to_dict("records")]
     batches = [{name: np.stack([s[name] for s in samples[i:i + batch_size]]) for name in
                 samples[0]} for i in range(0, len(samples), batch_size)]
-    return evaluate(load_base_model(model_path), batches)
+    tokenizer = load_prompt_tokenizer(model_path) if prompt_mode == "text_box" else None
+    return evaluate(load_base_model(model_path, prompt_mode), batches, tokenizer)
 
 
 def validation_fingerprint(index: Path) -> str:
@@ -75,7 +77,8 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
     from angiotune.registry.store import VESSELS, promote
     from angiotune.search.run import SearchSettings, run_search
 
-    base = load_base_model(model)  # fails fast on a bad --model, before Ray starts
+    mode = space.fixed.get("prompt_mode", "box")
+    base = load_base_model(model, mode)  # fails fast on a bad --model, before Ray starts
     if image_size_of(base) != space.image_size and model is None:
         raise AngiotuneError(f"data.image_size {space.image_size} does not match the embedded "
                              f"model's {image_size_of(base)}")
@@ -83,10 +86,12 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
     settings = SearchSettings(index=index, name=name or space.name, results=Path(results),
                               model_path=model, address=address, resume=resume,
                               announce=announce)
-    baseline = zero_shot(index, model, space.image_size)
+    baseline = zero_shot(index, model, space.image_size, mode)
     grid = run_search(space, settings)
     outcome = SearchOutcome(settings.name, settings.run_dir, len(grid), grid.num_errors,
                             baseline)
+    outcome.epochs_run = {r.metrics.get("trial_id"): int(r.metrics.get("epoch", 0))
+                          for r in grid if r.metrics}
     fingerprint = validation_fingerprint(index)
     for vessel in VESSELS:
         metric = space.metric.split("/")[0] + f"/{vessel}"
@@ -101,7 +106,8 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
                   "config": config, "trial_id": trial_id, "epoch": int(row["epoch"]),
                   "search": settings.name, "index": str(index.resolve()),
                   "validation_split": fingerprint,
-                  "base_model": _base_id(model), "base_model_path": str(model) if model else None,
+                  "prompt_mode": mode, "base_model": _base_id(model, mode),
+                  "base_model_path": str(model) if model else None,
                   "data_note": DATA_NOTE_PHANTOMS if data is None else "user data"}
         _, message = promote(settings.results, vessel, Path(row["checkpoint_path"]) / "adapter",
                              record)
@@ -113,10 +119,10 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
     return outcome
 
 
-def _base_id(model: Path | None) -> str:
+def _base_id(model: Path | None, mode: str) -> str:
     from angiotune.model.sam3 import base_model_id
 
-    return base_model_id(model)
+    return base_model_id(model, mode)
 
 
 def _is_metric(key: str, value) -> bool:

@@ -34,6 +34,7 @@ import yaml
 
 from angiotune.errors import ConfigError
 from angiotune.model.adapters import STRATEGIES, TARGET_GROUPS
+from angiotune.model.sam3 import PROMPT_MODES
 
 TOP_KEYS = {"name", "metric", "mode", "samples", "max_concurrent", "epochs", "seed", "asha",
             "resources", "data", "fixed", "params"}
@@ -41,7 +42,9 @@ PARAM_TYPES = {"float", "int", "categorical"}
 # What a trial understands; anything else in params or fixed is a typo.
 TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", "train_decoder",
               "lr", "weight_decay", "dice_weight", "pixel_weight", "iou_weight", "pixel_loss",
-              "pos_weight", "focal_gamma", "batch_size", "precision", "gradient_checkpointing"}
+              "pos_weight", "focal_gamma", "batch_size", "precision", "gradient_checkpointing",
+              "prompt_mode", "score_weight"}
+FIXED_ONLY = {"prompt_mode"}  # one zero-shot base per search
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
@@ -173,6 +176,9 @@ def _parse_params(block: Any, fixed: dict, source: str) -> tuple[Param, ...]:
             raise ConfigError(f"{key}: unknown parameter; known: {sorted(TRIAL_KEYS)}")
         if name in fixed:
             raise ConfigError(f"{key}: also given in 'fixed'")
+        if name in FIXED_ONLY:
+            raise ConfigError(f"{key}: {name} cannot be searched; set it under 'fixed' (run one "
+                              "search per prompt mode: each has its own zero-shot base)")
         if not isinstance(spec, dict):
             raise ConfigError(f"{key}: expected a mapping with 'type'")
         kind = spec.get("type")
@@ -229,6 +235,10 @@ def _check_trial_value(name: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: unknown parameter; known: {sorted(TRIAL_KEYS)}")
     if name == "strategy" and value not in STRATEGIES:
         raise ConfigError(f"{where}: {value!r} is not one of {STRATEGIES}")
+    if name == "prompt_mode" and value not in PROMPT_MODES:
+        raise ConfigError(f"{where}: {value!r} is not one of {PROMPT_MODES}")
+    if name == "precision" and value not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"{where}: {value!r} is not one of fp32, bf16, fp16")
     if name == "targets":
         groups = str(value).split("+")
         unknown = [g for g in groups if g not in TARGET_GROUPS]

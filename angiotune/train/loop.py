@@ -16,7 +16,12 @@ import torch
 
 from angiotune.model.adapters import AdapterSettings, adapt, load_adapter, save_adapter
 from angiotune.model.losses import LossWeights
-from angiotune.model.sam3 import base_model_id, enable_gradient_checkpointing, load_base_model
+from angiotune.model.sam3 import (
+    base_model_id,
+    enable_gradient_checkpointing,
+    load_base_model,
+    load_prompt_tokenizer,
+)
 from angiotune.train.step import PRECISIONS, evaluate, train_step
 
 STATE_FILE = "training_state.pt"
@@ -37,6 +42,7 @@ def loss_weights(config: dict) -> LossWeights:
     return LossWeights(dice=float(config.get("dice_weight", 1.0)),
                        pixel=float(config.get("pixel_weight", 1.0)),
                        iou=float(config.get("iou_weight", 0.1)),
+                       score=float(config.get("score_weight", 1.0)),
                        pixel_loss=config.get("pixel_loss", "focal"),
                        pos_weight=float(config.get("pos_weight", 10.0)),
                        focal_gamma=float(config.get("focal_gamma", 2.0)))
@@ -54,16 +60,17 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(int(config.get("seed", 0)))
     settings = adapter_settings(config)
     weights = loss_weights(config)
-    base = load_base_model(config.get("model_path"))
+    mode = config.get("prompt_mode", "box")
+    tokenizer = load_prompt_tokenizer(config.get("model_path")) if mode == "text_box" else None
+    base = load_base_model(config.get("model_path"), mode)
     model = adapt(base, settings)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            model = load_adapter(load_base_model(config.get("model_path")),
-                                 Path(folder) / ADAPTER_DIR)
-            model = _make_trainable(model, settings)
+            model = load_adapter(load_base_model(config.get("model_path"), mode),
+                                 Path(folder) / ADAPTER_DIR, trainable=True)
             state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
             start_epoch = int(state["epoch"])
     device = ray.train.torch.get_device()
@@ -89,33 +96,20 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, int(config["epochs"])):
         losses = []
         for batch in train_shard.iter_batches(batch_size=batch_size):
-            parts = train_step(model, batch, optimizer, weights,
+            parts = train_step(model, batch, optimizer, weights, tokenizer=tokenizer,
                                autocast_dtype=PRECISIONS[precision], scaler=scaler)
             if not math.isfinite(parts["loss"]):
                 raise DivergedError(f"loss became {parts['loss']} in epoch {epoch + 1}")
             losses.append(parts["loss"])
-        metrics = evaluate(model, val_shard.iter_batches(batch_size=batch_size))
+        metrics = evaluate(model, val_shard.iter_batches(batch_size=batch_size), tokenizer)
         metrics.update(epoch=epoch + 1, train_loss=sum(losses) / max(len(losses), 1))
         with tempfile.TemporaryDirectory() as folder:
             result = None
             if rank == 0:
                 plain = model.module if hasattr(model, "module") else model
                 save_adapter(plain, settings, Path(folder) / ADAPTER_DIR,
-                             base_model_id(config.get("model_path")))
+                             base_model_id(config.get("model_path"), mode))
                 torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict()},
                            Path(folder) / STATE_FILE)
                 result = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=result)
-
-
-def _make_trainable(model: torch.nn.Module, settings: AdapterSettings) -> torch.nn.Module:
-    """A loaded adapter is for inference; turn its own weights back on for training."""
-    for name, parameter in model.named_parameters():
-        if settings.strategy == "lora":
-            parameter.requires_grad = "lora_" in name or (settings.train_decoder
-                                                          and "modules_to_save" in name)
-        elif settings.strategy == "decoder_only":
-            parameter.requires_grad = name.startswith(("mask_decoder", "prompt_encoder"))
-        else:
-            parameter.requires_grad = True
-    return model

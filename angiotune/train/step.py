@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from angiotune.model.concept import best_query, concept_forward, concept_loss
 from angiotune.model.losses import LossWeights, hard_iou, segmentation_loss
 from angiotune.model.sam3 import to_pixel_values
 
@@ -29,15 +30,25 @@ def as_tensors(batch: dict, device: torch.device | str = "cpu") -> dict:
     return out
 
 
-def predict_logits(model: torch.nn.Module, images: torch.Tensor,
-                   boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask logits at the input resolution (B, S, S) and the IoU head's estimate (B,)."""
-    out = model(pixel_values=to_pixel_values(images.float()), input_boxes=boxes.float()[:, None],
-                multimask_output=False)
-    low_res = out.pred_masks[:, 0, 0]  # (B, s, s)
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, boxes: torch.Tensor,
+                   prompts: list[str] | None = None,
+                   tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask logits at the input resolution (B, S, S) and the model's confidence (B,).
+
+    With a ``tokenizer`` the model is the concept model, prompted by ``prompts`` and the box as
+    an exemplar (``text_box``); the best-scoring instance is the prediction. Otherwise it is the
+    tracker, prompted by the box (``box``), and the confidence is its IoU head.
+    """
+    if tokenizer is not None:
+        out, _ = concept_forward(model, tokenizer, images, boxes, list(prompts))
+        low_res, confidence = best_query(out)
+    else:
+        out = model(pixel_values=to_pixel_values(images.float()),
+                    input_boxes=boxes.float()[:, None], multimask_output=False)
+        low_res, confidence = out.pred_masks[:, 0, 0], out.iou_scores[:, 0, 0]
     logits = F.interpolate(low_res[:, None], size=images.shape[-2:], mode="bilinear",
                            align_corners=False)[:, 0]
-    return logits, out.iou_scores[:, 0, 0]
+    return logits, confidence
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -51,7 +62,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
                weights: LossWeights, *, autocast_dtype: torch.dtype | None = None,
-               scaler: torch.amp.GradScaler | None = None,
+               scaler: torch.amp.GradScaler | None = None, tokenizer=None,
                max_grad_norm: float = 1.0) -> dict[str, float]:
     """Forward, loss, backward and one optimiser step; returns the loss parts.
 
@@ -61,10 +72,18 @@ def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optim
     model.train()
     device = next(model.parameters()).device
     batch = as_tensors(batch, device)
-    with _autocast(device, autocast_dtype):
-        logits, iou_pred = predict_logits(model, batch["image"], batch["box"])
-    loss, parts = segmentation_loss(logits.float(), iou_pred.float(), batch["mask"].float(),
-                                    weights)
+    if tokenizer is not None:  # text_box: the lesion prompt and a hard negative, one encoding
+        with _autocast(device, autocast_dtype):
+            positive, vision = concept_forward(model, tokenizer, batch["image"], batch["box"],
+                                               list(batch["prompt"]))
+            negative, _ = concept_forward(model, tokenizer, batch["image"], batch["box"],
+                                          list(batch["negative_prompt"]), vision)
+        loss, parts = concept_loss(positive, negative, batch["mask"], weights)
+    else:
+        with _autocast(device, autocast_dtype):
+            logits, iou_pred = predict_logits(model, batch["image"], batch["box"])
+        loss, parts = segmentation_loss(logits.float(), iou_pred.float(), batch["mask"].float(),
+                                        weights)
     optimizer.zero_grad(set_to_none=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if scaler is None:
@@ -90,14 +109,16 @@ def dice_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, batches: Iterable[dict],
+             tokenizer=None) -> dict[str, float]:
     """Mean Dice and IoU over samples, overall and per vessel (``dice/LAD``), plus counts."""
     model.eval()
     device = next(model.parameters()).device
     scores: dict[str, list[float]] = defaultdict(list)
     for batch in batches:
         batch = as_tensors(batch, device)
-        logits, _ = predict_logits(model, batch["image"], batch["box"])
+        logits, _ = predict_logits(model, batch["image"], batch["box"], batch.get("prompt"),
+                                   tokenizer)
         dice = dice_scores(logits, batch["mask"]).tolist()
         iou = hard_iou(logits, batch["mask"].float()).tolist()
         for vessel, d, i in zip(batch["vessel"], dice, iou, strict=True):
