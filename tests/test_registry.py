@@ -1,0 +1,65 @@
+"""The best-adapter registry: replace only when better on the same split; damage is detected."""
+
+import json
+import threading
+
+import pytest
+
+from angiotune.registry.store import RegistryError, list_entries, promote, read_entry
+
+
+def _adapter(tmp_path, name: str, content: bytes) -> object:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(content)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    return folder
+
+
+def _record(score: float, split: str = "split-a") -> dict:
+    return {"metric": "dice/LAD", "mode": "max", "score": score, "validation_split": split,
+            "metrics": {"dice/LAD": score}, "zero_shot": {"dice/LAD": 0.2}, "config": {}}
+
+
+def test_only_a_better_adapter_on_the_same_split_replaces(tmp_path):
+    results = tmp_path / "results"
+    kept, _ = promote(results, "LAD", _adapter(tmp_path, "a", b"first"), _record(0.5))
+    assert kept
+    kept, why = promote(results, "LAD", _adapter(tmp_path, "b", b"worse"), _record(0.4))
+    assert not kept and "kept the existing" in why
+    kept, why = promote(results, "LAD", _adapter(tmp_path, "c", b"other"),
+                        _record(0.9, split="split-b"))
+    assert not kept and "another validation split" in why
+    kept, _ = promote(results, "LAD", _adapter(tmp_path, "d", b"better"), _record(0.7))
+    assert kept
+    entry = read_entry(results, "LAD")
+    assert entry["score"] == 0.7
+    assert (results / "best" / "LAD" / "adapter" / "adapter_model.safetensors").read_bytes() \
+        == b"better"
+    assert list_entries(results)["RCA"] is None
+    assert not [p for p in (results / "best").iterdir() if ".staging-" in p.name
+                or ".retired-" in p.name]
+
+
+def test_a_damaged_entry_is_refused(tmp_path):
+    results = tmp_path / "results"
+    promote(results, "RCA", _adapter(tmp_path, "a", b"weights"), _record(0.5))
+    (results / "best" / "RCA" / "adapter" / "adapter_model.safetensors").write_bytes(b"torn")
+    with pytest.raises(RegistryError, match="checksums"):
+        read_entry(results, "RCA")
+
+
+def test_concurrent_promotions_keep_the_best(tmp_path):
+    results = tmp_path / "results"
+    adapters = [_adapter(tmp_path, f"a{i}", f"w{i}".encode()) for i in range(8)]
+    threads = [threading.Thread(target=promote, args=(results, "LCX", adapters[i],
+                                                      _record(0.1 * i)))
+               for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    entry = read_entry(results, "LCX")
+    assert entry["score"] == pytest.approx(0.7)
+    assert (results / "best" / "LCX" / "adapter" / "adapter_model.safetensors").read_bytes() \
+        == b"w7"
