@@ -100,7 +100,7 @@ def shape_batch(rng: np.random.Generator, size: int, count: int, jitter: bool) -
 
 
 def pretrain(out: Path, steps: int, batch_size: int, seed: int, lr: float,
-             prompt_mode: str = "box") -> dict:
+             prompt_mode: str = "box", score_weight: float = 1.0) -> dict:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     from transformers import Sam3Model, Sam3TrackerModel
@@ -114,7 +114,7 @@ def pretrain(out: Path, steps: int, batch_size: int, seed: int, lr: float,
         model = Sam3Model(tiny_concept_config(len(tokenizer), size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    weights = LossWeights(pixel_loss="bce", pos_weight=2.0)
+    weights = LossWeights(pixel_loss="bce", pos_weight=2.0, score=score_weight)
     validation = [shape_batch(np.random.default_rng(10_000 + k), size, 16, False)
                   for k in range(4)]
     start = time.time()
@@ -133,7 +133,7 @@ def pretrain(out: Path, steps: int, batch_size: int, seed: int, lr: float,
     kind = "tracker (box prompts)" if prompt_mode == "box" else "concept model (text + box)"
     record = {"what": f"tiny SAM 3 {kind} pre-trained by angiotune on generic synthetic shapes "
                       "(no angiograms); a stand-in for the real SAM 3 weights",
-              "prompt_mode": prompt_mode,
+              "prompt_mode": prompt_mode, "score_weight": score_weight,
               "steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr,
               "image_size": size, "parameters": sum(p.numel() for p in model.parameters()),
               "shapes_validation_dice": round(metrics["dice"], 4),
@@ -150,10 +150,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--score-weight", type=float, default=1.0,
+                        help="text_box: weight of the query-score and presence losses.")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     out = args.out or embedded_dir(args.prompt_mode)
-    print(pretrain(out, args.steps, args.batch_size, args.seed, args.lr, args.prompt_mode))
+    print(pretrain(out, args.steps, args.batch_size, args.seed, args.lr, args.prompt_mode,
+                   args.score_weight))
 
 
 if __name__ == "__main__":
