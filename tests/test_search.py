@@ -109,3 +109,23 @@ def test_text_box_search_keeps_concept_adapters(ray_cluster, phantom_dir, tmp_pa
     assert kept and all(e["prompt_mode"] == "text_box" for e in kept.values())
     model = load_best_model(results, next(iter(kept)))
     assert isinstance(model.get_base_model(), Sam3Model)
+
+
+def test_a_started_ray_has_its_dashboard_on_loopback():
+    """Guard: ASHA-stopped trials free their workers only through the dashboard (Ray 2.60)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    tmp_path = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must be short
+
+    script = ("from angiotune.search.run import start_ray; import ray; "
+              "print('URL', start_ray().dashboard_url); ray.shutdown()")
+    env = {**os.environ, "RAY_TMPDIR": tmp_path, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    url = [line for line in done.stdout.splitlines() if line.startswith("URL")][0].split()[1]
+    assert url.startswith("127.0.0.1:")

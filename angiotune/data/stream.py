@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from angiotune.data.ingest import index_metadata, read_index
+from angiotune.data.prompts import lesion_prompt, neighbour_prompt
 from angiotune.data.readers import read_frame, read_mask
 from angiotune.data.transforms import (
     box_to_square,
@@ -31,7 +32,6 @@ from angiotune.data.transforms import (
     resize_mask,
     warp,
 )
-from angiotune.data.prompts import lesion_prompt, neighbour_prompt
 from angiotune.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -102,11 +102,7 @@ def run_search(space: SearchSpace, settings: SearchSettings):
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_writable(run_dir)
     if not ray.is_initialized():
-        if settings.address:
-            context = ray.init(address=settings.address, log_to_driver=False)
-        else:  # the dashboard stays on: Ray frees an early-stopped trial's workers through it
-            context = ray.init(dashboard_host="127.0.0.1", include_dashboard=True,
-                               log_to_driver=False)
+        context = start_ray(settings.address)
         if settings.announce and context.dashboard_url:
             settings.announce(f"Ray dashboard: http://{context.dashboard_url} (over SSH: "
                               "ssh -L 8265:127.0.0.1:8265 HOST, then open it locally)")
@@ -144,6 +140,19 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       verbose=1))
     return tuner.fit()
+
+
+def start_ray(address: str | None = None):
+    """Join a cluster, or start a local Ray whose dashboard is on and bound to 127.0.0.1.
+
+    The dashboard must stay on: when ASHA stops a trial, Ray frees that trial's worker group
+    through the dashboard's State API, and without it the next trial waits forever (Ray 2.60).
+    """
+    import ray
+
+    if address:
+        return ray.init(address=address, log_to_driver=False)
+    return ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
 
 
 def _check_writable(folder: Path) -> None:
