@@ -58,8 +58,11 @@ def zero_shot(index: Path, model_path: Path | None, image_size: int, prompt_mode
     samples = [prepare_sample(row, root, settings) for row in rows.to_dict("records")]
     batches = [{name: np.stack([s[name] for s in samples[i:i + batch_size]]) for name in
                 samples[0]} for i in range(0, len(samples), batch_size)]
+    import torch
+
     tokenizer = load_prompt_tokenizer(model_path) if prompt_mode == "text_box" else None
-    return evaluate(load_base_model(model_path, prompt_mode), batches, tokenizer)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the full model is slow on CPU
+    return evaluate(load_base_model(model_path, prompt_mode).to(device), batches, tokenizer)
 
 
 def validation_fingerprint(index: Path) -> str:
