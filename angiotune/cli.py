@@ -180,29 +180,75 @@ def best(vessel: str | None, show_all: bool, as_json: bool, results: Path) -> No
 
 
 def _print_best_table(results: Path, entries: dict | None = None) -> None:
-    from angiotune.registry.store import list_entries
+    from angiotune.registry.store import STAGE_NAMES, list_entries
 
     entries = entries if entries is not None else list_entries(results)
     table = Table(title=f"Best adapters in {results}/best (validation split)")
-    for column in ("vessel", "Dice", "zero-shot", "IoU", "prompt", "strategy", "rank", "targets",
-                   "lr", "trial"):
+    for column in ("vessel", "stage", "strategy", "Dice", "zero-shot", "IoU", "heads", "prompt",
+                   "rank", "targets", "lr", "trial"):
         table.add_column(column, no_wrap=True)
     nan = float("nan")
     for vessel, entry in entries.items():
         if entry is None:
-            table.add_row(vessel, *["-"] * 9)
+            table.add_row(vessel, *["-"] * 11)
             continue
         config, metrics = entry["config"], entry["metrics"]
-        table.add_row(vessel, f"{entry['score']:.3f}",
+        table.add_row(vessel, str(entry.get("stage", 1)),
+                      str(entry.get("strategy", config.get("strategy"))), f"{entry['score']:.3f}",
                       f"{entry['zero_shot'].get(f'dice/{vessel}', nan):.3f}",
                       f"{metrics.get(f'iou/{vessel}', nan):.3f}",
-                      str(entry.get("prompt_mode", "box")), str(config.get("strategy")),
-                      str(config.get("rank", "-")), str(config.get("targets", "-")),
-                      f"{config.get('lr', nan):.2g}", str(entry.get("trial_id")))
+                      "yes" if entry.get("heads") else "no",
+                      str(entry.get("prompt_mode", "box")), str(config.get("rank", "-")),
+                      str(config.get("targets", "-")), f"{config.get('lr', nan):.2g}",
+                      str(entry.get("trial_id")))
     out.print(table)
     for vessel, entry in entries.items():
-        if entry is not None:
-            out.print(f"{vessel}: {entry['path']}", soft_wrap=True)
+        if entry is None:
+            continue
+        stage = STAGE_NAMES.get(entry.get("stage", 1), "stage ?")
+        zero = entry["zero_shot"].get(entry["metric"], nan)
+        line = (f"{vessel}: {stage} ({entry.get('strategy', '-')}) won with {entry['metric']} "
+                f"{entry['score']:.3f}, {entry['score'] - zero:+.3f} over the zero-shot base")
+        replaced = entry.get("replaced")
+        if replaced:
+            line += (f", {entry['score'] - replaced['score']:+.3f} over the "
+                     f"{STAGE_NAMES.get(replaced.get('stage') or 1)} adapter it replaced")
+        out.print(line + f"; {entry['path']}", soft_wrap=True)
+
+
+@cli.command()
+@click.option("--vessel", type=click.Choice(["RCA", "LAD", "LCX"], case_sensitive=False),
+              help="One vessel (default: every kept adapter).")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results"), show_default=True)
+def evaluate(vessel: str | None, results: Path) -> None:
+    """Score the kept adapters on the held-out test split, beside zero-shot and trivial
+    baselines, per vessel and per CASS segment."""
+    from angiotune.registry.evaluate import COLUMNS, evaluate_kept, format_cell, model_label
+    from angiotune.registry.store import list_entries
+
+    vessel = vessel.upper() if vessel else None
+    with _progress() as progress:
+        progress.add_task("scoring the test split", total=None)
+        frame = evaluate_kept(results, vessel)
+    table = Table(title="Test split (never used for selection)")
+    for column in ("vessel", "segment", "model", *COLUMNS):
+        table.add_column(column, no_wrap=True, justify="left" if column in
+                         ("vessel", "segment", "model") else "right")
+    previous = None
+    for row in frame.to_dict("records"):
+        if previous is not None and (row["vessel"], row["segment"]) != previous:
+            table.add_section()
+        previous = (row["vessel"], row["segment"])
+        table.add_row(row["vessel"], row["segment"], model_label(row),
+                      *(format_cell(row[c], c) for c in COLUMNS))
+    out.print(table)
+    name = f"test_metrics{'_' + vessel if vessel else ''}"
+    out.print(f"Written to {results / 'evaluation' / name}.csv (and .md, .json)")
+    notes = {e.get("data_note") for e in list_entries(results).values() if e}
+    if any(note and "phantoms" in note for note in notes):
+        out.print("These are scores on synthetic phantoms with the embedded tiny model: they "
+                  "test the software, not clinical accuracy.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,3 +63,16 @@ def test_concurrent_promotions_keep_the_best(tmp_path):
     assert entry["score"] == pytest.approx(0.7)
     assert (results / "best" / "LCX" / "adapter" / "adapter_model.safetensors").read_bytes() \
         == b"w7"
+
+
+def test_a_replacement_records_what_it_beat(tmp_path):
+    results = tmp_path / "results"
+    promote(results, "LAD", _adapter(tmp_path, "a", b"general"),
+            {**_record(0.5), "stage": 1, "strategy": "lora", "search": "lora_rank"})
+    assert read_entry(results, "LAD")["replaced"] is None
+    promote(results, "LAD", _adapter(tmp_path, "b", b"specialist"),
+            {**_record(0.6), "stage": 3, "strategy": "lora", "search": "stage3_vessel"})
+    entry = read_entry(results, "LAD")
+    assert entry["stage"] == 3
+    assert entry["replaced"]["stage"] == 1 and entry["replaced"]["score"] == 0.5
+    assert "stage 3 vessel LoRA" in (results / "best" / "LAD" / "README.md").read_text()

@@ -60,6 +60,23 @@ def _broken(change):
     (lambda r: r["fixed"].update(strategy="adapters"), "fixed.strategy"),
     (lambda r: r["asha"].update(grace_period=5), "grace_period"),
     (lambda r: r["asha"].update(halving=3), "asha"),
+    (lambda r: r.update(stage=4), "stage"),
+    (lambda r: r.update(metric="stenosis_mae"), "stenosis_mae"),  # needs heads
+    (lambda r: r.update(metric="dice/LEFT"), "metric"),
+    (lambda r: r.update(metric=["dice", "stenosis_mae"], mode=["max", "min"], stage=2),
+     "asha"),  # ASHA cannot prune a multi-objective search
+    (lambda r: r.update(metric=["dice", "iou"], mode="max"), "metric"),
+    (lambda r: r.update(metric="objective"), "objective"),
+    (lambda r: r.update(objective={"dice": 1, "speed": 2}), "objective.speed"),
+    (lambda r: r.update(vessels=["LAD"]), "vessels"),  # only stage 3
+    (lambda r: r.update(stage=3, vessels=["LAD", "LM"]), "vessels"),
+    (lambda r: r.update(stage=3), "vessels"),
+    (lambda r: r["fixed"].update(init="vessel"), "init"),  # only stage 3
+    (lambda r: r["fixed"].update(init="yesterday"), "fixed.init"),
+    (lambda r: r["fixed"].update(head_weighting="learned"), "fixed.head_weighting"),
+    (lambda r: r.update(stage=2, fixed={"heads": False}), "fixed.heads"),
+    (lambda r: r.update(stage=2, fixed={"prompt_mode": "text_box"}), "prompt_mode"),
+    (lambda r: r.update(select="stenosis_mae"), "select"),
 ])
 def test_mistakes_are_refused_naming_the_key(change, key):
     with pytest.raises(ConfigError) as error:
@@ -76,3 +93,19 @@ def test_prompt_mode_is_fixed_per_search():
     raw["fixed"]["prompt_mode"] = "speech"
     with pytest.raises(ConfigError, match="fixed.prompt_mode"):
         parse_space(raw, "space.yaml")
+
+
+def test_stage_two_implies_heads_and_multi_objective_runs_without_asha():
+    raw = copy.deepcopy(VALID)
+    raw.update(stage=2, metric=["dice", "stenosis_mae"], mode=["max", "min"], asha="off")
+    space = parse_space(raw, "space.yaml")
+    assert space.heads and space.multi_objective and not space.asha
+    assert space.metric == ("dice", "stenosis_mae")
+
+
+def test_stage_three_lists_vessels_and_init_choices():
+    raw = copy.deepcopy(VALID)
+    raw.update(stage=3, vessels=["RCA", "LAD"], asha=None)
+    raw["params"]["init"] = {"type": "categorical", "choices": ["vessel", "none"]}
+    space = parse_space(raw, "space.yaml")
+    assert space.vessels == ("RCA", "LAD") and space.init_choices() == {"vessel", "none"}

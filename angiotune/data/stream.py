@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 META_COLUMNS = ("sample_id", "split", "vessel", "segment", "diameter_stenosis_pct", "mld_mm",
                 "rvd_mm", "angle_lao_deg", "angle_cranial_deg")
+CONTEXT_DIM = 6  # see view_context
 DATA_TASK_CPUS = 0.5  # 0.25 oversubscribes 2 cores: 3.5x slower (benchmarks/README.md)
 ROWS_PER_BLOCK = 8  # enough rows per task to amortise its start, few enough to spread
 
@@ -99,8 +101,22 @@ def prepare_sample(row: dict, root: Path, settings: SampleSettings,
         "prompt": lesion_prompt(row["segment_name"]),
         "negative_prompt": neighbour_prompt(row["segment"], row["taxonomy"], rng),
         "pixel_spacing_mm": np.float32(row["pixel_spacing_mm"] / affine.scale),
+        "context": view_context(row),
         **{name: row[name] for name in META_COLUMNS},
     }
+
+
+def view_context(row: dict) -> np.ndarray:
+    """What the view tells about the lesion, known at inference without labels: positioner
+    angles (/90, zero and flagged when missing) and where the box sits in the frame (centre and
+    size as fractions of the frame). A crop around the lesion barely shows which branch it is."""
+    lao, cranial = row.get("angle_lao_deg"), row.get("angle_cranial_deg")
+    missing = lao is None or cranial is None or not (math.isfinite(lao) and math.isfinite(cranial))
+    width, height = float(row["frame_width"]), float(row["frame_height"])
+    x0, y0, x1, y1 = (float(row[f"bbox_{k}"]) for k in ("x0", "y0", "x1", "y1"))
+    return np.array([0.0 if missing else lao / 90, 0.0 if missing else cranial / 90,
+                     float(missing), (x0 + x1) / 2 / width, (y0 + y1) / 2 / height,
+                     math.sqrt((x1 - x0) * (y1 - y0) / (width * height))], dtype=np.float32)
 
 
 def _stable_int(text: str) -> int:

@@ -72,3 +72,90 @@ def segmentation_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torc
     total = weights.dice * dice + weights.pixel * pixel + weights.iou * iou
     parts = {"loss": total, "dice_loss": dice, "pixel_loss": pixel, "iou_loss": iou}
     return total, {name: float(value.detach()) for name, value in parts.items()}
+
+
+# Regression errors are measured in these units before the Huber loss, so that one delta suits
+# both: 10 percentage points of stenosis, half a millimetre of diameter.
+STENOSIS_UNIT_PCT = 10.0
+DIAMETER_UNIT_MM = 0.5
+HEAD_WEIGHTINGS = ("fixed", "uncertainty")
+CLASS_LOSSES = ("ce", "focal")
+
+
+@dataclass(frozen=True)
+class HeadLossWeights:
+    """How the stage-2 head losses join the segmentation loss.
+
+    ``weighting="uncertainty"`` learns one log-variance per task (Kendall et al., 2018) and
+    ignores the fixed weights; ``class_weights`` (one per class) counter the long tail of rare
+    segments, as does ``class_loss="focal"``.
+    """
+
+    segment: float = 1.0
+    stenosis: float = 1.0
+    mld: float = 1.0
+    rvd: float = 0.5
+    weighting: str = "fixed"
+    class_loss: str = "ce"
+    class_weights: tuple[float, ...] | None = None
+    focal_gamma: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.weighting not in HEAD_WEIGHTINGS:
+            raise ValueError(f"head weighting must be one of {HEAD_WEIGHTINGS}, "
+                             f"got {self.weighting!r}")
+        if self.class_loss not in CLASS_LOSSES:
+            raise ValueError(f"class_loss must be one of {CLASS_LOSSES}, got {self.class_loss!r}")
+
+    def fixed(self) -> tuple[float, ...]:
+        return (self.segment, self.stenosis, self.mld, self.rvd)
+
+
+def classification_loss(logits: torch.Tensor, target: torch.Tensor,
+                        weights: HeadLossWeights) -> torch.Tensor:
+    """Cross-entropy or focal cross-entropy over samples with a known class (target >= 0)."""
+    known = target >= 0
+    if not known.any():
+        return logits.sum() * 0
+    logits, target = logits[known].float(), target[known]
+    class_weights = (None if weights.class_weights is None else
+                     torch.tensor(weights.class_weights, device=logits.device,
+                                  dtype=logits.dtype))
+    ce = F.cross_entropy(logits, target, weight=class_weights, reduction="none")
+    if weights.class_loss == "focal":
+        p_true = torch.softmax(logits, 1).gather(1, target[:, None])[:, 0]
+        ce = (1 - p_true) ** weights.focal_gamma * ce
+    if class_weights is None:
+        return ce.mean()
+    return ce.sum() / class_weights[target].sum()
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, unit: float) -> torch.Tensor:
+    """Huber loss in ``unit``s over samples whose target is known (not NaN)."""
+    known = torch.isfinite(target)
+    if not known.any():
+        return pred.sum() * 0
+    return F.smooth_l1_loss(pred[known].float() / unit, target[known].float() / unit, beta=1.0)
+
+
+def head_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                weights: HeadLossWeights) -> dict[str, torch.Tensor]:
+    """One loss per task; ``targets`` holds class ids (-1 unknown) and NaN for unknown values."""
+    return {
+        "segment": classification_loss(outputs["segment_logits"], targets["segment"], weights),
+        "stenosis": regression_loss(outputs["stenosis_pct"], targets["stenosis_pct"],
+                                    STENOSIS_UNIT_PCT),
+        "mld": regression_loss(outputs["mld_mm"], targets["mld_mm"], DIAMETER_UNIT_MM),
+        "rvd": regression_loss(outputs["rvd_mm"], targets["rvd_mm"], DIAMETER_UNIT_MM),
+    }
+
+
+def combine_head_losses(losses: dict[str, torch.Tensor], weights: HeadLossWeights,
+                        log_vars: torch.Tensor | None = None) -> torch.Tensor:
+    """Fixed weighted sum, or sum of exp(-s) * L + s with learned log-variances s."""
+    values = list(losses.values())
+    if weights.weighting == "uncertainty":
+        if log_vars is None:
+            raise ValueError("uncertainty weighting needs the heads' log-variances")
+        return sum(torch.exp(-s) * loss + s for s, loss in zip(log_vars, values, strict=True))
+    return sum(w * loss for w, loss in zip(weights.fixed(), values, strict=True))

@@ -79,7 +79,10 @@ def promote(results: Path, vessel: str, adapter: Path, record: dict) -> tuple[bo
                                f"{current['score']:.4f} vs {score:.4f})")
         staging = folder / f".{vessel}.staging-{uuid.uuid4().hex[:8]}"
         shutil.copytree(adapter, staging / ADAPTER)
+        replaced = None if current is None else {
+            key: current.get(key) for key in ("stage", "strategy", "score", "search", "trial_id")}
         manifest = {**record, "vessel": vessel, "angiotune_version": __version__,
+                    "replaced": replaced,
                     "created": datetime.datetime.now(datetime.timezone.utc)
                     .isoformat(timespec="seconds"),
                     "checksums": _checksums(staging / ADAPTER)}
@@ -95,18 +98,24 @@ def promote(results: Path, vessel: str, adapter: Path, record: dict) -> tuple[bo
         return True, f"new best {vessel} adapter: {record['metric']} {score:.4f}{was}"
 
 
+STAGE_NAMES = {1: "stage 1 lesion LoRA", 2: "stage 2 multi-task", 3: "stage 3 vessel LoRA"}
+
+
 def model_card(manifest: dict) -> str:
     config = manifest.get("config", {})
     zero = manifest.get("zero_shot", {})
+    heads = ("; heads for CASS segment, % diameter stenosis, MLD and reference diameter (mm)"
+             if manifest.get("heads") else "")
     return f"""# angiotune adapter: {manifest['vessel']} lesion segmentation
 
-- Task: segment the analysed coronary segment inside a box prompt (SAM 3 tracker).
+- Task: segment the analysed coronary segment inside a box prompt (SAM 3 tracker){heads}.
+- Stage: {STAGE_NAMES.get(manifest.get('stage', 1))}
 - Data: {manifest.get('data_note', 'see the index named below')}
 - Index: {manifest.get('index')}
 - Base model: {manifest.get('base_model')}
   (from {manifest.get('base_model_path') or 'the embedded model'})
-- Strategy: {config.get('strategy')}, rank {config.get('rank')}, targets {config.get('targets')},
-  lr {config.get('lr')}
+- Strategy: {manifest.get('strategy', config.get('strategy'))}, rank {config.get('rank')},
+  targets {config.get('targets')}, lr {config.get('lr')}, init {config.get('init', 'none')}
 - Validation {manifest['metric']}: {manifest['score']:.4f}
   (zero-shot base: {zero.get(manifest['metric'], float('nan')):.4f})
 - Search: {manifest.get('search')}, trial {manifest.get('trial_id')}, epoch {manifest.get('epoch')}
@@ -121,13 +130,20 @@ def list_entries(results: Path) -> dict[str, dict | None]:
 
 
 def load_best_model(results: Path, vessel: str):
-    """The ready model for a vessel: its base with the kept adapter applied."""
+    """The ready model for a vessel: its base with the kept adapter applied, wrapped with its
+    heads in a ``LesionModel`` in box mode (the concept model as it is in text_box mode)."""
     from angiotune.model.adapters import load_adapter
+    from angiotune.model.heads import has_heads, load_heads
+    from angiotune.model.lesion import LesionModel
     from angiotune.model.sam3 import load_base_model
 
     entry = read_entry(results, vessel)
     if entry is None:
         raise RegistryError(f"no adapter kept for {vessel} in {best_dir(results)}; run "
                             "`angiotune search` first")
-    base = load_base_model(entry.get("base_model_path"), entry.get("prompt_mode", "box"))
-    return load_adapter(base, Path(entry["path"]) / ADAPTER)
+    mode = entry.get("prompt_mode", "box")
+    folder = Path(entry["path"]) / ADAPTER
+    model = load_adapter(load_base_model(entry.get("base_model_path"), mode), folder)
+    if mode != "box":
+        return model
+    return LesionModel(model, load_heads(folder) if has_heads(folder) else None).eval()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from angiotune.errors import AngiotuneError
@@ -29,13 +30,16 @@ class SearchSettings:
     address: str | None = None
     resume: bool = False
     announce: Callable[[str], None] | None = None  # where to say the dashboard's address
+    # What every trial needs from the data and registry (head classes, init adapter folders).
+    trial_constants: dict = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
         return (self.results / "searches" / self.name).resolve()
 
 
-def _optuna_search(space: SearchSpace, run_dir: Path):
+def _optuna_search(space: SearchSpace, run_dir: Path, study_name: str | None = None,
+                   seed_offset: int = 0):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -75,7 +79,8 @@ def _optuna_search(space: SearchSpace, run_dir: Path):
                 return
             ot_trial = self._ot_trials.get(trial_id)
             epochs = (result or {}).get("epoch", space.epochs)
-            if ot_trial is None or error or result is None or epochs >= space.epochs:
+            if (ot_trial is None or error or result is None or epochs >= space.epochs
+                    or space.multi_objective):
                 return super().on_trial_complete(trial_id, result, error)
             value = result.get(self._metric)
             if value is not None:
@@ -84,10 +89,62 @@ def _optuna_search(space: SearchSpace, run_dir: Path):
             self._ot_trials.pop(trial_id)
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'optuna.db'}")
+    metric, mode = ((list(space.metric), list(space.mode)) if space.multi_objective
+                    else (space.metric, space.mode))
     return PrunedAwareOptunaSearch(
-        space=space.define_by_run, metric=space.metric, mode=space.mode,
-        sampler=optuna.samplers.TPESampler(seed=space.seed), storage=storage,
-        study_name=space.name)
+        space=space.define_by_run, metric=metric, mode=mode,
+        sampler=optuna.samplers.TPESampler(seed=space.seed + seed_offset), storage=storage,
+        study_name=study_name or space.name)
+
+
+def _per_vessel_search(space: SearchSpace, run_dir: Path):
+    """Stage 3: one Optuna study per vessel (``<name>-<VESSEL>``), multiplexed into one Tune
+    run so that every vessel's trials share the cluster."""
+    from ray.tune.search import Searcher
+
+    class PerVesselSearch(Searcher):
+        def __init__(self) -> None:
+            super().__init__(metric=space.metric, mode=space.mode)
+            # Own seeds, so that the vessels' first trials are not all the same point.
+            self.studies = {vessel: _optuna_search(space, run_dir, f"{space.name}-{vessel}", i)
+                            for i, vessel in enumerate(space.vessels)}
+            self.vessel_of: dict[str, str] = {}
+
+        def set_search_properties(self, metric, mode, config, **spec) -> bool:
+            return True  # each study has its own
+
+        def suggest(self, trial_id):
+            vessel = self.vessel_of.get(trial_id)
+            if vessel is None:
+                started = {v: sum(1 for t in self.vessel_of.values() if t == v)
+                           for v in space.vessels}
+                vessel = min(space.vessels, key=lambda v: started[v])
+                if started[vessel] >= space.samples:
+                    return Searcher.FINISHED
+                self.vessel_of[trial_id] = vessel
+            config = self.studies[vessel].suggest(trial_id)
+            return None if config is None else {**config, "vessel": vessel}
+
+        def on_trial_result(self, trial_id, result):
+            self.studies[self.vessel_of[trial_id]].on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            self.studies[self.vessel_of[trial_id]].on_trial_complete(trial_id, result, error)
+
+        def save(self, checkpoint_path: str) -> None:
+            state = {"vessel_of": self.vessel_of,
+                     "studies": {v: s.__dict__.copy() for v, s in self.studies.items()}}
+            with open(checkpoint_path, "wb") as handle:
+                pickle.dump(state, handle)
+
+        def restore(self, checkpoint_path: str) -> None:
+            with open(checkpoint_path, "rb") as handle:
+                state = pickle.load(handle)  # noqa: S301 - Tune's own checkpoint of this run
+            self.vessel_of = state["vessel_of"]
+            for vessel, values in state["studies"].items():
+                self.studies[vessel].__dict__.update(values)
+
+    return PerVesselSearch()
 
 
 def run_search(space: SearchSpace, settings: SearchSettings):
@@ -111,7 +168,9 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                  "image_size": space.image_size, "batch_size": space.batch_size,
                  "workers": space.workers, "cpus_per_worker": space.cpus_per_worker,
                  "gpus_per_worker": space.gpus_per_worker, "seed": space.seed,
-                 "storage": str(run_dir / "train"), "metric": space.metric, "mode": space.mode}
+                 "storage": str(run_dir / "train"), "metric": _first(space.metric),
+                 "mode": _first(space.mode), "objective": space.objective,
+                 **settings.trial_constants}
     (run_dir / "space.json").write_text(json.dumps(asdict(space), indent=1, default=str))
     trainable = tune.with_resources(tune.with_parameters(run_trial, constants=constants),
                                     {"cpu": 0.25})
@@ -129,17 +188,26 @@ def run_search(space: SearchSpace, settings: SearchSettings):
         scheduler = ASHAScheduler(time_attr="epoch", max_t=space.epochs,
                                   grace_period=space.grace_period,
                                   reduction_factor=space.reduction_factor,
-                                  stop_last_trials=False)
+                                  stop_last_trials=False) if space.asha else None
+        searcher = (_per_vessel_search(space, run_dir) if space.stage == 3
+                    else _optuna_search(space, run_dir))
+        single = not space.multi_objective
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=_optuna_search(space, run_dir),
-                                        scheduler=scheduler, metric=space.metric,
-                                        mode=space.mode, num_samples=space.samples,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                        metric=space.metric if single else None,
+                                        mode=space.mode if single else None,
+                                        num_samples=space.samples * max(len(space.vessels), 1),
                                         max_concurrent_trials=space.max_concurrent),
             run_config=tune.RunConfig(name="tune", storage_path=str(run_dir),
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       verbose=1))
     return tuner.fit()
+
+
+def _first(value):
+    """The metric (or mode) checkpoints are ranked by: the first of a multi-objective list."""
+    return value[0] if isinstance(value, tuple) else value
 
 
 def start_ray(address: str | None = None):

@@ -21,6 +21,20 @@ A space file::
 
 ``when`` makes a parameter conditional on earlier parameters or fixed values. Every error names
 the file and the key, and is raised before Ray starts.
+
+Stages (``stage: 1 | 2 | 3``, default 1) share the format:
+
+- ``stage: 2`` trains the measurement heads with the adapter (``heads: true`` is implied) and may
+  optimise an ``objective``: a weighted sum of metrics, e.g. ``{dice: 1, stenosis_mae: -0.01}``
+  (``metric: objective``), or several metrics at once (``metric: [dice, stenosis_mae]``, ``mode:
+  [max, min]``: an Optuna multi-objective search whose Pareto front is reported; no ASHA).
+- ``stage: 3`` runs one study per vessel in ``vessels`` on that vessel's lesions, ``samples``
+  trials each, all in one Tune run sharing the cluster.
+- ``init`` (fixed or searched) starts trials from a kept adapter: ``best`` (the general adapter
+  with the best overall validation score), ``RCA``/``LAD``/``LCX`` (that vessel's entry),
+  ``vessel`` (stage 3: the entry of the trial's own vessel), or ``none``.
+- ``select`` (default ``dice``) is the metric the registry compares per vessel (``dice/LAD``),
+  the same across stages so that their adapters can replace one another.
 """
 
 from __future__ import annotations
@@ -34,16 +48,23 @@ import yaml
 
 from angiotune.errors import ConfigError
 from angiotune.model.adapters import STRATEGIES, TARGET_GROUPS
+from angiotune.model.losses import CLASS_LOSSES, HEAD_WEIGHTINGS
 from angiotune.model.sam3 import PROMPT_MODES
+from angiotune.train.metrics import HEAD_METRICS, METRIC_MODES
 
-TOP_KEYS = {"name", "metric", "mode", "samples", "max_concurrent", "epochs", "seed", "asha",
-            "resources", "data", "fixed", "params"}
+TOP_KEYS = {"name", "stage", "metric", "mode", "samples", "max_concurrent", "epochs", "seed",
+            "asha", "resources", "data", "fixed", "params", "objective", "select", "vessels"}
+STAGES = (1, 2, 3)
+REGISTRY_VESSELS = ("RCA", "LAD", "LCX")
+INIT_CHOICES = ("none", "best", "vessel", *REGISTRY_VESSELS)
 PARAM_TYPES = {"float", "int", "categorical"}
 # What a trial understands; anything else in params or fixed is a typo.
 TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", "train_decoder",
               "lr", "weight_decay", "dice_weight", "pixel_weight", "iou_weight", "pixel_loss",
               "pos_weight", "focal_gamma", "batch_size", "precision", "gradient_checkpointing",
-              "prompt_mode", "score_weight"}
+              "prompt_mode", "score_weight", "heads", "init", "segment_weight",
+              "stenosis_weight", "mld_weight", "rvd_weight", "head_weighting", "class_loss",
+              "class_weights", "head_hidden"}
 FIXED_ONLY = {"prompt_mode"}  # one zero-shot base per search
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
@@ -62,8 +83,8 @@ class Param:
 @dataclass(frozen=True)
 class SearchSpace:
     name: str
-    metric: str
-    mode: str
+    metric: str | tuple[str, ...]
+    mode: str | tuple[str, ...]
     samples: int
     max_concurrent: int
     epochs: int
@@ -77,6 +98,26 @@ class SearchSpace:
     batch_size: int
     fixed: dict[str, Any]
     params: tuple[Param, ...]
+    stage: int = 1
+    objective: dict[str, float] = field(default_factory=dict)
+    select: str = "dice"
+    vessels: tuple[str, ...] = ()
+    asha: bool = True
+
+    @property
+    def multi_objective(self) -> bool:
+        return isinstance(self.metric, tuple)
+
+    @property
+    def heads(self) -> bool:
+        return bool(self.fixed.get("heads"))
+
+    def init_choices(self) -> set[str]:
+        """Every ``init`` value a trial of this space can get."""
+        for param in self.params:
+            if param.name == "init":
+                return set(param.choices)
+        return {self.fixed.get("init", "none")}
 
     def define_by_run(self, trial) -> dict[str, Any]:
         """Suggest this space's parameters on an Optuna trial; returns the fixed values."""
@@ -140,9 +181,16 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         return {name: _typed(block.get(name, default), kind, f"{source}: {key}.{name}", low)
                 for name, (kind, default, low) in allowed.items()}
 
-    mode = get("mode", str, "max")
-    if mode not in ("max", "min"):
-        raise ConfigError(f"{source}: mode: {mode!r} must be 'max' or 'min'")
+    stage = get("stage", int, 1)
+    if stage not in STAGES:
+        raise ConfigError(f"{source}: stage: {stage} must be one of {STAGES}")
+    metric, mode = _parse_metric(raw, source)
+    use_asha = raw.get("asha", {}) not in (None, False, "off")
+    if not use_asha:
+        raw = {**raw, "asha": None}
+    elif isinstance(metric, tuple):
+        raise ConfigError(f"{source}: asha: ASHA cannot stop trials of a multi-objective search "
+                          "(metric is a list); set 'asha: off'")
     asha = section("asha", {"grace_period": (int, 1, 1), "reduction_factor": (int, 2, 2)})
     resources = section("resources", {"workers": (int, 1, 1), "cpus_per_worker": (float, 1.0, 0),
                                       "gpus_per_worker": (float, 0.0, 0)})
@@ -150,19 +198,108 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"{source}: 'fixed' must be a mapping")
+    if stage == 2:
+        if fixed.get("heads") is False:
+            raise ConfigError(f"{source}: fixed.heads: stage 2 trains the heads; remove "
+                              "'heads: false'")
+        fixed = {**fixed, "heads": True}
     for key, value in fixed.items():
         _check_trial_value(key, value, f"{source}: fixed.{key}")
     params = _parse_params(raw.get("params"), fixed, source)
     epochs = get("epochs", int, 4, minimum=1)
-    if asha["grace_period"] > epochs:
+    if use_asha and asha["grace_period"] > epochs:
         raise ConfigError(f"{source}: asha.grace_period {asha['grace_period']} exceeds epochs "
                           f"{epochs}")
-    return SearchSpace(
-        name=get("name", str), metric=get("metric", str, "dice"), mode=mode,
+    objective = _parse_objective(raw.get("objective"), source)
+    select = get("select", str, "dice")
+    if select not in ("dice", "iou"):
+        raise ConfigError(f"{source}: select: {select!r} must be dice or iou (the registry "
+                          "compares every stage's adapters on segmentation)")
+    vessels = _parse_vessels(raw.get("vessels"), stage, source)
+    space = SearchSpace(
+        name=get("name", str), metric=metric, mode=mode,
         samples=get("samples", int, 8, minimum=1),
         max_concurrent=get("max_concurrent", int, 1, minimum=1), epochs=epochs,
         seed=get("seed", int, 0), **asha, **resources, **data, fixed=dict(fixed),
-        params=params)
+        params=params, stage=stage, objective=objective, select=select, vessels=vessels,
+        asha=use_asha)
+    _check_consistency(space, source)
+    return space
+
+
+def _parse_metric(raw: dict, source: str) -> tuple[str | tuple, str | tuple]:
+    metric, mode = raw.get("metric", "dice"), raw.get("mode", "max")
+    if isinstance(metric, list):
+        if len(metric) < 2 or not isinstance(mode, list) or len(mode) != len(metric):
+            raise ConfigError(f"{source}: metric: a multi-objective search lists two or more "
+                              "metrics and as many modes (mode: [max, min])")
+        for name in metric:
+            _check_metric_name(name, f"{source}: metric")
+        for value in mode:
+            if value not in ("max", "min"):
+                raise ConfigError(f"{source}: mode: {value!r} must be 'max' or 'min'")
+        return tuple(metric), tuple(mode)
+    if not isinstance(metric, str):
+        raise ConfigError(f"{source}: metric: expected a metric name or a list, got {metric!r}")
+    _check_metric_name(metric, f"{source}: metric")
+    if mode not in ("max", "min"):
+        raise ConfigError(f"{source}: mode: {mode!r} must be 'max' or 'min'")
+    return metric, mode
+
+
+def _check_metric_name(name: Any, where: str) -> None:
+    base, _, group = str(name).partition("/")
+    if base not in METRIC_MODES or (group and group not in REGISTRY_VESSELS + ("LM", "RAMUS")):
+        raise ConfigError(f"{where}: unknown metric {name!r}; known: {sorted(METRIC_MODES)}, "
+                          "optionally per vessel as name/VESSEL")
+
+
+def _parse_objective(block: Any, source: str) -> dict[str, float]:
+    if block is None:
+        return {}
+    if not isinstance(block, dict) or not block:
+        raise ConfigError(f"{source}: objective: expected a mapping of metric -> weight")
+    terms = {}
+    for name, weight in block.items():
+        if name not in METRIC_MODES or name == "objective":
+            raise ConfigError(f"{source}: objective.{name}: unknown metric; known: "
+                              f"{sorted(set(METRIC_MODES) - {'objective'})}")
+        terms[name] = _typed(weight, float, f"{source}: objective.{name}")
+    return terms
+
+
+def _parse_vessels(block: Any, stage: int, source: str) -> tuple[str, ...]:
+    if stage != 3:
+        if block is not None:
+            raise ConfigError(f"{source}: vessels: only a stage-3 search has one study per "
+                              "vessel")
+        return ()
+    if not isinstance(block, list) or not block:
+        raise ConfigError(f"{source}: vessels: stage 3 needs a list, e.g. [RCA, LAD, LCX]")
+    unknown = [v for v in block if v not in REGISTRY_VESSELS]
+    if unknown or len(set(block)) != len(block):
+        raise ConfigError(f"{source}: vessels: {block} must be distinct names from "
+                          f"{list(REGISTRY_VESSELS)}")
+    return tuple(block)
+
+
+def _check_consistency(space: SearchSpace, source: str) -> None:
+    """Rules that span sections: what the metrics need, and where ``init`` can point."""
+    metrics = space.metric if space.multi_objective else (space.metric,)
+    names = {m.split("/")[0] for m in metrics} | set(space.objective)
+    if "objective" in names and not space.objective:
+        raise ConfigError(f"{source}: metric 'objective' needs an 'objective' block of "
+                          "metric weights")
+    heads_can_train = space.heads or any(p.name == "heads" for p in space.params)
+    if names & set(HEAD_METRICS) and not heads_can_train:
+        raise ConfigError(f"{source}: metric(s) {sorted(names & set(HEAD_METRICS))} need the "
+                          "heads: use stage 2 or set heads: true")
+    if heads_can_train and space.fixed.get("prompt_mode", "box") != "box":
+        raise ConfigError(f"{source}: the heads read the tracker's features: prompt_mode "
+                          "must be box")
+    if "vessel" in space.init_choices() and space.stage != 3:
+        raise ConfigError(f"{source}: init 'vessel' names the trial's own vessel, which only "
+                          "stage 3 has")
 
 
 def _parse_params(block: Any, fixed: dict, source: str) -> tuple[Param, ...]:
@@ -237,6 +374,10 @@ def _check_trial_value(name: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: {value!r} is not one of {STRATEGIES}")
     if name == "prompt_mode" and value not in PROMPT_MODES:
         raise ConfigError(f"{where}: {value!r} is not one of {PROMPT_MODES}")
+    choices = {"init": INIT_CHOICES, "head_weighting": HEAD_WEIGHTINGS,
+               "class_loss": CLASS_LOSSES, "class_weights": ("none", "balanced")}
+    if name in choices and value not in choices[name]:
+        raise ConfigError(f"{where}: {value!r} is not one of {tuple(choices[name])}")
     if name == "precision" and value not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"{where}: {value!r} is not one of fp32, bf16, fp16")
     if name == "targets":

@@ -14,13 +14,17 @@ def run_trial(config: dict, constants: dict) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from angiotune.data.stream import SampleSettings, lesion_dataset
+    from angiotune.data.stream import SampleSettings, lesion_dataset, load_rows
     from angiotune.train.loop import train_loop_per_worker
 
     settings = {**constants, **config}
     samples = SampleSettings(image_size=int(settings["image_size"]), seed=int(settings["seed"]))
-    datasets = {split: lesion_dataset(settings["index"], split, settings=samples)
-                for split in ("train", "val")}
+    datasets = {}
+    for split in ("train", "val"):
+        rows, root = load_rows(settings["index"], split)
+        if settings.get("vessel"):  # stage 3: this trial's vessel only
+            rows = rows[rows["vessel"] == settings["vessel"]].reset_index(drop=True)
+        datasets[split] = lesion_dataset(rows, split, settings=samples, data_root=root)
     use_gpu = float(settings["gpus_per_worker"]) > 0
     resources = {"CPU": float(settings["cpus_per_worker"])}
     if use_gpu:

@@ -3,25 +3,47 @@
 One trial's configuration is a flat dict (what the search space suggested, plus the run's
 settings). Each epoch every rank trains on its shard of the training split and evaluates the whole
 validation split (it is not split across workers, so no rank waits on another), and rank 0
-reports the metrics with an adapter-only checkpoint.
+reports the metrics with an adapter-only checkpoint (the heads, when there are any, beside it).
+
+Stages differ only in configuration: ``heads`` adds the stage-2 measurement heads, ``init``
+starts from a kept adapter (``init_adapters`` maps its name to a folder), and ``vessel`` (set by
+the stage-3 search) has already narrowed the data to one vessel's lesions.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
 
 import torch
 
-from angiotune.model.adapters import AdapterSettings, adapt, load_adapter, save_adapter
-from angiotune.model.losses import LossWeights
+from angiotune.model.adapters import (
+    SETTINGS_FILE,
+    AdapterSettings,
+    adapt,
+    load_adapter,
+    save_adapter,
+)
+from angiotune.model.heads import (
+    HeadSettings,
+    LesionHeads,
+    feature_dim_of,
+    has_heads,
+    load_heads,
+    save_heads,
+)
+from angiotune.model.lesion import LesionModel, unwrap
+from angiotune.model.losses import HeadLossWeights, LossWeights
 from angiotune.model.sam3 import (
     base_model_id,
     enable_gradient_checkpointing,
     load_base_model,
     load_prompt_tokenizer,
 )
+from angiotune.taxonomies import VESSELS
+from angiotune.train.metrics import with_objective
 from angiotune.train.step import PRECISIONS, evaluate, train_step
 
 STATE_FILE = "training_state.pt"
@@ -48,6 +70,73 @@ def loss_weights(config: dict) -> LossWeights:
                        focal_gamma=float(config.get("focal_gamma", 2.0)))
 
 
+def head_loss_weights(config: dict) -> HeadLossWeights:
+    counts = config.get("class_counts")
+    class_weights = None
+    if config.get("class_weights", "none") == "balanced" and counts:
+        # Inverse frequency, mean 1; a class absent from training weighs as one seen once.
+        inverse = [1.0 / max(int(c), 1) for c in counts]
+        class_weights = tuple(w * len(inverse) / sum(inverse) for w in inverse)
+    return HeadLossWeights(segment=float(config.get("segment_weight", 1.0)),
+                           stenosis=float(config.get("stenosis_weight", 1.0)),
+                           mld=float(config.get("mld_weight", 1.0)),
+                           rvd=float(config.get("rvd_weight", 0.5)),
+                           weighting=config.get("head_weighting", "fixed"),
+                           class_loss=config.get("class_loss", "ce"),
+                           class_weights=class_weights)
+
+
+def init_adapter(config: dict) -> Path | None:
+    """The kept adapter a trial starts from, or None to start from the base."""
+    name = config.get("init", "none")
+    if name == "none":
+        return None
+    if name == "vessel":
+        name = config["vessel"]
+    return Path(config["init_adapters"][name])
+
+
+def build_model(config: dict, checkpoint_dir: Path | None = None):
+    """The trainable model and the adapter settings it saves with.
+
+    From the trial's own checkpoint when resuming, else from ``init`` (keeping that adapter's
+    shape: its strategy, rank and targets), else a fresh adapter on the base. Box mode wraps the
+    tracker in a ``LesionModel``, with heads when ``heads`` is set.
+    """
+    mode = config.get("prompt_mode", "box")
+    source = checkpoint_dir / ADAPTER_DIR if checkpoint_dir else init_adapter(config)
+    base = load_base_model(config.get("model_path"), mode)
+    if source is None:
+        settings = adapter_settings(config)
+        model = adapt(base, settings)
+    else:
+        model = load_adapter(base, source, trainable=True)
+        record = json.loads((source / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
+        settings = AdapterSettings(**{**record, "targets": tuple(record["targets"])})
+    if mode != "box":
+        return model, settings
+    heads = None
+    if source is not None and has_heads(source):  # heads carry on from where they started
+        heads = load_heads(source).train()
+    elif config.get("heads"):
+        heads = LesionHeads(HeadSettings(classes=tuple(config["classes"]),
+                                         feature_dim=feature_dim_of(base),
+                                         hidden=int(config.get("head_hidden", 128))))
+    return LesionModel(model, heads), settings
+
+
+def save_trained(model: torch.nn.Module, settings: AdapterSettings, folder: Path,
+                 base_id: str) -> None:
+    """The adapter (and heads) of a model as ``build_model`` made it."""
+    model = unwrap(model)
+    if isinstance(model, LesionModel):
+        save_adapter(model.segmenter, settings, folder, base_id)
+        if model.heads is not None:
+            save_heads(model.heads, folder)
+    else:
+        save_adapter(model, settings, folder, base_id)
+
+
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite: the trial stops and is recorded as failed."""
 
@@ -58,21 +147,20 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     torch.manual_seed(int(config.get("seed", 0)))
-    settings = adapter_settings(config)
     weights = loss_weights(config)
+    head_weights = head_loss_weights(config)
     mode = config.get("prompt_mode", "box")
     tokenizer = load_prompt_tokenizer(config.get("model_path")) if mode == "text_box" else None
-    base = load_base_model(config.get("model_path"), mode)
-    model = adapt(base, settings)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            model = load_adapter(load_base_model(config.get("model_path"), mode),
-                                 Path(folder) / ADAPTER_DIR, trainable=True)
+            model, settings = build_model(config, Path(folder))
             state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
             start_epoch = int(state["epoch"])
+    else:
+        model, settings = build_model(config)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     if config.get("gradient_checkpointing", on_gpu):
@@ -97,17 +185,18 @@ def train_loop_per_worker(config: dict) -> None:
         losses = []
         for batch in train_shard.iter_batches(batch_size=batch_size):
             parts = train_step(model, batch, optimizer, weights, tokenizer=tokenizer,
-                               autocast_dtype=PRECISIONS[precision], scaler=scaler)
+                               autocast_dtype=PRECISIONS[precision], scaler=scaler,
+                               head_weights=head_weights)
             if not math.isfinite(parts["loss"]):
                 raise DivergedError(f"loss became {parts['loss']} in epoch {epoch + 1}")
             losses.append(parts["loss"])
         metrics = evaluate(model, val_shard.iter_batches(batch_size=batch_size), tokenizer)
+        metrics = with_objective(metrics, config.get("objective"), VESSELS)
         metrics.update(epoch=epoch + 1, train_loss=sum(losses) / max(len(losses), 1))
         with tempfile.TemporaryDirectory() as folder:
             result = None
             if rank == 0:
-                plain = model.module if hasattr(model, "module") else model
-                save_adapter(plain, settings, Path(folder) / ADAPTER_DIR,
+                save_trained(model, settings, Path(folder) / ADAPTER_DIR,
                              base_model_id(config.get("model_path"), mode))
                 torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict()},
                            Path(folder) / STATE_FILE)

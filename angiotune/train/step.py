@@ -1,22 +1,33 @@
 """One training step and one evaluation pass in plain PyTorch: no Ray, usable anywhere.
 
 Batches are dicts as the data stream yields them: ``image`` (B, S, S) in [0, 1], ``mask``
-(B, S, S), ``box`` (B, 4) xyxy in model pixels, and ``vessel`` (B,) names for per-vessel metrics.
+(B, S, S), ``box`` (B, 4) xyxy in model pixels, ``vessel`` and ``segment`` (B,) for per-group
+metrics; the stage-2 heads also read ``context``, ``pixel_spacing_mm`` and the QCA values.
+The model is a ``LesionModel`` (tracker, optionally with heads), a bare tracker, or the concept
+model with its ``tokenizer``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from collections.abc import Iterable
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from angiotune.model.concept import best_query, concept_forward, concept_loss
-from angiotune.model.losses import LossWeights, hard_iou, segmentation_loss
-from angiotune.model.sam3 import to_pixel_values
+from angiotune.model.lesion import LesionModel, unwrap
+from angiotune.model.losses import (
+    HeadLossWeights,
+    LossWeights,
+    combine_head_losses,
+    hard_iou,
+    head_losses,
+    segmentation_loss,
+)
+from angiotune.train.metrics import summarise_by
 
 
 def as_tensors(batch: dict, device: torch.device | str = "cpu") -> dict:
@@ -39,16 +50,37 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, boxes: torch.Te
     an exemplar (``text_box``); the best-scoring instance is the prediction. Otherwise it is the
     tracker, prompted by the box (``box``), and the confidence is its IoU head.
     """
-    if tokenizer is not None:
-        out, _ = concept_forward(model, tokenizer, images, boxes, list(prompts))
-        low_res, confidence = best_query(out)
-    else:
-        out = model(pixel_values=to_pixel_values(images.float()),
-                    input_boxes=boxes.float()[:, None], multimask_output=False)
-        low_res, confidence = out.pred_masks[:, 0, 0], out.iou_scores[:, 0, 0]
+    if tokenizer is None:
+        out = forward(model if isinstance(unwrap(model), LesionModel) else LesionModel(model),
+                      {"image": images, "box": boxes})
+        return out["logits"], out["confidence"]
+    out, _ = concept_forward(model, tokenizer, images, boxes, list(prompts))
+    low_res, confidence = best_query(out)
     logits = F.interpolate(low_res[:, None], size=images.shape[-2:], mode="bilinear",
                            align_corners=False)[:, 0]
     return logits, confidence
+
+
+def forward(model: torch.nn.Module, batch: dict, tokenizer=None) -> dict[str, torch.Tensor]:
+    """Everything the model predicts for a batch: ``logits``, ``confidence``, head outputs."""
+    if isinstance(unwrap(model), LesionModel):
+        return model(batch["image"], batch["box"], batch.get("context"),
+                     batch.get("pixel_spacing_mm"))
+    logits, confidence = predict_logits(model, batch["image"], batch["box"], batch.get("prompt"),
+                                        tokenizer)
+    return {"logits": logits, "confidence": confidence}
+
+
+def head_targets(batch: dict, classes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Class ids (-1 for a segment outside the heads' classes) and QCA values as tensors."""
+    device = batch["image"].device
+    index = {code: i for i, code in enumerate(classes)}
+    targets = {"segment": torch.tensor([index.get(str(c), -1) for c in batch["segment"]],
+                                       device=device)}
+    for name in ("diameter_stenosis_pct", "mld_mm", "rvd_mm"):
+        targets["stenosis_pct" if name.startswith("diameter") else name] = torch.as_tensor(
+            np.asarray(batch[name], dtype=np.float32), device=device)
+    return targets
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -63,11 +95,13 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
                weights: LossWeights, *, autocast_dtype: torch.dtype | None = None,
                scaler: torch.amp.GradScaler | None = None, tokenizer=None,
+               head_weights: HeadLossWeights | None = None,
                max_grad_norm: float = 1.0) -> dict[str, float]:
     """Forward, loss, backward and one optimiser step; returns the loss parts.
 
     ``autocast_dtype`` runs the forward pass in bf16 or fp16 (the loss stays fp32); fp16 also
-    wants a ``scaler`` so small gradients do not underflow.
+    wants a ``scaler`` so small gradients do not underflow. With heads, their losses
+    (``head_weights``) join the segmentation loss.
     """
     model.train()
     device = next(model.parameters()).device
@@ -81,9 +115,16 @@ def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optim
         loss, parts = concept_loss(positive, negative, batch["mask"], weights)
     else:
         with _autocast(device, autocast_dtype):
-            logits, iou_pred = predict_logits(model, batch["image"], batch["box"])
-        loss, parts = segmentation_loss(logits.float(), iou_pred.float(), batch["mask"].float(),
-                                        weights)
+            out = forward(model, batch)
+        loss, parts = segmentation_loss(out["logits"].float(), out["confidence"].float(),
+                                        batch["mask"].float(), weights)
+        heads = getattr(unwrap(model), "heads", None)
+        if heads is not None:
+            head_weights = head_weights or HeadLossWeights()
+            losses = head_losses(out, head_targets(batch, heads.settings.classes), head_weights)
+            loss = loss + combine_head_losses(losses, head_weights, heads.log_vars)
+            parts.update({f"{name}_loss": float(value.detach()) for name, value in losses.items()})
+            parts["loss"] = float(loss.detach())
     optimizer.zero_grad(set_to_none=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if scaler is None:
@@ -109,23 +150,35 @@ def dice_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[dict],
-             tokenizer=None) -> dict[str, float]:
-    """Mean Dice and IoU over samples, overall and per vessel (``dice/LAD``), plus counts."""
+def evaluate_samples(model: torch.nn.Module, batches: Iterable[dict],
+                     tokenizer=None) -> pd.DataFrame:
+    """One row per lesion: its metadata, Dice and IoU, and the heads' predictions if any."""
     model.eval()
     device = next(model.parameters()).device
-    scores: dict[str, list[float]] = defaultdict(list)
+    heads = getattr(unwrap(model), "heads", None)
+    rows: list[pd.DataFrame] = []
     for batch in batches:
         batch = as_tensors(batch, device)
-        logits, _ = predict_logits(model, batch["image"], batch["box"], batch.get("prompt"),
-                                   tokenizer)
-        dice = dice_scores(logits, batch["mask"]).tolist()
-        iou = hard_iou(logits, batch["mask"].float()).tolist()
-        for vessel, d, i in zip(batch["vessel"], dice, iou, strict=True):
-            for key in ("", f"/{vessel}"):
-                scores[f"dice{key}"].append(d)
-                scores[f"iou{key}"].append(i)
-    metrics = {name: float(np.mean(values)) for name, values in scores.items()}
-    metrics.update({f"n{name[4:]}" if name != "dice" else "n": float(len(values))
-                    for name, values in scores.items() if name.startswith("dice")})
-    return metrics
+        out = forward(model, batch, tokenizer)
+        part = {name: list(batch[name]) for name in ("sample_id", "vessel", "segment")
+                if name in batch}
+        part["dice"] = dice_scores(out["logits"], batch["mask"]).tolist()
+        part["iou"] = hard_iou(out["logits"], batch["mask"].float()).tolist()
+        for name in ("diameter_stenosis_pct", "mld_mm", "rvd_mm"):
+            if name in batch:
+                part[name] = np.asarray(batch[name].cpu() if torch.is_tensor(batch[name])
+                                        else batch[name], dtype=float)
+        if heads is not None:
+            classes = heads.settings.classes
+            part["segment_pred"] = [classes[i] for i in out["segment_logits"].argmax(1).tolist()]
+            for name in ("stenosis_pct", "mld_mm", "rvd_mm"):
+                part[f"{name}_pred"] = out[name].float().cpu().numpy().astype(float)
+        rows.append(pd.DataFrame(part))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def evaluate(model: torch.nn.Module, batches: Iterable[dict],
+             tokenizer=None) -> dict[str, float]:
+    """Metrics overall and per vessel (``dice/LAD``): Dice and IoU, the heads' metrics when
+    there are heads, and counts (``n``, ``n/LAD``)."""
+    return summarise_by(evaluate_samples(model, batches, tokenizer), "vessel")

@@ -1,0 +1,172 @@
+"""Stage-2 measurement heads on SAM 3 features of the prompted lesion.
+
+The heads read the tracker's FPN image embeddings pooled two ways (weighted by the predicted mask,
+and averaged inside the box prompt), plus the lesion's view context (positioner angles and where
+the box sits in the frame: the crop alone barely shows which branch it is). They predict:
+
+- the CASS segment, over the classes present in the index (``HeadSettings.classes`` is the
+  documented mapping: class id i is segment code ``classes[i]``);
+- % diameter stenosis (0-100);
+- MLD and reference diameter in mm. These are predicted in model pixels and multiplied by the
+  sample's mm per model pixel, so one set of weights is right across magnifications.
+
+Saved beside the adapter as ``heads.safetensors`` + ``heads.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from angiotune.data.stream import CONTEXT_DIM
+from angiotune.errors import ConfigError
+
+HEADS_WEIGHTS = "heads.safetensors"
+HEADS_CONFIG = "heads.json"
+TASKS = ("segment", "stenosis", "mld", "rvd")
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    classes: tuple[str, ...]
+    feature_dim: int
+    hidden: int = 128
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2:
+            raise ConfigError(f"the CASS head needs at least two segment classes, got "
+                              f"{list(self.classes)}")
+
+
+GEOMETRY_DIM = 7
+
+
+def mask_geometry(mask_logits: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(B, 7) QCA-style sizes of the predicted mask in model pixels / 10.
+
+    Soft area (as a side length), the box's long and short sides, area over long side (the mean
+    width), and the width profile along the box's long axis over its central 60 %: its minimum,
+    its median, and 1 - min / median (a diameter-stenosis estimate). These carry what MLD and
+    stenosis are made of, as far as the predicted mask is right.
+    """
+    probs = torch.sigmoid(mask_logits.detach().float())
+    if probs.shape[-1] != image_size:
+        probs = F.interpolate(probs[:, None], size=(image_size, image_size), mode="bilinear",
+                              align_corners=False)[:, 0]
+    inside = box_weights(boxes, (image_size, image_size), image_size)[:, 0]
+    probs = probs * inside
+    sides = (boxes[:, 2:] - boxes[:, :2]).float().clamp(min=1.0)
+    long, short = sides.max(1).values, sides.min(1).values
+    area = probs.sum((1, 2))
+    horizontal = sides[:, 0] >= sides[:, 1]
+    profile = torch.where(horizontal[:, None], probs.sum(1), probs.sum(2))  # (B, S)
+    centres = torch.arange(image_size, device=boxes.device).float() + 0.5
+    start = torch.where(horizontal, boxes[:, 0], boxes[:, 1]).float()
+    core = ((centres[None] >= start[:, None] + 0.2 * long[:, None])
+            & (centres[None] <= start[:, None] + 0.8 * long[:, None]))
+    core[core.sum(1) == 0] = True  # a box under 5 px long: use the whole profile
+    minimum = torch.where(core, profile, torch.full_like(profile, float("inf"))).min(1).values
+    median = torch.where(core, profile, torch.full_like(profile, float("nan"))).nanmedian(1).values
+    narrowing = 1 - minimum / median.clamp(min=1e-3)
+    return torch.stack([area.sqrt() / 10, long / 10, short / 10, area / long / 10,
+                        minimum / 10, median / 10, narrowing], dim=1)
+
+
+def pooled_features(embeddings: tuple[torch.Tensor, ...], mask_logits: torch.Tensor,
+                    boxes: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(B, 2 * sum of channels + 7): each FPN level averaged under the predicted mask and in the
+    box, and the mask's geometry. The mask is detached, so the heads cannot bend the
+    segmentation to suit themselves."""
+    weights = torch.sigmoid(mask_logits.detach().float())[:, None]
+    parts = [mask_geometry(mask_logits, boxes, image_size)]
+    for level in embeddings:
+        level = level.float()
+        size = level.shape[-2:]
+        mask = F.interpolate(weights, size=size, mode="bilinear", align_corners=False)
+        parts.append((level * mask).sum((2, 3)) / mask.sum((2, 3)).clamp(min=1e-3))
+        parts.append((level * box_weights(boxes, size, image_size)).sum((2, 3))
+                     / box_weights(boxes, size, image_size).sum((2, 3)).clamp(min=1e-3))
+    return torch.cat(parts, dim=1)
+
+
+def box_weights(boxes: torch.Tensor, size: tuple[int, int], image_size: int) -> torch.Tensor:
+    """(B, 1, h, w) fraction of each feature cell's centre inside the box (0 or 1)."""
+    h, w = size
+    ys = (torch.arange(h, device=boxes.device) + 0.5) * image_size / h
+    xs = (torch.arange(w, device=boxes.device) + 0.5) * image_size / w
+    b = boxes.float()
+    inside_x = (xs[None] >= b[:, 0:1]) & (xs[None] <= b[:, 2:3])
+    inside_y = (ys[None] >= b[:, 1:2]) & (ys[None] <= b[:, 3:4])
+    return (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None]
+
+
+class LesionHeads(nn.Module):
+    """A shared trunk and one output per task; ``log_vars`` serve uncertainty weighting."""
+
+    def __init__(self, settings: HeadSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        half = settings.hidden // 2
+        # Image features and view context get their own projections: hundreds of pooled
+        # channels would otherwise drown six context numbers that decide the branch.
+        self.image = nn.Sequential(nn.LayerNorm(settings.feature_dim),
+                                   nn.Linear(settings.feature_dim, half))
+        self.context = nn.Linear(CONTEXT_DIM, settings.hidden - half)
+        self.trunk = nn.Sequential(nn.GELU(), nn.Dropout(settings.dropout),
+                                   nn.Linear(settings.hidden, settings.hidden), nn.GELU())
+        self.segment = nn.Linear(settings.hidden, len(settings.classes))
+        self.stenosis = nn.Linear(settings.hidden, 1)
+        self.diameters_px = nn.Linear(settings.hidden, 2)  # MLD, reference, in model pixels
+        self.log_vars = nn.Parameter(torch.zeros(len(TASKS)))
+
+    def forward(self, features: torch.Tensor, context: torch.Tensor,
+                mm_per_pixel: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.trunk(torch.cat([self.image(features.float()),
+                                       self.context(context.float())], dim=1))
+        diameters = F.softplus(self.diameters_px(hidden)) * mm_per_pixel.float()[:, None]
+        return {"segment_logits": self.segment(hidden),
+                "stenosis_pct": 100 * torch.sigmoid(self.stenosis(hidden)[:, 0]),
+                "mld_mm": diameters[:, 0], "rvd_mm": diameters[:, 1]}
+
+
+def feature_dim_of(model: torch.nn.Module) -> int:
+    """Width of ``pooled_features`` for a tracker."""
+    from angiotune.model.sam3 import image_size_of, to_pixel_values
+
+    size = image_size_of(model)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(pixel_values=to_pixel_values(torch.zeros(1, size, size, device=device)),
+                    input_boxes=torch.tensor([[[0.0, 0.0, size / 2, size / 2]]], device=device),
+                    multimask_output=False)
+    return 2 * sum(int(level.shape[1]) for level in out.image_embeddings) + GEOMETRY_DIM
+
+
+def save_heads(heads: LesionHeads, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()},
+              folder / HEADS_WEIGHTS)
+    record = {**asdict(heads.settings), "classes": list(heads.settings.classes), "format": 1,
+              "class_mapping": {str(i): code for i, code in enumerate(heads.settings.classes)}}
+    (folder / HEADS_CONFIG).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def has_heads(folder: Path) -> bool:
+    return (Path(folder) / HEADS_CONFIG).is_file()
+
+
+def load_heads(folder: Path) -> LesionHeads:
+    record = json.loads((Path(folder) / HEADS_CONFIG).read_text(encoding="utf-8"))
+    settings = HeadSettings(classes=tuple(record["classes"]),
+                            feature_dim=int(record["feature_dim"]),
+                            hidden=int(record["hidden"]), dropout=float(record["dropout"]))
+    heads = LesionHeads(settings)
+    heads.load_state_dict(load_file(Path(folder) / HEADS_WEIGHTS))
+    return heads.eval()

@@ -1,0 +1,42 @@
+"""The box-prompted segmenter and its optional stage-2 heads as one module.
+
+One module, so that DDP synchronises the heads' gradients with the adapter's and a single
+``forward`` gives everything a step or an evaluation needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from angiotune.model.heads import LesionHeads, pooled_features
+from angiotune.model.sam3 import to_pixel_values
+
+
+class LesionModel(nn.Module):
+    def __init__(self, segmenter: nn.Module, heads: LesionHeads | None = None) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+        self.heads = heads
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor,
+                context: torch.Tensor | None = None,
+                mm_per_pixel: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``logits`` (B, S, S) at the input size, ``confidence`` (B,) from the IoU head, and
+        the heads' outputs when there are heads (they need ``context`` and ``mm_per_pixel``)."""
+        out = self.segmenter(pixel_values=to_pixel_values(images.float()),
+                             input_boxes=boxes.float()[:, None], multimask_output=False)
+        low_res = out.pred_masks[:, 0, 0]
+        result = {"logits": F.interpolate(low_res[:, None], size=images.shape[-2:],
+                                          mode="bilinear", align_corners=False)[:, 0],
+                  "confidence": out.iou_scores[:, 0, 0]}
+        if self.heads is not None:
+            features = pooled_features(out.image_embeddings, low_res, boxes, images.shape[-1])
+            result.update(self.heads(features, context, mm_per_pixel))
+        return result
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the module itself)."""
+    return model.module if hasattr(model, "module") else model

@@ -1,0 +1,153 @@
+"""Stage-2 heads: losses, metrics against hand-worked values, features, and a multi-task step."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from angiotune.data.stream import SampleSettings, load_rows, prepare_sample
+from angiotune.model.adapters import AdapterSettings, adapt
+from angiotune.model.heads import (
+    HeadSettings,
+    LesionHeads,
+    feature_dim_of,
+    load_heads,
+    mask_geometry,
+    save_heads,
+)
+from angiotune.model.lesion import LesionModel
+from angiotune.model.losses import (
+    HeadLossWeights,
+    LossWeights,
+    classification_loss,
+    combine_head_losses,
+    regression_loss,
+)
+from angiotune.model.sam3 import load_base_model
+from angiotune.train.metrics import (
+    accuracy,
+    macro_f1,
+    mean_absolute_error,
+    objective,
+    summarise_by,
+    with_objective,
+)
+from angiotune.train.step import evaluate, train_step
+
+
+def test_macro_f1_and_accuracy_by_hand():
+    true, pred = ["1", "1", "2", "3"], ["1", "2", "2", "1"]
+    # class 1: tp 1, fp 1, fn 1 -> 0.5; class 2: tp 1, fp 1 -> 2/3; class 3: fn 1 -> 0
+    assert macro_f1(true, pred) == pytest.approx((0.5 + 2 / 3 + 0) / 3)
+    assert accuracy(true, pred) == 0.5
+    assert macro_f1(["4"], ["4"]) == 1.0
+    assert math.isnan(macro_f1([], []))
+
+
+def test_mae_skips_unknown_values():
+    assert mean_absolute_error([10, np.nan, 30], [12, 5, 27]) == pytest.approx(2.5)
+    assert math.isnan(mean_absolute_error([np.nan], [1.0]))
+
+
+def test_summaries_per_vessel_and_objective():
+    records = pd.DataFrame({
+        "vessel": ["LAD", "LAD", "RCA"], "segment": ["12", "13", "2"],
+        "segment_pred": ["12", "12", "2"], "dice": [0.5, 0.7, 0.9], "iou": [0.4, 0.5, 0.8],
+        "diameter_stenosis_pct": [50.0, 60.0, 40.0], "stenosis_pct_pred": [40.0, 70.0, 40.0],
+        "mld_mm": [1.0, 1.2, 2.0], "mld_mm_pred": [1.5, 1.2, 1.0],
+        "rvd_mm": [3.0, 3.0, 3.0], "rvd_mm_pred": [3.0, 3.0, 3.0]})
+    metrics = summarise_by(records, "vessel")
+    assert metrics["dice/LAD"] == pytest.approx(0.6) and metrics["n/RCA"] == 1
+    assert metrics["cass_accuracy"] == pytest.approx(2 / 3)
+    assert metrics["stenosis_mae/LAD"] == pytest.approx(10.0)
+    assert metrics["mld_mae_mm"] == pytest.approx(0.5)
+    terms = {"dice": 1.0, "stenosis_mae": -0.01}
+    assert objective(metrics, terms) == pytest.approx(metrics["dice"] - 0.01 * 20 / 3)
+    metrics = with_objective(metrics, terms, ["LAD", "RCA", "LCX"])
+    assert metrics["objective/RCA"] == pytest.approx(0.9)
+    assert "objective/LCX" not in metrics
+
+
+def test_classification_loss_ignores_unknown_and_weights_classes():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [5.0, -5.0]])
+    target = torch.tensor([0, 0, -1])
+    plain = classification_loss(logits, target, HeadLossWeights())
+    by_hand = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(2))) / 2
+    assert float(plain) == pytest.approx(by_hand, rel=1e-5)
+    focal = classification_loss(logits, target, HeadLossWeights(class_loss="focal"))
+    assert float(focal) < float(plain)  # easy examples count less
+    weighted = classification_loss(torch.tensor([[2.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1]),
+                                   HeadLossWeights(class_weights=(1.0, 3.0)))
+    expected = (1 * math.log(1 + math.exp(-2)) + 3 * math.log(1 + math.exp(2))) / 4
+    assert float(weighted) == pytest.approx(expected, rel=1e-5)
+
+
+def test_regression_loss_is_huber_in_units_and_skips_nan():
+    pred, target = torch.tensor([55.0, 80.0, 10.0]), torch.tensor([50.0, 50.0, float("nan")])
+    # errors of 0.5 and 3 units of 10 pp: 0.5 * 0.5^2 and 3 - 0.5
+    assert float(regression_loss(pred, target, 10.0)) == pytest.approx((0.125 + 2.5) / 2)
+
+
+def test_uncertainty_weighting_by_hand():
+    losses = {"segment": torch.tensor(2.0), "stenosis": torch.tensor(1.0),
+              "mld": torch.tensor(0.5), "rvd": torch.tensor(0.0)}
+    fixed = combine_head_losses(losses, HeadLossWeights(segment=1, stenosis=2, mld=4, rvd=1))
+    assert float(fixed) == pytest.approx(2 + 2 + 2)
+    log_vars = torch.tensor([0.0, math.log(2.0), 0.0, 0.0])
+    learned = combine_head_losses(losses, HeadLossWeights(weighting="uncertainty"), log_vars)
+    assert float(learned) == pytest.approx(2 + 0.5 + math.log(2.0) + 0.5)
+
+
+def test_mask_geometry_measures_a_narrowing():
+    logits = torch.full((1, 112, 112), -20.0)
+    logits[0, 50:56, 20:90] = 20.0  # a 6 px wide vessel along x
+    logits[0, 50:52, 50:60] = -20.0  # narrowed to 2 px over 10 px
+    logits[0, 54:56, 50:60] = -20.0
+    geometry = mask_geometry(logits, torch.tensor([[20.0, 50.0, 90.0, 56.0]]), 112)[0]
+    minimum, median, narrowing = (float(v) for v in geometry[4:])
+    assert minimum == pytest.approx(0.2) and median == pytest.approx(0.6)
+    assert narrowing == pytest.approx(1 - 2 / 6)
+
+
+def test_millimetre_heads_scale_with_pixel_spacing(tmp_path):
+    heads = LesionHeads(HeadSettings(classes=("1", "2", "3"), feature_dim=10)).eval()
+    features, context = torch.randn(4, 10), torch.randn(4, 6)
+    near = heads(features, context, torch.full((4,), 0.1))
+    far = heads(features, context, torch.full((4,), 0.2))
+    torch.testing.assert_close(far["mld_mm"], 2 * near["mld_mm"])
+    torch.testing.assert_close(far["stenosis_pct"], near["stenosis_pct"])
+    save_heads(heads, tmp_path)
+    again = load_heads(tmp_path)(features, context, torch.full((4,), 0.1))
+    torch.testing.assert_close(again["segment_logits"], near["segment_logits"])
+    assert again["stenosis_pct"].min() >= 0 and again["stenosis_pct"].max() <= 100
+
+
+def _batch(phantom_index, size: int = 112) -> tuple[dict, tuple[str, ...]]:
+    rows, root = load_rows(phantom_index, "train")
+    settings = SampleSettings(image_size=size, augment=False)
+    samples = [prepare_sample(r, root, settings) for r in rows.head(6).to_dict("records")]
+    classes = tuple(sorted(rows["segment"].astype(str).unique()))
+    return {k: np.stack([s[k] for s in samples]) for k in samples[0]}, classes
+
+
+@pytest.mark.parametrize("weighting", ["fixed", "uncertainty"])
+def test_multitask_step_learns_heads_and_reports_their_metrics(phantom_index, weighting):
+    torch.manual_seed(0)
+    batch, classes = _batch(phantom_index.out)
+    base = load_base_model()
+    heads = LesionHeads(HeadSettings(classes=classes, feature_dim=feature_dim_of(base)))
+    model = LesionModel(adapt(base, AdapterSettings(rank=4, alpha=8)), heads)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    weights = HeadLossWeights(weighting=weighting)
+    first = train_step(model, batch, optimizer, LossWeights(), head_weights=weights)
+    for _ in range(25):
+        last = train_step(model, batch, optimizer, LossWeights(), head_weights=weights)
+    assert {"segment_loss", "stenosis_loss", "mld_loss", "rvd_loss"} <= set(first)
+    assert last["segment_loss"] < first["segment_loss"]
+    assert last["stenosis_loss"] < first["stenosis_loss"]
+    metrics = evaluate(model, [batch])
+    assert {"cass_accuracy", "cass_macro_f1", "stenosis_mae", "mld_mae_mm",
+            "rvd_mae_mm"} <= set(metrics)
+    assert metrics["n"] == 6 and 0 <= metrics["cass_accuracy"] <= 1
