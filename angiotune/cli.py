@@ -29,7 +29,8 @@ def _progress() -> Progress:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="angiotune")
 def cli() -> None:
-    """Fine-tune SAM 3 on coronary angiography lesions: phantoms, index, search."""
+    """Fine-tune SAM 3 on coronary angiography lesions: phantoms, index, search, best,
+    evaluate."""
 
 
 @cli.command()
@@ -149,9 +150,23 @@ def search(space_file: str, data: Path | None, model: Path | None, name: str | N
               f"{outcome.run_dir / 'optuna.db'} (optuna-dashboard can open it)")
     zero = outcome.zero_shot.get("dice", float("nan"))
     out.print(f"Zero-shot base on validation: Dice {zero:.3f}")
+    if outcome.pareto:
+        _print_pareto(outcome.pareto, outcome.run_dir / "pareto.json")
     for message in outcome.messages:
         out.print(message)
     _print_best_table(results)
+
+
+def _print_pareto(front: list[dict], path: Path) -> None:
+    metrics = [key for key in front[0] if key not in ("trial", "params")]
+    table = Table(title=f"Pareto front (validation; also in {path})")
+    for column in ("trial", *metrics, "parameters"):
+        table.add_column(column)
+    for point in front:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in point["params"].items())
+        table.add_row(str(point["trial"]), *(f"{point[m]:.3f}" for m in metrics), params)
+    out.print(table)
 
 
 @cli.command()
@@ -183,8 +198,9 @@ def _print_best_table(results: Path, entries: dict | None = None) -> None:
     from angiotune.registry.store import STAGE_NAMES, list_entries
 
     entries = entries if entries is not None else list_entries(results)
-    table = Table(title=f"Best adapters in {results}/best (validation split)")
-    for column in ("vessel", "stage", "strategy", "Dice", "zero-shot", "IoU", "heads", "prompt",
+    table = Table(title=f"Best adapters in {results}/best (score: the registry's metric, "
+                  "e.g. dice/LAD, on the validation split)")
+    for column in ("vessel", "stage", "strategy", "score", "zero-shot", "IoU", "heads", "prompt",
                    "rank", "targets", "lr", "trial"):
         table.add_column(column, no_wrap=True)
     nan = float("nan")
@@ -195,7 +211,7 @@ def _print_best_table(results: Path, entries: dict | None = None) -> None:
         config, metrics = entry["config"], entry["metrics"]
         table.add_row(vessel, str(entry.get("stage", 1)),
                       str(entry.get("strategy", config.get("strategy"))), f"{entry['score']:.3f}",
-                      f"{entry['zero_shot'].get(f'dice/{vessel}', nan):.3f}",
+                      f"{entry['zero_shot'].get(entry['metric'], nan):.3f}",
                       f"{metrics.get(f'iou/{vessel}', nan):.3f}",
                       "yes" if entry.get("heads") else "no",
                       str(entry.get("prompt_mode", "box")), str(config.get("rank", "-")),

@@ -151,3 +151,16 @@ def test_multitask_step_learns_heads_and_reports_their_metrics(phantom_index, we
     assert {"cass_accuracy", "cass_macro_f1", "stenosis_mae", "mld_mae_mm",
             "rvd_mae_mm"} <= set(metrics)
     assert metrics["n"] == 6 and 0 <= metrics["cass_accuracy"] <= 1
+
+
+def test_heads_learn_faster_than_the_adapter():
+    from angiotune.train.loop import parameter_groups
+
+    base = load_base_model()
+    heads = LesionHeads(HeadSettings(classes=("1", "2"), feature_dim=feature_dim_of(base)))
+    model = LesionModel(adapt(base, AdapterSettings(rank=2, alpha=4)), heads)
+    adapter, head = parameter_groups(model, {"lr": 1e-3, "head_lr_ratio": 10})
+    assert adapter["lr"] == 1e-3 and head["lr"] == pytest.approx(1e-2)
+    assert {id(p) for p in head["params"]} == {id(p) for p in heads.parameters()}
+    assert len(parameter_groups(LesionModel(adapt(load_base_model(), AdapterSettings())),
+                                {"lr": 1e-3})) == 1

@@ -69,8 +69,11 @@ def _broken(change):
     (lambda r: r.update(metric="objective"), "objective"),
     (lambda r: r.update(objective={"dice": 1, "speed": 2}), "objective.speed"),
     (lambda r: r.update(vessels=["LAD"]), "vessels"),  # only stage 3
-    (lambda r: r.update(stage=3, vessels=["LAD", "LM"]), "vessels"),
-    (lambda r: r.update(stage=3), "vessels"),
+    (lambda r: r.update(stage=3, vessels=["LAD", "LM"], asha=None), "vessels"),
+    (lambda r: r.update(stage=3, asha=None), "vessels"),
+    (lambda r: r.update(stage=3, vessels=["LAD"]), "asha"),  # vessels are not comparable
+    (lambda r: r.update(stage=3, vessels=["LAD"], asha=None, metric="dice/LAD"), "metric"),
+    (lambda r: r.update(mode="min"), "mode"),  # Dice is better when higher
     (lambda r: r["fixed"].update(init="vessel"), "init"),  # only stage 3
     (lambda r: r["fixed"].update(init="yesterday"), "fixed.init"),
     (lambda r: r["fixed"].update(head_weighting="learned"), "fixed.head_weighting"),

@@ -26,9 +26,10 @@ def staged(ray_cluster, phantom_dir, tmp_path_factory):
     # Split seed 2 gives RCA, LAD and LCX each train, validation and test lesions here.
     build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="test-salt",
                                                                    split_seed=2))
-    stage2 = parse_space({
-        **COMMON, "name": "s2", "stage": 2, "metric": "objective", "samples": 1,
-        "objective": {"dice": 1.0, "stenosis_mae": -0.01},
+    stage2 = parse_space({  # two objectives, one of them a weighted sum
+        **COMMON, "name": "s2", "stage": 2, "metric": ["objective", "stenosis_mae"],
+        "mode": ["max", "min"], "samples": 2,
+        "objective": {"dice": 1.0, "cass_accuracy": 0.5},
         "fixed": {"strategy": "lora", "rank": 4, "init": "none"},
         "params": {"lr": {"type": "float", "low": 1e-3, "high": 3e-3}}}, "s2.yaml")
     second = search(stage2, data=index, results=results)
@@ -41,12 +42,17 @@ def staged(ray_cluster, phantom_dir, tmp_path_factory):
     return results, second, third, after_stage2
 
 
-def test_stage_two_keeps_adapters_with_heads(staged):
+def test_stage_two_keeps_adapters_with_heads_and_reports_the_pareto_front(staged):
     results, second, _, after_stage2 = staged
-    assert second.errors == 0 and after_stage2
+    assert second.trials == 2 and second.errors == 0 and after_stage2
     metrics = second.best[next(iter(second.best))]["metrics"]
     assert {"objective", "cass_accuracy", "cass_macro_f1", "stenosis_mae",
             "mld_mae_mm"} <= set(metrics)
+    assert metrics["objective"] == pytest.approx(metrics["dice"]
+                                                 + 0.5 * metrics["cass_accuracy"])
+    assert 1 <= len(second.pareto) <= 2
+    assert {"trial", "objective", "stenosis_mae", "params"} <= set(second.pareto[0])
+    assert (second.run_dir / "pareto.json").exists()
 
 
 def test_stage_three_runs_one_study_per_vessel_on_its_lesions(staged):
@@ -59,8 +65,12 @@ def test_stage_three_runs_one_study_per_vessel_on_its_lesions(staged):
         study = optuna.load_study(study_name=f"s3-{vessel}", storage=storage)
         assert len(study.trials) == 1
     # A trial of one vessel saw that vessel's validation lesions only.
-    for row in (third.run_dir / "train").glob("*/*/result.json"):
-        assert "n/LCX" not in row.read_text()
+    reports = list((third.run_dir / "tune").glob("*/result.json"))
+    assert len(reports) == 2
+    for report in reports:
+        text = report.read_text()
+        assert '"vessel": "RCA"' in text or '"vessel": "LAD"' in text
+        assert "n/LCX" not in text and ("n/RCA" in text) != ("n/LAD" in text)
 
 
 def test_registry_replaces_per_vessel_only_when_better(staged):

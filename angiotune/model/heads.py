@@ -91,13 +91,13 @@ def pooled_features(embeddings: tuple[torch.Tensor, ...], mask_logits: torch.Ten
         size = level.shape[-2:]
         mask = F.interpolate(weights, size=size, mode="bilinear", align_corners=False)
         parts.append((level * mask).sum((2, 3)) / mask.sum((2, 3)).clamp(min=1e-3))
-        parts.append((level * box_weights(boxes, size, image_size)).sum((2, 3))
-                     / box_weights(boxes, size, image_size).sum((2, 3)).clamp(min=1e-3))
+        box = box_weights(boxes, size, image_size)
+        parts.append((level * box).sum((2, 3)) / box.sum((2, 3)).clamp(min=1e-3))
     return torch.cat(parts, dim=1)
 
 
 def box_weights(boxes: torch.Tensor, size: tuple[int, int], image_size: int) -> torch.Tensor:
-    """(B, 1, h, w) fraction of each feature cell's centre inside the box (0 or 1)."""
+    """(B, 1, h, w): 1 where a feature cell's centre lies inside the box, else 0."""
     h, w = size
     ys = (torch.arange(h, device=boxes.device) + 0.5) * image_size / h
     xs = (torch.arange(w, device=boxes.device) + 0.5) * image_size / w

@@ -38,15 +38,22 @@ class SearchOutcome:
 
 def embedded_index(results: Path) -> Path:
     """The embedded default data: phantoms generated once under results/, and their index."""
+    import shutil
+
     from angiotune.data.ingest import IndexSettings, build_index
     from angiotune.data.phantoms import PhantomSettings, generate_phantoms
 
     folder = Path(results) / "embedded"
     index = folder / "index.parquet"
-    if not index.exists():
-        generate_phantoms(folder / "phantoms", PhantomSettings(**EMBEDDED_PHANTOMS))
-        build_index(folder / "phantoms" / "manifest.csv", index,
-                    IndexSettings(salt=EMBEDDED_SALT))
+    made_with = folder / "settings.json"
+    wanted = json.dumps(EMBEDDED_PHANTOMS, sort_keys=True)
+    if index.exists() and made_with.exists() and made_with.read_text() == wanted:
+        return index
+    # Absent, or made by an angiotune whose embedded default differed: make it anew.
+    shutil.rmtree(folder, ignore_errors=True)
+    generate_phantoms(folder / "phantoms", PhantomSettings(**EMBEDDED_PHANTOMS))
+    build_index(folder / "phantoms" / "manifest.csv", index, IndexSettings(salt=EMBEDDED_SALT))
+    made_with.write_text(wanted)
     return index
 
 
@@ -92,6 +99,9 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
     index = Path(data) if data else embedded_index(results)
     name = name or space.name
     run_dir = (Path(results) / "searches" / name).resolve()
+    if not resume and (run_dir / "tune").exists():
+        raise AngiotuneError(f"a search named {name!r} already exists in {run_dir}; use "
+                             "--resume to continue it or another --name")
     constants = stage_constants(space, index, Path(results), run_dir, resume)
     settings = SearchSettings(index=index, name=name, results=Path(results),
                               model_path=model, address=address, resume=resume,
@@ -161,8 +171,8 @@ def stage_constants(space: SearchSpace, index: Path, results: Path, run_dir: Pat
     if space.heads or any(p.name == "heads" for p in space.params):
         classes, counts = segment_classes(index)
         constants.update(classes=list(classes), class_counts=counts)
+    rows, _ = load_rows(index)
     for vessel in space.vessels:
-        rows, _ = load_rows(index)
         for split in ("train", "val"):
             if not ((rows["vessel"] == vessel) & (rows["split"] == split)).any():
                 raise AngiotuneError(f"{index}: no {split} lesions of {vessel}; remove it from "

@@ -64,7 +64,7 @@ TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", 
               "pos_weight", "focal_gamma", "batch_size", "precision", "gradient_checkpointing",
               "prompt_mode", "score_weight", "heads", "init", "segment_weight",
               "stenosis_weight", "mld_weight", "rvd_weight", "head_weighting", "class_loss",
-              "class_weights", "head_hidden"}
+              "class_weights", "head_hidden", "head_lr_ratio"}
 FIXED_ONLY = {"prompt_mode"}  # one zero-shot base per search
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
@@ -185,7 +185,11 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
     if stage not in STAGES:
         raise ConfigError(f"{source}: stage: {stage} must be one of {STAGES}")
     metric, mode = _parse_metric(raw, source)
-    use_asha = raw.get("asha", {}) not in (None, False, "off")
+    # Stage 3's trials of different vessels are not comparable on one scale: no ASHA unless set.
+    use_asha = raw.get("asha", {} if stage != 3 else None) not in (None, False, "off")
+    if use_asha and stage == 3:
+        raise ConfigError(f"{source}: asha: stage 3 compares trials of different vessels, "
+                          "which ASHA would rank on one scale; set 'asha: off'")
     if not use_asha:
         raw = {**raw, "asha": None}
     elif isinstance(metric, tuple):
@@ -286,6 +290,15 @@ def _parse_vessels(block: Any, stage: int, source: str) -> tuple[str, ...]:
 def _check_consistency(space: SearchSpace, source: str) -> None:
     """Rules that span sections: what the metrics need, and where ``init`` can point."""
     metrics = space.metric if space.multi_objective else (space.metric,)
+    if space.stage == 3 and (space.multi_objective or "/" in space.metric):
+        raise ConfigError(f"{source}: metric: stage 3 takes one metric without a vessel "
+                          "(each trial is scored on its own vessel's lesions)")
+    modes = space.mode if space.multi_objective else (space.mode,)
+    for name, mode in zip(metrics, modes, strict=True):
+        better = METRIC_MODES[name.split("/")[0]]
+        if better != mode:
+            raise ConfigError(f"{source}: mode: {name} is better when "
+                              f"{'higher' if better == 'max' else 'lower'}; use mode {better}")
     names = {m.split("/")[0] for m in metrics} | set(space.objective)
     if "objective" in names and not space.objective:
         raise ConfigError(f"{source}: metric 'objective' needs an 'objective' block of "

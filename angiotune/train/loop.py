@@ -122,6 +122,8 @@ def build_model(config: dict, checkpoint_dir: Path | None = None):
         heads = LesionHeads(HeadSettings(classes=tuple(config["classes"]),
                                          feature_dim=feature_dim_of(base),
                                          hidden=int(config.get("head_hidden", 128))))
+    if heads is not None:  # unused parameters would stall DDP's gradient reduction
+        heads.log_vars.requires_grad_(config.get("head_weighting", "fixed") == "uncertainty")
     return LesionModel(model, heads), settings
 
 
@@ -135,6 +137,20 @@ def save_trained(model: torch.nn.Module, settings: AdapterSettings, folder: Path
             save_heads(model.heads, folder)
     else:
         save_adapter(model, settings, folder, base_id)
+
+
+def parameter_groups(model: torch.nn.Module, config: dict) -> list[dict]:
+    """The adapter at ``lr``; the heads, which start from nothing rather than adjust a
+    pre-trained model, at ``lr * head_lr_ratio``."""
+    lr = float(config.get("lr", 1e-3))
+    heads = getattr(unwrap(model), "heads", None)
+    in_heads = {id(p) for p in heads.parameters()} if heads is not None else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in in_heads], "lr": lr}]
+    if in_heads:
+        groups.append({"params": [p for p in trainable if id(p) in in_heads],
+                       "lr": lr * float(config.get("head_lr_ratio", 10.0))})
+    return groups
 
 
 class DivergedError(RuntimeError):
@@ -172,8 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy=None
                                           if ray.train.get_context().get_world_size() == 1
                                           else "ddp")
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=float(config.get("lr", 1e-3)),
+    optimizer = torch.optim.AdamW(parameter_groups(model, config),
                                   weight_decay=float(config.get("weight_decay", 1e-4)))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -75,14 +75,15 @@ def summarise_by(records: pd.DataFrame, column: str = "vessel") -> dict[str, flo
 
 def objective(metrics: Mapping[str, float], terms: Mapping[str, float],
               suffix: str = "") -> float:
-    """A weighted sum of metrics, as a search space's ``objective`` defines it (to maximise)."""
-    total = 0.0
-    for name, weight in terms.items():
-        value = metrics.get(f"{name}{suffix}", math.nan)
-        if not math.isfinite(value):
-            return math.nan
-        total += weight * value
-    return total
+    """A weighted sum of metrics, as a search space's ``objective`` defines it (to maximise).
+
+    A term without a value (stenosis MAE on data with no QCA values in the validation split) is
+    left out rather than making every trial's objective NaN; NaN only when no term has one.
+    """
+    values = [(weight, metrics.get(f"{name}{suffix}", math.nan))
+              for name, weight in terms.items()]
+    known = [weight * value for weight, value in values if math.isfinite(value)]
+    return float(sum(known)) if known else math.nan
 
 
 def with_objective(metrics: dict[str, float], terms: Mapping[str, float] | None,

@@ -79,7 +79,7 @@ def head_targets(batch: dict, classes: tuple[str, ...]) -> dict[str, torch.Tenso
                                        device=device)}
     for name in ("diameter_stenosis_pct", "mld_mm", "rvd_mm"):
         targets["stenosis_pct" if name.startswith("diameter") else name] = torch.as_tensor(
-            np.asarray(batch[name], dtype=np.float32), device=device)
+            batch[name], dtype=torch.float32, device=device)
     return targets
 
 
