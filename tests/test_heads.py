@@ -68,6 +68,9 @@ def test_summaries_per_vessel_and_objective():
     metrics = with_objective(metrics, terms, ["LAD", "RCA", "LCX"])
     assert metrics["objective/RCA"] == pytest.approx(0.9)
     assert "objective/LCX" not in metrics
+    # A term without a value (no QCA values in validation) is left out, not NaN for all.
+    assert objective({"dice": 0.5, "stenosis_mae": math.nan}, terms) == pytest.approx(0.5)
+    assert math.isnan(objective({"stenosis_mae": math.nan}, terms))
 
 
 def test_classification_loss_ignores_unknown_and_weights_classes():

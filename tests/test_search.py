@@ -85,14 +85,17 @@ def test_asha_stopped_trials_are_pruned_not_complete_in_optuna(tmp_path):
 
 def test_two_ddp_workers_evaluate_every_epoch(ray_cluster, phantom_dir, tmp_path):
     """Guard: a validation set split across workers and read by rank 0 only hangs at the
-    next epoch; every rank reads the whole validation split instead."""
+    next epoch; every rank reads the whole validation split instead. With heads, so that DDP
+    also synchronises theirs (a parameter without a gradient would stall its reduction)."""
     index = tmp_path / "index.parquet"
     build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="test-salt"))
     space = parse_space({**TWO_TRIALS, "name": "ddp", "samples": 1, "epochs": 2,
+                         "fixed": {"strategy": "lora", "heads": True},
                          "resources": {"workers": 2, "cpus_per_worker": 1}}, "ddp.yaml")
     outcome = search(space, data=index, results=tmp_path / "results")
     assert outcome.trials == 1 and outcome.errors == 0
     assert list(outcome.epochs_run.values()) == [2]
+    assert all(record["heads"] for record in outcome.best.values())
 
 
 def test_text_box_search_keeps_concept_adapters(ray_cluster, phantom_dir, tmp_path):
