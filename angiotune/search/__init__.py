@@ -168,7 +168,7 @@ def stage_constants(space: SearchSpace, index: Path, results: Path, run_dir: Pat
     from angiotune.data.stream import load_rows
 
     constants: dict = {}
-    if space.heads or any(p.name == "heads" for p in space.params):
+    if space.heads:
         classes, counts = segment_classes(index)
         constants.update(classes=list(classes), class_counts=counts)
     rows, _ = load_rows(index)

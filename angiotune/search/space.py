@@ -110,7 +110,8 @@ class SearchSpace:
 
     @property
     def heads(self) -> bool:
-        return bool(self.fixed.get("heads"))
+        """Whether any trial of this space can train heads (fixed on, or searched)."""
+        return bool(self.fixed.get("heads")) or any(p.name == "heads" for p in self.params)
 
     def init_choices(self) -> set[str]:
         """Every ``init`` value a trial of this space can get."""
@@ -303,11 +304,10 @@ def _check_consistency(space: SearchSpace, source: str) -> None:
     if "objective" in names and not space.objective:
         raise ConfigError(f"{source}: metric 'objective' needs an 'objective' block of "
                           "metric weights")
-    heads_can_train = space.heads or any(p.name == "heads" for p in space.params)
-    if names & set(HEAD_METRICS) and not heads_can_train:
+    if names & set(HEAD_METRICS) and not space.heads:
         raise ConfigError(f"{source}: metric(s) {sorted(names & set(HEAD_METRICS))} need the "
                           "heads: use stage 2 or set heads: true")
-    if heads_can_train and space.fixed.get("prompt_mode", "box") != "box":
+    if space.heads and space.fixed.get("prompt_mode", "box") != "box":
         raise ConfigError(f"{source}: the heads read the tracker's features: prompt_mode "
                           "must be box")
     if "vessel" in space.init_choices() and space.stage != 3:
