@@ -30,7 +30,7 @@ def _progress() -> Progress:
 @click.version_option(package_name="angiotune")
 def cli() -> None:
     """Fine-tune SAM 3 on coronary angiography lesions: phantoms, index, search, best,
-    evaluate."""
+    evaluate, predict."""
 
 
 @cli.command()
@@ -265,6 +265,90 @@ def evaluate(vessel: str | None, results: Path) -> None:
     if any(note and "phantoms" in note for note in notes):
         out.print("These are scores on synthetic phantoms with the embedded tiny model: they "
                   "test the software, not clinical accuracy.")
+
+
+def _box_option(_ctx, _param, value: str | None):
+    if value is None:
+        return None
+    try:
+        box = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise click.BadParameter(f"expected x0,y0,x1,y1 in frame pixels, got {value!r}")
+    return box
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("predictions"), show_default=True,
+              help="Folder for one JSON and one overlay PNG per lesion.")
+@click.option("--box", callback=_box_option, help="Lesion box x0,y0,x1,y1 in frame pixels "
+              "(default: proposals where the segmented vessel narrows).")
+@click.option("--frame", type=int, help="Frame to analyse (default: the frame with the most "
+              "contrast in the arteries).")
+@click.option("--vessel", type=click.Choice(["RCA", "LAD", "LCX"], case_sensitive=False),
+              help="Use this vessel's adapter (default: chosen from the view angles).")
+@click.option("--pixel-spacing", type=float, help="mm per pixel at the vessel (overrides "
+              "the DICOM header).")
+@click.option("--calibration", type=float, help="Catheter calibration in pixels per mm "
+              "(overrides everything else).")
+@click.option("--max-proposals", default=3, show_default=True)
+@click.option("--no-overlay", is_flag=True, help="JSON only.")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results"), show_default=True, help="Where the kept adapters are.")
+def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | None,
+            pixel_spacing: float | None, calibration: float | None, max_proposals: int,
+            no_overlay: bool, results: Path) -> None:
+    """Segment and measure the lesions of SOURCE: a DICOM or NPY cine, a folder of them, or a
+    lesion index (Parquet), with the kept adapter of the vessel in view."""
+    from angiotune.predict import PredictSettings
+    from angiotune.predict import predict as run_predict
+
+    for name, value in (("--pixel-spacing", pixel_spacing), ("--calibration", calibration)):
+        if value is not None and not value > 0:
+            raise AngiotuneError(f"{name} must be a positive number, got {value}")
+    settings = PredictSettings(results=results, vessel=vessel.upper() if vessel else None,
+                               frame=frame, box=box, pixel_spacing_mm=pixel_spacing,
+                               calibration_px_per_mm=calibration, max_proposals=max_proposals,
+                               overlays=not no_overlay)
+    with _progress() as progress:
+        task = progress.add_task("predicting", total=None)
+        summary = run_predict(source, out_dir, settings, on_item=lambda done, total:
+                              progress.update(task, completed=done, total=total))
+    table = Table(title=f"Lesions measured (QCA from the mask; heads beside it) in {out_dir}")
+    for column in ("lesion", "vessel", "box", "MLD mm", "RVD mm", "DS %", "length mm",
+                   "heads DS %", "heads MLD mm"):
+        table.add_column(column, no_wrap=True)
+    for lesion in summary.lesions:
+        report, heads = lesion.report, lesion.report.get("heads") or {}
+        qca = report["qca"]
+        table.add_row(lesion.key, report["adapter"]["vessel"], report["box_source"].split()[0],
+                      *(_cell(qca.get(k)) for k in ("MLD_mm", "interpolated_RVD_mm",
+                                                    "diameter_stenosis_pct", "lesion_length_mm")),
+                      _cell(heads.get("diameter_stenosis_pct")), _cell(heads.get("MLD_mm")))
+    if summary.lesions:
+        out.print(table)
+    for key, given in summary.inputs.items():  # the terminal only: paths may carry IDs
+        out.print(f"{key} = {given}", soft_wrap=True, highlight=False)
+    if len(summary.lesions) <= 3:
+        for lesion in summary.lesions:
+            out.print(f"{lesion.key}: {lesion.report['routing']['reason']}", soft_wrap=True)
+    for failure in summary.failures:
+        console.print(f"[yellow]skipped[/] {failure['input']}: {failure['error']}",
+                      highlight=False)
+    if summary.lesions:
+        what = summary.lesions[0].report["what"]
+        out.print(what[0].upper() + what[1:] + ".")
+    else:
+        raise AngiotuneError("no lesion could be measured (see the messages above)")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:

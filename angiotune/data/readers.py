@@ -130,17 +130,17 @@ def _parse_header(ds, path: Path) -> CineHeader:
     spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
     if spacing is not None and not isinstance(spacing, (list, tuple, MultiValue)):
         spacing = [spacing]  # written with one value instead of row and column spacing
-    spacing_mm = _finite(spacing[0]) if spacing else None
-    magnification = _finite(ds.get("EstimatedRadiographicMagnificationFactor"))
-    sdd = _finite(ds.get("DistanceSourceToDetector"))
-    sod = _finite(ds.get("DistanceSourceToPatient"))
+    spacing_mm = finite_number(spacing[0]) if spacing else None
+    magnification = finite_number(ds.get("EstimatedRadiographicMagnificationFactor"))
+    sdd = finite_number(ds.get("DistanceSourceToDetector"))
+    sod = finite_number(ds.get("DistanceSourceToPatient"))
     if sdd and sod:
         magnification = sdd / sod
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     return CineHeader(frames=frames, height=ds.Rows, width=ds.Columns,
                       transfer_syntax=str(syntax.name if syntax else "unknown"),
-                      lao_deg=_finite(ds.get("PositionerPrimaryAngle")),
-                      cranial_deg=_finite(ds.get("PositionerSecondaryAngle")),
+                      lao_deg=finite_number(ds.get("PositionerPrimaryAngle")),
+                      cranial_deg=finite_number(ds.get("PositionerSecondaryAngle")),
                       imager_pixel_spacing_mm=spacing_mm, magnification=magnification)
 
 
@@ -238,7 +238,7 @@ def read_contour(path: Path) -> dict:
     return payload
 
 
-def _finite(value) -> float | None:
+def finite_number(value) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):

@@ -37,6 +37,10 @@ class Affine:
         corners = self.points(np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]]))
         return np.concatenate([corners.min(axis=0), corners.max(axis=0)])
 
+    def inverse(self) -> Affine:
+        matrix = np.linalg.inv(self.matrix)
+        return Affine(matrix, -matrix @ self.offset)
+
     def then(self, other: Affine) -> Affine:
         """This transform followed by ``other``."""
         return Affine(other.matrix @ self.matrix, other.matrix @ self.offset + other.offset)
@@ -72,9 +76,10 @@ def random_similarity(rng: np.random.Generator, size: int, max_rotation_deg: flo
     return Affine(rotation, centre - rotation @ centre + shift)
 
 
-def warp(array: np.ndarray, affine: Affine, size: int, *, nearest: bool = False,
-         fill: float = 0.0) -> np.ndarray:
-    """Resample ``array`` (H x W) onto the size x size output grid of ``affine``."""
+def warp(array: np.ndarray, affine: Affine, size: int | tuple[int, int], *,
+         nearest: bool = False, fill: float = 0.0) -> np.ndarray:
+    """Resample ``array`` (H x W) onto the output grid of ``affine``: size x size, or (H, W)."""
+    shape = (size, size) if isinstance(size, int) else tuple(size)
     # Coordinates are continuous with pixel i covering [i, i + 1) (boxes are half-open), so
     # pixel centres sit at i + 0.5; ndimage indexes centres at i and orders axes (row, col).
     half = np.array([0.5, 0.5])
@@ -86,10 +91,10 @@ def warp(array: np.ndarray, affine: Affine, size: int, *, nearest: bool = False,
     if nearest:
         # grid-constant: a pixel counts out to its edges, not only to its centre.
         return ndimage.affine_transform(array.astype(np.uint8), matrix, offset,
-                                        output_shape=(size, size), order=0,
+                                        output_shape=shape, order=0,
                                         mode="grid-constant", cval=0)
     return ndimage.affine_transform(array.astype(np.float32), matrix, offset,
-                                    output_shape=(size, size), order=1, mode="grid-constant",
+                                    output_shape=shape, order=1, mode="grid-constant",
                                     cval=fill)
 
 

@@ -39,15 +39,16 @@ from angiotune.data.phantoms.writer import (
     write_xa_dicom,
 )
 from angiotune.taxonomies import load_taxonomy
+from angiotune.taxonomies.views import ADAPTER_VESSELS, load_views
 
 # Lesions per CASS segment in one real core-lab export (748 lesions, 14 segments in use).
 REAL_EXPORT_COUNTS = {"1": 42, "2": 126, "3": 28, "4": 38, "12": 87, "13": 192, "14": 19,
                       "15": 55, "16": 13, "18": 26, "19": 65, "20": 29, "21": 14, "28": 14}
-# Standard views per vessel group as (LAO deg, cranial deg) in the stored convention.
-STANDARD_VIEWS = {"RCA": [(45, 0), (30, 20), (-30, 0)],
-                  "LAD": [(40, 25), (-30, 30), (0, 35)],
-                  "LCX": [(-25, -25), (40, -30)]}
-VIEW_GROUP = {"RCA": "RCA", "LAD": "LAD", "LM": "LAD", "LCX": "LCX", "RAMUS": "LCX"}
+# Standard views per vessel group as (LAO deg, cranial deg) in the stored convention, and which
+# group films each vessel: the same table routes predictions (taxonomies/views.yaml).
+STANDARD_VIEWS = {vessel: [(v.lao_deg, v.cranial_deg) for v in load_views().of(vessel)]
+                  for vessel in ADAPTER_VESSELS}
+VIEW_GROUP = load_views().adapter_for
 CSV_COLUMNS = ["patient_id", "vessel_pattern", "phase", "frame_index", "cass_segment",
                "primary_angle", "secondary_angle", "dicom_path", "cine_path", "medis_mask_path",
                "medis_contour_path"]

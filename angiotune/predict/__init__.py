@@ -1,0 +1,11 @@
+"""Inference: from a cine run to measured lesions, with the kept adapter for the vessel in view."""
+
+from angiotune.predict.pipeline import (
+    KeptModels,
+    LesionPrediction,
+    PredictSettings,
+    PredictSummary,
+    predict,
+)
+
+__all__ = ["KeptModels", "LesionPrediction", "PredictSettings", "PredictSummary", "predict"]

@@ -1,0 +1,80 @@
+"""One box on one frame through a kept model, and the answer back in frame pixels.
+
+The crop is made exactly as in training (``SampleSettings``: a square of ``context`` times the
+box around it, at the model's input size), so the adapter sees what it learned on. The mask
+logits come back through the inverse of the same affine, bilinearly, so the QCA can place edges
+between pixels from the probability map rather than from a blocky mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from angiotune.data.stream import SampleSettings, view_context
+from angiotune.data.transforms import box_to_square, normalise_intensity, warp
+from angiotune.model.lesion import LesionModel
+from angiotune.qca.centerline import largest_component
+from angiotune.taxonomies import load_taxonomy
+
+_OUTSIDE_LOGIT = -20.0
+
+
+@dataclass
+class Segmentation:
+    probability: np.ndarray  # H x W in [0, 1], frame pixels
+    mask: np.ndarray  # H x W bool: the largest piece above one half
+    confidence: float  # the model's own IoU estimate
+    heads: dict | None  # CASS segment, stenosis, MLD, RVD, when the adapter has heads
+
+    @property
+    def head_vessel(self) -> str | None:
+        return None if self.heads is None else self.heads["vessel"]
+
+
+def model_input_size(model: LesionModel) -> int:
+    return int(model.segmenter.config.vision_config.backbone_config.image_size)
+
+
+@torch.no_grad()
+def segment_box(model: LesionModel, frame: np.ndarray, box: np.ndarray, mm_per_pixel: float,
+                angles: tuple[float | None, float | None] = (None, None),
+                taxonomy: str = "CASS") -> Segmentation:
+    """Segment inside ``box`` (x0, y0, x1, y1 frame pixels) on ``frame`` (H x W in [0, 1])."""
+    size = model_input_size(model)
+    settings = SampleSettings(image_size=size, augment=False)
+    affine = box_to_square(np.asarray(box, dtype=float), size, settings.context)
+    image = normalise_intensity(warp(frame, affine, size, fill=float(np.median(frame))))
+    model_box = np.clip(affine.box(np.asarray(box, dtype=float)), 0, size).astype(np.float32)
+    height, width = frame.shape
+    row = {"angle_lao_deg": angles[0], "angle_cranial_deg": angles[1], "frame_width": width,
+           "frame_height": height, **{f"bbox_{k}": float(v) for k, v in
+                                      zip(("x0", "y0", "x1", "y1"), box, strict=True)}}
+    device = next(model.parameters()).device
+    out = model(torch.as_tensor(image[None], device=device),
+                torch.as_tensor(model_box[None], device=device),
+                torch.as_tensor(view_context(row)[None], device=device),
+                torch.tensor([mm_per_pixel / affine.scale], device=device))
+    logits = out["logits"][0].float().cpu().numpy()
+    frame_logits = warp(logits, affine.inverse(), (height, width), fill=_OUTSIDE_LOGIT)
+    probability = 1.0 / (1.0 + np.exp(-frame_logits))
+    mask = largest_component(probability >= 0.5)
+    return Segmentation(probability.astype(np.float32), mask, float(out["confidence"][0]),
+                        _head_outputs(model, out, taxonomy))
+
+
+def _head_outputs(model: LesionModel, out: dict, taxonomy: str) -> dict | None:
+    if model.heads is None:
+        return None
+    probabilities = torch.softmax(out["segment_logits"][0].float(), dim=0).cpu().numpy()
+    best = int(np.argmax(probabilities))
+    code = model.heads.settings.classes[best]
+    segment = load_taxonomy(taxonomy).lookup(code)
+    return {"cass_segment": code, "segment_name": segment.name if segment else None,
+            "vessel": segment.vessel if segment else None,
+            "probability": round(float(probabilities[best]), 3),
+            "diameter_stenosis_pct": round(float(out["stenosis_pct"][0]), 2),
+            "MLD_mm": round(float(out["mld_mm"][0]), 3),
+            "RVD_mm": round(float(out["rvd_mm"][0]), 3)}

@@ -1,0 +1,143 @@
+"""`angiotune predict` end to end on phantom cines, with real (untrained) peft adapters kept
+per vessel: routing, frame choice, proposals, the JSON and the overlay, and user errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from shapes import angiogram, narrowing, straight
+
+from angiotune.cli import main
+from angiotune.data.readers import read_cine
+from angiotune.model.adapters import AdapterSettings, adapt, save_adapter
+from angiotune.model.heads import HeadSettings, LesionHeads, feature_dim_of, save_heads
+from angiotune.model.sam3 import base_model_id, load_base_model
+from angiotune.predict import PredictSettings, predict
+from angiotune.predict.frames import select_frame
+from angiotune.predict.proposals import propose_boxes
+from angiotune.registry.store import promote
+
+RUN_GROUP = re.compile(r"RUN_[0-9A-F]+(RCA|LAD|LCX)\.")
+
+
+@pytest.fixture(scope="module")
+def kept_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry with an adapter per vessel; LAD's has stage-2 heads (random, untrained)."""
+    results = tmp_path_factory.mktemp("results")
+    settings = AdapterSettings(rank=2)
+    torch.manual_seed(0)
+    for vessel in ("RCA", "LAD", "LCX"):
+        base = load_base_model()
+        folder = results.parent / f"adapter-{vessel}"
+        save_adapter(adapt(base, settings), settings, folder, base_model_id())
+        if vessel == "LAD":
+            save_heads(LesionHeads(HeadSettings(classes=("12", "13", "2"),
+                                                feature_dim=feature_dim_of(base))), folder)
+        promote(results, vessel, folder, {
+            "metric": f"dice/{vessel}", "mode": "max", "score": 0.5, "validation_split": "s",
+            "metrics": {}, "zero_shot": {}, "config": {"rank": 2}, "stage": 2, "strategy": "lora",
+            "heads": vessel == "LAD", "base_model": base_model_id(), "search": "test",
+            "trial_id": "t0"})
+    return results
+
+
+def test_a_folder_of_cines_is_routed_measured_and_reported(phantom_dir, kept_results, tmp_path):
+    out = tmp_path / "predictions"
+    summary = predict(phantom_dir / "dicom", out, PredictSettings(results=kept_results))
+    accounted = {lesion.report["input"]["key"] for lesion in summary.lesions} \
+        | {failure["input"] for failure in summary.failures}
+    assert accounted == set(summary.inputs)  # every input measured or reported, none lost
+    assert summary.lesions, summary.failures
+    routed_clearly = 0
+    for lesion in summary.lesions:
+        report = json.loads((out / f"{lesion.key}.json").read_text())
+        group = RUN_GROUP.search(summary.inputs[report["input"]["key"]]).group(1)
+        if not report["routing"]["ambiguous"]:
+            assert report["adapter"]["vessel"] == group, report["routing"]
+            routed_clearly += 1
+        assert report["box_source"].startswith("proposal")
+        assert report["input"]["spacing_source"].startswith("DICOM ImagerPixelSpacing")
+        assert "not a clinical measurement" in report["what"]
+        assert set(report["timings_ms"]) == {"decode", "route_and_propose", "segment",
+                                             "measure"}
+        with Image.open(out / f"{lesion.key}.png") as picture:
+            assert picture.size[0] > 1000 and picture.size[1] > 700
+        text = (out / f"{lesion.key}.json").read_text()
+        assert "RUN_" not in text and str(phantom_dir) not in text  # inputs are pseudonymous
+    assert routed_clearly >= len(summary.lesions) // 2
+    combined = json.loads((out / "predictions.json").read_text())
+    assert len(combined["lesions"]) == len(summary.lesions)
+
+
+def test_an_index_is_predicted_row_by_row_beside_the_core_lab(phantom_index, kept_results,
+                                                               tmp_path):
+    out = tmp_path / "by-index"
+    summary = predict(phantom_index.out, out, PredictSettings(results=kept_results,
+                                                              overlays=False))
+    assert len(summary.lesions) == len(phantom_index.index)
+    for lesion in summary.lesions:
+        report = lesion.report
+        assert lesion.key.startswith(report["input"]["key"])  # the pseudonymous sample id
+        assert report["box_source"].startswith("index")
+        assert report["core_lab"]["MLD_mm"] > 0
+        assert "MLD_mm" in report["qca"] or "error" in report["qca"]
+        if report["adapter"]["heads"]:
+            assert report["heads"]["cass_segment"] in ("12", "13", "2")
+            assert report["heads"]["MLD_mm"] > 0
+    assert not list(out.glob("*.png"))
+
+
+def test_cli_predicts_a_given_box_on_a_given_frame(phantom_dir, kept_results, tmp_path, capsys):
+    cine = sorted((phantom_dir / "dicom").glob("*.dcm"))[0]
+    out = tmp_path / "one"
+    code = main(["predict", str(cine), "--box", "100,100,160,150", "--frame", "1",
+                 "--out", str(out), "--results", str(kept_results)])
+    assert code == 0
+    [written] = sorted(out.glob("*_lesion1.json"))
+    report = json.loads(written.read_text())
+    assert report["box"] == [100.0, 100.0, 160.0, 150.0] and report["input"]["frame"] == 1
+    assert report["box_source"] == "given (--box)"
+    printed = capsys.readouterr().out
+    assert "Lesions measured" in printed and str(cine) in printed  # path on the terminal only
+
+
+def test_cli_user_errors_are_one_clear_line(phantom_dir, kept_results, tmp_path, capsys):
+    cine = sorted((phantom_dir / "dicom").glob("*.dcm"))[0]
+    npy = sorted((phantom_dir / "cines").glob("*.npy"))[0]
+    base = ["--out", str(tmp_path / "o"), "--results", str(kept_results)]
+    assert main(["predict", str(cine), "--box", "1,2,3"] + base) == 2
+    assert main(["predict", str(cine), "--box", "10,10,900,40"] + base) == 2
+    assert "not inside" in capsys.readouterr().err
+    assert main(["predict", str(npy), "--box", "100,100,160,150"] + base) == 2
+    assert "no pixel spacing" in capsys.readouterr().err
+    assert main(["predict", str(npy), "--box", "100,100,160,150", "--pixel-spacing", "0.3",
+                 "--vessel", "RCA"] + base) == 0
+    assert main(["predict", str(tmp_path / "missing.dcm")] + base) == 2
+    assert main(["predict", str(cine), "--results", str(tmp_path / "empty")]) == 2
+    assert "no adapter kept" in capsys.readouterr().err
+
+
+def test_the_chosen_frame_is_a_contrast_filled_one(phantom_dir, manifest_rows):
+    analysed = {row["dicom_path"]: int(row["frame_index"]) for row in manifest_rows}
+    for relative, frame_index in analysed.items():
+        best, reason, scores = select_frame(read_cine(phantom_dir / relative))
+        assert best != 0 and scores[0] < scores[best]  # frame 0 has no contrast yet
+        assert scores[frame_index] >= 0.8 * scores[best], (relative, scores)
+        assert f"frame {best}" in reason
+
+
+def test_proposals_find_a_drawn_narrowing_and_nothing_on_a_blank_frame():
+    path = straight(length_mm=60.0, start=(4.0, 10.0), angle_deg=30)
+    for stenosis in (50.0, 70.0):
+        diameters, _ = narrowing(path, 1.4, stenosis, plateau_mm=2.0)
+        proposals = propose_boxes(angiogram(path, diameters, shape=(256, 320)))
+        x, y = path[len(path) // 2] / 0.2
+        first = proposals[0].box
+        assert first[0] <= x < first[2] and first[1] <= y < first[3], proposals
+    assert propose_boxes(np.full((128, 128), 0.7, dtype=np.float32)) == []
