@@ -296,11 +296,13 @@ def _box_option(_ctx, _param, value: str | None):
               "(overrides everything else).")
 @click.option("--max-proposals", default=3, show_default=True)
 @click.option("--no-overlay", is_flag=True, help="JSON only.")
+@click.option("--device", default="auto", show_default=True,
+              help="cpu, cuda, cuda:1, ...; auto takes the GPU when there is one.")
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True, help="Where the kept adapters are.")
 def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | None,
             pixel_spacing: float | None, calibration: float | None, max_proposals: int,
-            no_overlay: bool, results: Path) -> None:
+            no_overlay: bool, device: str, results: Path) -> None:
     """Segment and measure the lesions of SOURCE: a DICOM or NPY cine, a folder of them, or a
     lesion index (Parquet), with the kept adapter of the vessel in view."""
     from angiotune.predict import PredictSettings
@@ -312,7 +314,7 @@ def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | N
     settings = PredictSettings(results=results, vessel=vessel.upper() if vessel else None,
                                frame=frame, box=box, pixel_spacing_mm=pixel_spacing,
                                calibration_px_per_mm=calibration, max_proposals=max_proposals,
-                               overlays=not no_overlay)
+                               overlays=not no_overlay, device=device)
     with _progress() as progress:
         task = progress.add_task("predicting", total=None)
         summary = run_predict(source, out_dir, settings, on_item=lambda done, total:

@@ -49,11 +49,13 @@ def test_the_head_decides_only_where_the_angles_cannot():
     assert kept.vessel == "LCX" and "the view decides" in kept.reason
     agreed = second_opinion(clear, "LCX", "proximal circumflex (CASS 18)", 0.7, ALL)
     assert agreed.vessel == "LCX" and "agrees" in agreed.reason
+    unsure = second_opinion(ambiguous, "RCA", "mid RCA (CASS 2)", 0.6, ALL)
+    assert unsure.vessel == "LAD" and "needed to overrule" in unsure.reason
 
 
 def test_the_head_routes_when_there_are_no_angles_and_maps_left_main_to_lad():
     open_route = route_by_angles(None, None)
-    assert second_opinion(open_route, "LM", "left main (CASS 11)", 0.6, ALL).vessel == "LAD"
+    assert second_opinion(open_route, "LM", "left main (CASS 11)", 0.9, ALL).vessel == "LAD"
     # A vessel whose adapter is not kept cannot be switched to.
     assert second_opinion(route_by_angles(40, 25), "RCA", "mid RCA", 0.8,
                           {"LAD"}).vessel == "LAD"
@@ -61,10 +63,15 @@ def test_the_head_routes_when_there_are_no_angles_and_maps_left_main_to_lad():
 
 def test_view_table_is_validated(tmp_path):
     bad = tmp_path / "views.yaml"
-    bad.write_text("ambiguity_deg: 10\nadapter_for: {RCA: RCA, LAD: LAD, LCX: LCX, LM: LAD, "
-                   "RAMUS: LCX}\nviews:\n  - {name: odd, vessel: OM1, lao: 0, cranial: 0}\n")
+    bad.write_text("ambiguity_deg: 10\nhead_override_probability: 0.8\nadapter_for: {RCA: RCA, "
+                   "LAD: LAD, LCX: LCX, LM: LAD, RAMUS: LCX}\nviews:\n"
+                   "  - {name: odd, vessel: OM1, lao: 0, cranial: 0}\n")
     with pytest.raises(ConfigError, match=r"views\[0\]\.vessel"):
         load_views(bad)
-    bad.write_text("ambiguity_deg: 10\nadapter_for: {RCA: RCA}\nviews: []\n")
+    bad.write_text("ambiguity_deg: 10\nhead_override_probability: 0.8\n"
+                   "adapter_for: {RCA: RCA}\nviews: []\n")
     with pytest.raises(ConfigError, match="adapter_for"):
+        load_views(bad)
+    bad.write_text("ambiguity_deg: 10\nviews: []\n")
+    with pytest.raises(ConfigError, match="expected exactly the keys"):
         load_views(bad)

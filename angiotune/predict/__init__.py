@@ -6,6 +6,8 @@ from angiotune.predict.pipeline import (
     PredictSettings,
     PredictSummary,
     predict,
+    predict_cine,
 )
 
-__all__ = ["KeptModels", "LesionPrediction", "PredictSettings", "PredictSummary", "predict"]
+__all__ = ["KeptModels", "LesionPrediction", "PredictSettings", "PredictSummary", "predict",
+           "predict_cine"]

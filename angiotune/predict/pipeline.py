@@ -52,6 +52,7 @@ class PredictSettings:
     calibration_px_per_mm: float | None = None
     max_proposals: int = 3
     overlays: bool = True
+    device: str = "auto"  # "auto": the GPU when there is one
 
 
 @dataclass
@@ -76,8 +77,12 @@ class PredictSummary:
 class KeptModels:
     """The kept adapters per vessel, loaded on first use and then reused."""
 
-    def __init__(self, results: Path) -> None:
+    def __init__(self, results: Path, device: str = "auto") -> None:
+        import torch
+
         self.results = Path(results)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" \
+            else device
         self.entries = {v: e for v, e in list_entries(self.results).items() if e is not None}
         self._models: dict[str, object] = {}
         if not self.entries:
@@ -93,7 +98,7 @@ class KeptModels:
             raise RegistryError(f"no {vessel} adapter kept in {self.results / 'best'} "
                                 f"(kept: {', '.join(sorted(self.entries)) or 'none'})")
         if vessel not in self._models:
-            self._models[vessel] = load_best_model(self.results, vessel)
+            self._models[vessel] = load_best_model(self.results, vessel).to(self.device)
         return self._models[vessel]
 
 
@@ -104,7 +109,7 @@ def predict(source: str | Path, out: str | Path, settings: PredictSettings = Pre
     if not source.exists():
         raise DataError("no such file or folder", file=str(source))
     out.mkdir(parents=True, exist_ok=True)
-    models = KeptModels(settings.results)
+    models = KeptModels(settings.results, settings.device)
     items = list(_items(source, settings))
     if not items:
         raise DataError(f"no DICOM or NPY cines ({', '.join(CINE_SUFFIXES)}) found",
@@ -130,6 +135,15 @@ def predict(source: str | Path, out: str | Path, settings: PredictSettings = Pre
     _write_json({"lesions": [lesion.report for lesion in summary.lesions],
                  "failures": summary.failures}, out / "predictions.json")
     return summary
+
+
+def predict_cine(path: str | Path, models: KeptModels, settings: PredictSettings,
+                 key: str = "input") -> list[LesionPrediction]:
+    """The lesions of one cine, measured but not written: for callers that keep the models
+    loaded between cines (benchmarks, services)."""
+    path = Path(path)
+    kind = "npy" if path.suffix.lower() == ".npy" else "dicom"
+    return _predict_item({"path": path, "kind": kind}, key, models, settings)
 
 
 def input_key(text: str, salt: str) -> str:
@@ -201,7 +215,7 @@ def _predict_lesion(frame, box, box_source, proposal, route, angles, spacing, mo
     if not settings.vessel and segmentation.heads is not None:
         heads = segmentation.heads
         route = second_opinion(route, heads["vessel"], f"{heads['segment_name']} "
-                               f"(CASS {heads['cass_segment']})", heads["probability"],
+                               f"(CASS {heads['cass_segment']})", heads["vessel_probability"],
                                models.available)
         if route.vessel != vessel:
             vessel = route.vessel

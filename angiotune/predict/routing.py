@@ -56,17 +56,23 @@ def route_by_angles(lao_deg: float | None, cranial_deg: float | None,
 
 def second_opinion(route: Route, head_vessel: str | None, head_segment: str,
                    probability: float, available: set[str]) -> Route:
-    """The route after the CASS head has spoken: it decides only where the angles could not."""
-    if head_vessel is None or head_vessel == route.vessel:
-        if head_vessel is not None:
-            return Route(route.vessel, f"{route.reason}; the CASS head agrees ({head_segment}, "
-                         f"p={probability:.2f})", route.view, route.ambiguous, route.alternative)
+    """The route after the CASS head has spoken. It decides only where the angles could not
+    (missing, or ambiguous), and then only when sure: its ``probability`` for the vessel (summed
+    over that vessel's segments) must reach ``head_override_probability``."""
+    if head_vessel is None:
         return route
-    adapter = load_views().adapter_for.get(head_vessel, head_vessel)
-    if (route.vessel is None or route.ambiguous) and adapter in available:
-        return Route(adapter, f"{route.reason}; the CASS head reads {head_segment} "
-                     f"(p={probability:.2f}), so the {adapter} adapter was used", route.view,
-                     route.ambiguous, route.vessel)
-    return Route(route.vessel, f"{route.reason}; the CASS head reads {head_segment} "
-                 f"(p={probability:.2f}) but the view decides", route.view, route.ambiguous,
+    table = load_views()
+    adapter = table.adapter_for.get(head_vessel, head_vessel)
+    heard = f"the CASS head reads {head_segment}, {adapter} with p={probability:.2f}"
+    if adapter == route.vessel:
+        return Route(route.vessel, f"{route.reason}; {heard}: it agrees", route.view,
+                     route.ambiguous, route.alternative)
+    undecided = route.vessel is None or route.ambiguous
+    if undecided and adapter in available and probability >= table.head_override_probability:
+        return Route(adapter, f"{route.reason}; {heard}, so the {adapter} adapter was used",
+                     route.view, route.ambiguous, route.vessel)
+    why = ("the view decides" if not undecided else
+           f"below the {table.head_override_probability:.2f} needed to overrule the view"
+           if adapter in available else f"but no {adapter} adapter is kept")
+    return Route(route.vessel, f"{route.reason}; {heard}, {why}", route.view, route.ambiguous,
                  route.alternative)

@@ -18,6 +18,7 @@ from angiotune.data.transforms import box_to_square, normalise_intensity, warp
 from angiotune.model.lesion import LesionModel
 from angiotune.qca.centerline import largest_component
 from angiotune.taxonomies import load_taxonomy
+from angiotune.taxonomies.views import load_views
 
 _OUTSIDE_LOGIT = -20.0
 
@@ -28,10 +29,6 @@ class Segmentation:
     mask: np.ndarray  # H x W bool: the largest piece above one half
     confidence: float  # the model's own IoU estimate
     heads: dict | None  # CASS segment, stenosis, MLD, RVD, when the adapter has heads
-
-    @property
-    def head_vessel(self) -> str | None:
-        return None if self.heads is None else self.heads["vessel"]
 
 
 def model_input_size(model: LesionModel) -> int:
@@ -70,11 +67,19 @@ def _head_outputs(model: LesionModel, out: dict, taxonomy: str) -> dict | None:
         return None
     probabilities = torch.softmax(out["segment_logits"][0].float(), dim=0).cpu().numpy()
     best = int(np.argmax(probabilities))
-    code = model.heads.settings.classes[best]
-    segment = load_taxonomy(taxonomy).lookup(code)
-    return {"cass_segment": code, "segment_name": segment.name if segment else None,
-            "vessel": segment.vessel if segment else None,
+    codes = load_taxonomy(taxonomy).segments
+    adapter_for = load_views().adapter_for
+    by_vessel: dict[str, float] = {}
+    for code, p in zip(model.heads.settings.classes, probabilities, strict=True):
+        if code in codes:
+            vessel = adapter_for[codes[code].vessel]
+            by_vessel[vessel] = by_vessel.get(vessel, 0.0) + float(p)
+    vessel = max(by_vessel, key=by_vessel.get) if by_vessel else None
+    segment = codes.get(model.heads.settings.classes[best])
+    return {"cass_segment": model.heads.settings.classes[best],
+            "segment_name": segment.name if segment else None,
             "probability": round(float(probabilities[best]), 3),
+            "vessel": vessel, "vessel_probability": round(by_vessel.get(vessel, 0.0), 3),
             "diameter_stenosis_pct": round(float(out["stenosis_pct"][0]), 2),
             "MLD_mm": round(float(out["mld_mm"][0]), 3),
             "RVD_mm": round(float(out["rvd_mm"][0]), 3)}

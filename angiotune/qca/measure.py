@@ -7,6 +7,7 @@ The method is the edge-detection QCA of core labs, run on a mask instead of raw 
 2. at every pixel of arc length, the lumen edges along the normal, found to sub-pixel precision
    where the (bilinearly interpolated) mask or probability map crosses one half;
 3. the cut ends of the segment are dropped (``trim_diameters``) and the profile lightly smoothed;
+   the MLD is not searched in its outer ``end_margin`` (a segment runs between healthy parts);
 4. the reference diameter is a straight line fitted to the healthy parts: everything except the
    obstruction, the run around the narrowest point that stays more than ``healthy_tolerance``
    below the line (refitted until it settles). A line, not a constant, follows the taper;
@@ -38,7 +39,8 @@ class QCASettings:
     trim_diameters: float = 0.7
     profile_smoothing_px: float = 1.0
     healthy_tolerance: float = 0.05
-    lesion_edge_fraction: float = 0.1
+    lesion_edge_fraction: float = 0.05
+    end_margin: float = 0.1
     min_points: int = 8
 
 
@@ -128,7 +130,10 @@ def measure(mask: np.ndarray, mm_per_pixel: float, probability: np.ndarray | Non
     diameter = _fill_gaps(diameter, valid)
     diameter = ndimage.gaussian_filter1d(diameter, settings.profile_smoothing_px, mode="nearest")
     arclength = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(path, axis=0), axis=1))])
-    mld = int(np.argmin(diameter))
+    # An analysed segment runs from healthy vessel to healthy vessel: a narrowing in its outer
+    # tenths is the mask ending (a rounded end), not the lesion.
+    margin = int(settings.end_margin * len(diameter))
+    mld = margin + int(np.argmin(diameter[margin:len(diameter) - margin]))
     reference, healthy, notes = _reference(arclength, diameter, mld, settings)
     start, end = _lesion_extent(diameter, reference, mld, settings.lesion_edge_fraction)
     return QCAResult(mm_per_pixel=float(mm_per_pixel), centerline_px=path, left_edge_px=left,

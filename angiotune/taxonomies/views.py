@@ -32,6 +32,7 @@ class ViewTable:
     views: tuple[StandardView, ...]
     ambiguity_deg: float
     adapter_for: dict[str, str]
+    head_override_probability: float
 
     def of(self, vessel: str) -> list[StandardView]:
         return [v for v in self.views if v.vessel == vessel]
@@ -41,8 +42,11 @@ class ViewTable:
 def load_views(path: Path = VIEWS_FILE) -> ViewTable:
     with open(path, encoding="utf-8") as handle:
         raw = yaml.safe_load(handle)
-    if not isinstance(raw, dict) or set(raw) != {"ambiguity_deg", "adapter_for", "views"}:
-        raise ConfigError(f"{path}: expected exactly 'ambiguity_deg', 'adapter_for' and 'views'")
+    keys = {"ambiguity_deg", "head_override_probability", "adapter_for", "views"}
+    if not isinstance(raw, dict) or set(raw) != keys:
+        raise ConfigError(f"{path}: expected exactly the keys {sorted(keys)}")
+    if not 0 < float(raw["head_override_probability"]) <= 1:
+        raise ConfigError(f"{path}: head_override_probability must be in (0, 1]")
     adapter_for = raw["adapter_for"]
     if (not isinstance(adapter_for, dict) or set(adapter_for) != set(VESSELS)
             or not set(adapter_for.values()) <= set(ADAPTER_VESSELS)):
@@ -62,4 +66,5 @@ def load_views(path: Path = VIEWS_FILE) -> ViewTable:
                                   float(entry["cranial"])))
     if {v.vessel for v in views} != set(ADAPTER_VESSELS):
         raise ConfigError(f"{path}: every vessel of {ADAPTER_VESSELS} needs a standard view")
-    return ViewTable(tuple(views), float(raw["ambiguity_deg"]), dict(adapter_for))
+    return ViewTable(tuple(views), float(raw["ambiguity_deg"]), dict(adapter_for),
+                     float(raw["head_override_probability"]))

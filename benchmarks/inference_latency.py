@@ -1,0 +1,124 @@
+"""Milliseconds per frame for the whole predict path: decode, choose the frame, route, segment,
+measure; the overlay apart. With the kept adapters of ``--results`` (the embedded model unless
+the search used a real checkpoint), on CPU or the GPU; optionally the full-size SAM 3 tracker
+configuration (random weights: timing only) on the same path.
+
+    python benchmarks/inference_latency.py [--results results] [--runs 10] [--device cpu]
+        [--full-size] [--full-size-runs 1]
+
+The cines are the index's DICOM runs (the lesion box from the index, as a user's --box).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from angiotune.data.readers import read_frame
+from angiotune.data.stream import load_rows
+from angiotune.predict import KeptModels, PredictSettings, predict_cine
+from angiotune.predict.report import write_overlay
+from angiotune.predict.segment import segment_box
+from angiotune.qca import QCAError, measure
+from angiotune.registry.store import list_entries
+
+
+def time_predict(rows, root: Path, models: KeptModels, runs: int, frame_given: bool,
+                 device: str) -> dict[str, float]:
+    """Median and p90 ms per frame over ``runs`` cines, with the stage breakdown."""
+    totals, stages = [], {}
+    for row in rows[:runs]:
+        settings = PredictSettings(results=models.results, device=device, box=tuple(
+            float(row[f"bbox_{k}"]) for k in ("x0", "y0", "x1", "y1")),
+            frame=int(row["frame_index"]) if frame_given else None)
+        _sync(device)
+        start = time.perf_counter()
+        [lesion] = predict_cine(root / row["image_path"], models, settings)
+        _sync(device)
+        totals.append(1000 * (time.perf_counter() - start))
+        for stage, ms in lesion.report["timings_ms"].items():
+            stages.setdefault(stage, []).append(ms)
+    return {"median ms": statistics.median(totals), "p90 ms": float(np.percentile(totals, 90)),
+            **{f"{stage} ms": statistics.median(v) for stage, v in stages.items()}}
+
+
+def time_overlay(rows, root: Path, models: KeptModels, device: str, out: Path) -> float:
+    row = rows[0]
+    settings = PredictSettings(results=models.results, device=device, frame=int(
+        row["frame_index"]), box=tuple(float(row[f"bbox_{k}"]) for k in ("x0", "y0", "x1", "y1")))
+    [lesion] = predict_cine(root / row["image_path"], models, settings)
+    start = time.perf_counter()
+    write_overlay(lesion, out / "overlay.png")
+    return 1000 * (time.perf_counter() - start)
+
+
+def time_full_size(rows, root: Path, device: str, runs: int) -> dict[str, float]:
+    """The same segment + measure step with the full SAM 3 tracker (1008 px, random weights)."""
+    from transformers import Sam3TrackerConfig, Sam3TrackerModel
+
+    from angiotune.model.lesion import LesionModel
+
+    model = LesionModel(Sam3TrackerModel(Sam3TrackerConfig())).eval().to(device)
+    row = rows[0]
+    frame = read_frame(root / row["image_path"], int(row["frame_index"]))
+    box = np.array([row[f"bbox_{k}"] for k in ("x0", "y0", "x1", "y1")], dtype=float)
+    segment_box(model, frame, box, float(row["pixel_spacing_mm"]))  # warm-up
+    times = []
+    for _ in range(runs):
+        _sync(device)
+        start = time.perf_counter()
+        result = segment_box(model, frame, box, float(row["pixel_spacing_mm"]))
+        # Random weights: the mask may be nothing to measure; the time is what counts.
+        with contextlib.suppress(QCAError):
+            measure(result.mask, float(row["pixel_spacing_mm"]), probability=result.probability)
+        _sync(device)
+        times.append(1000 * (time.perf_counter() - start))
+    return {"median ms": statistics.median(times), "runs": runs,
+            "parameters (M)": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--full-size-runs", type=int, default=1)
+    args = parser.parse_args()
+    entries = {v: e for v, e in list_entries(args.results).items() if e is not None}
+    if not entries:
+        raise SystemExit(f"no kept adapters in {args.results}: run `angiotune search` first "
+                         "(the embedded default needs no data)")
+    rows, root = load_rows(Path(next(iter(entries.values()))["index"]))
+    rows = [r for r in rows.to_dict("records") if r["image_format"] == "dicom"]
+    models = KeptModels(args.results, args.device)
+    print(f"device {args.device} ({torch.get_num_threads()} threads), kept adapters "
+          f"{', '.join(entries)}, {min(args.runs, len(rows))} cines of "
+          f"{rows[0]['frames']} frames at {rows[0]['frame_width']} px")
+    time_predict(rows, root, models, 2, True, args.device)  # warm-up: load the models
+    for label, frame_given in (("--frame given", True), ("frame chosen automatically", False)):
+        figures = time_predict(rows, root, models, args.runs, frame_given, args.device)
+        print(f"{label}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+    with tempfile.TemporaryDirectory() as scratch:
+        print(f"overlay PNG: {time_overlay(rows, root, models, args.device, Path(scratch)):.1f} "
+              "ms (not in the per-frame figures)")
+    if args.full_size:
+        figures = time_full_size(rows, root, args.device, args.full_size_runs)
+        print("full-size SAM 3 tracker, segment + measure: " +
+              ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main()
