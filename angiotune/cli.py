@@ -279,6 +279,20 @@ def _box_option(_ctx, _param, value: str | None):
     return box
 
 
+def _angles_option(_ctx, _param, value: str | None):
+    """"RAO 30, CAUDAL 25" -> (-30.0, -25.0): labelled, so no sign convention to get wrong."""
+    if value is None:
+        return None
+    from angiotune.data.angles import parse_primary, parse_secondary
+
+    parts = [p.strip() for p in value.split(",")]
+    angles = (parse_primary(parts[0]), parse_secondary(parts[1])) if len(parts) == 2 else None
+    if angles is None or None in angles:
+        raise click.BadParameter(f"expected e.g. 'LAO 45, CRANIAL 20' or 'RAO 30, CAUDAL 25', "
+                                 f"got {value!r}")
+    return angles
+
+
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -290,6 +304,8 @@ def _box_option(_ctx, _param, value: str | None):
               "contrast in the arteries).")
 @click.option("--vessel", type=click.Choice(["RCA", "LAD", "LCX"], case_sensitive=False),
               help="Use this vessel's adapter (default: chosen from the view angles).")
+@click.option("--angles", callback=_angles_option, help="View angles when the file has none "
+              "or they are wrong, labelled: 'LAO 45, CRANIAL 20', 'RAO 30, CAUDAL 25'.")
 @click.option("--pixel-spacing", type=float, help="mm per pixel at the vessel (overrides "
               "the DICOM header).")
 @click.option("--calibration", type=float, help="Catheter calibration in pixels per mm "
@@ -300,7 +316,7 @@ def _box_option(_ctx, _param, value: str | None):
               help="cpu, cuda, cuda:1, ...; auto takes the GPU when there is one.")
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True, help="Where the kept adapters are.")
-def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | None,
+def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | None, angles,
             pixel_spacing: float | None, calibration: float | None, max_proposals: int,
             no_overlay: bool, device: str, results: Path) -> None:
     """Segment and measure the lesions of SOURCE: a DICOM or NPY cine, a folder of them, or a
@@ -312,7 +328,8 @@ def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | N
         if value is not None and not value > 0:
             raise AngiotuneError(f"{name} must be a positive number, got {value}")
     settings = PredictSettings(results=results, vessel=vessel.upper() if vessel else None,
-                               frame=frame, box=box, pixel_spacing_mm=pixel_spacing,
+                               frame=frame, box=box, angles=angles,
+                               pixel_spacing_mm=pixel_spacing,
                                calibration_px_per_mm=calibration, max_proposals=max_proposals,
                                overlays=not no_overlay, device=device)
     with _progress() as progress:

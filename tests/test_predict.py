@@ -118,6 +118,14 @@ def test_cli_user_errors_are_one_clear_line(phantom_dir, kept_results, tmp_path,
     assert "no pixel spacing" in capsys.readouterr().err
     assert main(["predict", str(npy), "--box", "100,100,160,150", "--pixel-spacing", "0.3",
                  "--vessel", "RCA"] + base) == 0
+    assert main(["predict", str(npy), "--angles", "RAO 25"] + base) == 2
+    # Labelled angles route a file that carries none.
+    angled = ["predict", str(npy), "--box", "100,100,160,150", "--pixel-spacing", "0.3",
+              "--angles", "RAO 25, CAUDAL 25", "--out", str(tmp_path / "angled"),
+              "--results", str(kept_results)]
+    assert main(angled) == 0
+    [report] = [json.loads(p.read_text()) for p in (tmp_path / "angled").glob("*_lesion1.json")]
+    assert report["adapter"]["vessel"] == "LCX" and "RAO caudal" in report["routing"]["reason"]
     assert main(["predict", str(tmp_path / "missing.dcm")] + base) == 2
     assert main(["predict", str(cine), "--results", str(tmp_path / "empty")]) == 2
     assert "no adapter kept" in capsys.readouterr().err

@@ -50,6 +50,7 @@ class PredictSettings:
     box: tuple[float, float, float, float] | None = None
     pixel_spacing_mm: float | None = None
     calibration_px_per_mm: float | None = None
+    angles: tuple[float, float] | None = None  # (LAO, cranial) in DICOM's convention
     max_proposals: int = 3
     overlays: bool = True
     device: str = "auto"  # "auto": the GPU when there is one
@@ -180,6 +181,8 @@ def _predict_item(item: dict, key: str, models: KeptModels,
     else:
         frame_index, frame_reason = _choose_frame(path, header, settings.frame)
         angles = (header.lao_deg, header.cranial_deg)
+    if settings.angles is not None:
+        angles = settings.angles
     frame = read_frame(path, frame_index)
     spacing, spacing_source = _pixel_spacing(header, row, settings)
     timings["decode"] = _lap(clock)

@@ -1,9 +1,10 @@
 """The overlay picture of one measured lesion, laid out as QCA software shows it.
 
-Top left: the whole frame with the box. Top right: the lesion enlarged, with the detected lumen
-edges (yellow), the centerline (cyan), the MLD (red) and the lesion's ends (green). Bottom: the
-numbers, the adapter and why it was chosen, and the diameter function along the segment with
-its interpolated reference.
+Top left: the whole frame with the box. Top right: the lesion enlarged, with the model's mask
+outline (orange), the lumen edges QCA found on it (yellow), the centerline (cyan; green along the
+healthy reference segments), the MLD (red) and the lesion's ends (green). Bottom: the numbers,
+the adapter and why it was chosen, and the diameter function along the segment with its
+interpolated reference.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 PANEL = 512
 FOOTER = 250
-EDGE, CENTRE, MLD, ENDS, BOX, REFERENCE = ("#ffd400", "#00d7ff", "#ff3030", "#30e060",
-                                           "#ff9a00", "#30e060")
+EDGE, CENTRE, MLD, ENDS, BOX, REFERENCE, MASK = ("#ffd400", "#00d7ff", "#ff3030", "#30e060",
+                                                 "#ff9a00", "#30e060", "#ff7a00")
 
 
 def write_overlay(lesion, path: Path) -> Path:
@@ -41,10 +43,18 @@ def write_overlay(lesion, path: Path) -> Path:
     def to_zoom(points):
         return [tuple(origin + (np.asarray(p) - region[:2] + 0.5) * zoom) for p in points]
 
+    if lesion.segmentation is not None:
+        mask = lesion.segmentation.mask
+        outline = np.argwhere(mask & ~ndimage.binary_erosion(mask))[:, ::-1]
+        half = max(zoom / 4, 1.0)
+        for x, y in to_zoom(outline):
+            draw.rectangle([x - half, y - half, x + half, y + half], fill=MASK)
     if qca is not None:
         draw.line(to_zoom(qca.left_edge_px), fill=EDGE, width=2)
         draw.line(to_zoom(qca.right_edge_px), fill=EDGE, width=2)
         draw.line(to_zoom(qca.centerline_px), fill=CENTRE, width=1)
+        for start, end in _runs(qca.healthy):
+            draw.line(to_zoom(qca.centerline_px[start:end]), fill=REFERENCE, width=3)
         for index, colour in ((qca.lesion_start, ENDS), (qca.lesion_end, ENDS),
                               (qca.mld_index, MLD)):
             draw.line(to_zoom([qca.left_edge_px[index], qca.right_edge_px[index]]),
@@ -54,6 +64,8 @@ def write_overlay(lesion, path: Path) -> Path:
     else:
         _label(draw, tuple(origin + 8), "not measurable: " + report["qca"]["error"], font, MLD)
 
+    _label(draw, tuple(origin + [6, 4]), "orange: model mask  yellow: QCA edges  green: reference "
+           "segments  red: MLD", font)
     _footer_text(draw, report, (8, PANEL + 8), font)
     if qca is not None:
         _diameter_plot(draw, qca, (PANEL + 24, PANEL + 12, 2 * PANEL + 14, PANEL + FOOTER - 14),
@@ -134,6 +146,12 @@ def _diameter_plot(draw: ImageDraw.ImageDraw, qca, area, font) -> None:
     _label(draw, (x0, y0), "diameter (mm) along the segment; green: reference", font)
     _label(draw, (x0 + 4, xy(0, top * 0.9)[1]), f"{top * 0.9:.1f}", font, "#a0a0a0")
     _label(draw, (x1 - 60, y1 - 18), f"{s[-1]:.1f} mm", font, "#a0a0a0")
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of True, end exclusive."""
+    edges = np.diff(np.concatenate([[0], flags.astype(int), [0]]))
+    return list(zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0], strict=True))
 
 
 def _label(draw, at, text: str, font, colour: str = "#e8e8e8") -> None:
