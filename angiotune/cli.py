@@ -5,6 +5,7 @@ User errors (``AngiotuneError``) print one clear message and exit with status 2,
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -310,7 +311,8 @@ def _angles_option(_ctx, _param, value: str | None):
               "the DICOM header).")
 @click.option("--calibration", type=float, help="Catheter calibration in pixels per mm "
               "(overrides everything else).")
-@click.option("--max-proposals", default=3, show_default=True)
+@click.option("--max-proposals", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Lesions to propose per cine when no box is given.")
 @click.option("--no-overlay", is_flag=True, help="JSON only.")
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda, cuda:1, ...; auto takes the GPU when there is one.")
@@ -325,7 +327,7 @@ def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | N
     from angiotune.predict import predict as run_predict
 
     for name, value in (("--pixel-spacing", pixel_spacing), ("--calibration", calibration)):
-        if value is not None and not value > 0:
+        if value is not None and not (value > 0 and math.isfinite(value)):
             raise AngiotuneError(f"{name} must be a positive number, got {value}")
     settings = PredictSettings(results=results, vessel=vessel.upper() if vessel else None,
                                frame=frame, box=box, angles=angles,

@@ -40,7 +40,7 @@ def time_predict(rows, root: Path, models: KeptModels, runs: int, frame_given: b
             frame=int(row["frame_index"]) if frame_given else None)
         _sync(device)
         start = time.perf_counter()
-        [lesion] = predict_cine(root / row["image_path"], models, settings)
+        [lesion] = predict_cine(root / row["image_path"], models, settings).lesions
         _sync(device)
         totals.append(1000 * (time.perf_counter() - start))
         for stage, ms in lesion.report["timings_ms"].items():
@@ -53,7 +53,7 @@ def time_overlay(rows, root: Path, models: KeptModels, device: str, out: Path) -
     row = rows[0]
     settings = PredictSettings(results=models.results, device=device, frame=int(
         row["frame_index"]), box=tuple(float(row[f"bbox_{k}"]) for k in ("x0", "y0", "x1", "y1")))
-    [lesion] = predict_cine(root / row["image_path"], models, settings)
+    [lesion] = predict_cine(root / row["image_path"], models, settings).lesions
     start = time.perf_counter()
     write_overlay(lesion, out / "overlay.png")
     return 1000 * (time.perf_counter() - start)

@@ -9,11 +9,11 @@ SPACING_MM = 0.2  # mm per pixel, a typical value at the vessel
 
 
 def tube(path_mm: np.ndarray, diameter_mm: np.ndarray, shape=(200, 200),
-         soft: bool = False) -> np.ndarray:
+         soft: bool = False, spacing_mm: float = SPACING_MM) -> np.ndarray:
     """Pixels (centres at integer coordinates) within the local radius of a dense centerline;
     ``soft`` gives a probability map with a 0.5 crossing exactly on the wall."""
-    points = path_mm / SPACING_MM
-    radius = diameter_mm / SPACING_MM / 2
+    points = path_mm / spacing_mm
+    radius = diameter_mm / spacing_mm / 2
     ys, xs = np.mgrid[0:shape[0], 0:shape[1]]
     distance, nearest = cKDTree(points).query(np.stack([xs.ravel(), ys.ravel()], axis=1))
     # The ends are cut square, as a segment mask is: only pixels beside the path count.

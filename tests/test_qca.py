@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from scipy import ndimage
 from shapes import SPACING_MM, arc, narrowing, straight, tube
 
 from angiotune.qca import QCAError, measure
@@ -48,14 +51,36 @@ def test_a_probability_map_places_edges_below_a_pixel():
     assert result.rvd_mm == pytest.approx(2.5, abs=0.03)
 
 
-def test_pixel_spacing_scales_every_length():
+def test_the_same_tube_at_two_pixel_spacings_measures_the_same_in_mm():
     path = arc()
     diameters, _ = narrowing(path, 3.0, 50.0, plateau_mm=4.0)
+    coarse = measure(tube(path, diameters), SPACING_MM)
+    fine = measure(tube(path, diameters, shape=(400, 400), spacing_mm=SPACING_MM / 2),
+                   SPACING_MM / 2)
+    assert fine.mld_mm == pytest.approx(coarse.mld_mm, abs=0.08)
+    assert fine.rvd_mm == pytest.approx(coarse.rvd_mm, abs=0.08)
+    assert fine.lesion_length_mm == pytest.approx(coarse.lesion_length_mm, abs=0.6)
+    assert fine.mld_mm == pytest.approx(1.5, abs=0.06)  # finer pixels, closer to the truth
+
+
+def test_a_mask_cut_in_two_by_a_subtotal_occlusion_is_not_called_healthy():
+    path = straight()
+    diameters, _ = narrowing(path, 3.0, 97.0, plateau_mm=4.0)
     mask = tube(path, diameters)
-    fine, coarse = measure(mask, SPACING_MM), measure(mask, 2 * SPACING_MM)
-    assert coarse.mld_mm == pytest.approx(2 * fine.mld_mm)
-    assert coarse.lesion_length_mm == pytest.approx(2 * fine.lesion_length_mm)
-    assert coarse.diameter_stenosis_pct == pytest.approx(fine.diameter_stenosis_pct)
+    assert ndimage.label(mask, structure=np.ones((3, 3)))[1] >= 2  # the lumen vanished
+    result = measure(mask, SPACING_MM)
+    assert result.mld_mm < 0.1 and result.diameter_stenosis_pct > 95
+    assert any("interrupted" in note for note in result.notes)
+
+
+def test_a_branching_mask_is_flagged_and_reported_as_strict_json():
+    main = straight()
+    mask = tube(main, np.full(len(main), 2.0))
+    branch = np.stack([np.full(400, 15.0), np.linspace(23.0, 39.0, 400)], axis=1)
+    mask |= tube(branch, np.full(len(branch), 1.5))
+    result = measure(mask, SPACING_MM)
+    assert any("branches" in note for note in result.notes)
+    json.dumps(result.to_json(), allow_nan=False)  # no NaN where an edge was not found
 
 
 def test_the_report_names_its_numbers_like_a_core_lab():

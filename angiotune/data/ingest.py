@@ -406,10 +406,10 @@ class _RowParser:
             else None
         if factor is not None and factor > 0:
             return 1.0 / factor, "calibration"
-        if header.spacing_at_vessel_mm:
-            warn("calibration", "no calibration factor; pixel spacing from the DICOM's "
-                                "ImagerPixelSpacing and source distances")
-            return header.spacing_at_vessel_mm, "dicom"
+        spacing = header.vessel_spacing()
+        if spacing is not None:
+            warn("calibration", f"no calibration factor; pixel spacing from the {spacing[1]}")
+            return spacing[0], "dicom"
         raise _Rejected("calibration", "missing calibration: no calibration.scale_factor in the "
                                        "contour JSON and no pixel spacing with source distances "
                                        "in the image file", raw.get("medis_contour_path", ""))

@@ -21,6 +21,7 @@ from pydicom.multival import MultiValue
 from angiotune.errors import DataError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
+MAGNIFICATION_RANGE = (1.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -33,15 +34,28 @@ class CineHeader:
     transfer_syntax: str = "npy"
     lao_deg: float | None = None  # DICOM PositionerPrimaryAngle, LAO positive
     cranial_deg: float | None = None
-    imager_pixel_spacing_mm: float | None = None
-    magnification: float | None = None
+    imager_pixel_spacing_mm: float | None = None  # at the detector
+    magnification: float | None = None  # source-detector / source-patient distance
+    pixel_spacing_mm: float | None = None  # PixelSpacing: already at the patient plane
+
+    def vessel_spacing(self) -> tuple[float, str] | None:
+        """mm per pixel at the vessel and where it came from, or None when the file cannot say.
+
+        ImagerPixelSpacing is measured at the detector and is divided by the geometric
+        magnification; PixelSpacing, where an XA file has it, is the system's own calibration
+        at the patient and is used as it is (dividing it again would shrink every mm).
+        """
+        if self.imager_pixel_spacing_mm and self.magnification:
+            return (self.imager_pixel_spacing_mm / self.magnification,
+                    f"DICOM ImagerPixelSpacing / magnification ({self.magnification:.3f})")
+        if self.pixel_spacing_mm:
+            return self.pixel_spacing_mm, "DICOM PixelSpacing (the system's calibration)"
+        return None
 
     @property
     def spacing_at_vessel_mm(self) -> float | None:
-        """ImagerPixelSpacing corrected by the geometric magnification (mm per pixel)."""
-        if self.imager_pixel_spacing_mm is None or self.magnification is None:
-            return None
-        return self.imager_pixel_spacing_mm / self.magnification
+        spacing = self.vessel_spacing()
+        return None if spacing is None else spacing[0]
 
 
 def is_dicom_path(path: Path) -> bool:
@@ -127,21 +141,22 @@ def _parse_header(ds, path: Path) -> CineHeader:
         if not isinstance(ds.get(tag), int) or ds.get(tag) <= 0:
             raise DataError(f"missing or invalid {tag}", file=str(path), field=tag)
     frames = _positive_int(ds.get("NumberOfFrames", 1), path, "NumberOfFrames")
-    spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
-    if spacing is not None and not isinstance(spacing, (list, tuple, MultiValue)):
-        spacing = [spacing]  # written with one value instead of row and column spacing
-    spacing_mm = finite_number(spacing[0]) if spacing else None
     magnification = finite_number(ds.get("EstimatedRadiographicMagnificationFactor"))
     sdd = finite_number(ds.get("DistanceSourceToDetector"))
     sod = finite_number(ds.get("DistanceSourceToPatient"))
-    if sdd and sod:
+    if sdd and sod and sdd > 0 and sod > 0:
         magnification = sdd / sod
+    if magnification is not None and not MAGNIFICATION_RANGE[0] <= magnification \
+            <= MAGNIFICATION_RANGE[1]:
+        magnification = None  # a C-arm magnifies 1.1-2x: anything else is a broken tag
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     return CineHeader(frames=frames, height=ds.Rows, width=ds.Columns,
                       transfer_syntax=str(syntax.name if syntax else "unknown"),
                       lao_deg=finite_number(ds.get("PositionerPrimaryAngle")),
                       cranial_deg=finite_number(ds.get("PositionerSecondaryAngle")),
-                      imager_pixel_spacing_mm=spacing_mm, magnification=magnification)
+                      imager_pixel_spacing_mm=_spacing(ds.get("ImagerPixelSpacing")),
+                      magnification=magnification,
+                      pixel_spacing_mm=_spacing(ds.get("PixelSpacing")))
 
 
 def _dicom_frame(path: Path, index: int) -> np.ndarray:
@@ -236,6 +251,14 @@ def read_contour(path: Path) -> dict:
     if not isinstance(payload, dict):
         raise DataError("expected a JSON object at the top level", file=str(path))
     return payload
+
+
+def _spacing(value) -> float | None:
+    """Row spacing of a (row, column) spacing tag; None unless positive and finite."""
+    if value is not None and not isinstance(value, (list, tuple, MultiValue)):
+        value = [value]  # written with one value instead of row and column spacing
+    spacing = finite_number(value[0]) if value else None
+    return spacing if spacing is not None and spacing > 0 else None
 
 
 def finite_number(value) -> float | None:

@@ -38,6 +38,9 @@ from angiotune.registry.store import RegistryError, list_entries, load_best_mode
 log = logging.getLogger(__name__)
 CINE_SUFFIXES = (".dcm", ".dicom", ".npy")
 ADAPTER_ORDER = ("RCA", "LAD", "LCX")
+COORDINATES = ("x, y in frame pixels; boxes are pixel edges, x0 <= x < x1 (pixel column c spans "
+               "c to c + 1); points (centerline, edges, MLD position) are pixel centres, pixel "
+               "(row r, column c) at (c, r)")
 
 
 @dataclass(frozen=True)
@@ -79,16 +82,18 @@ class KeptModels:
     """The kept adapters per vessel, loaded on first use and then reused."""
 
     def __init__(self, results: Path, device: str = "auto") -> None:
-        import torch
-
         self.results = Path(results)
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" \
-            else device
-        self.entries = {v: e for v, e in list_entries(self.results).items() if e is not None}
+        self.device = resolve_device(device)
+        kept = {v: e for v, e in list_entries(self.results).items() if e is not None}
+        # Concept-model (text_box) adapters segment "things like this", not "inside this box".
+        self.entries = {v: e for v, e in kept.items() if e.get("prompt_mode", "box") == "box"}
+        self.skipped = sorted(set(kept) - set(self.entries))
         self._models: dict[str, object] = {}
         if not self.entries:
-            raise RegistryError(f"no adapter kept in {self.results / 'best'}; run "
-                                "`angiotune search` first (or pass --results)")
+            skipped = (f" ({', '.join(self.skipped)} kept as text_box adapters, which predict "
+                       "does not use)" if self.skipped else "")
+            raise RegistryError(f"no box-prompted adapter kept in {self.results / 'best'}"
+                                f"{skipped}; run `angiotune search` first (or pass --results)")
 
     @property
     def available(self) -> set[str]:
@@ -117,34 +122,79 @@ def predict(source: str | Path, out: str | Path, settings: PredictSettings = Pre
                         file=str(source))
     summary = PredictSummary()
     salt = resolve_salt()
-    for done, item in enumerate(items, start=1):
-        key = item.get("sample_id") or input_key(str(item["path"].resolve()), salt)
-        summary.inputs[key] = str(item["path"])
-        try:
-            for lesion in _predict_item(item, key, models, settings):
-                if settings.overlays:
-                    from angiotune.predict.report import write_overlay
-                    lesion.paths.append(write_overlay(lesion, out / f"{lesion.key}.png"))
-                lesion.paths.insert(0, _write_json(lesion.report, out / f"{lesion.key}.json"))
+    try:
+        for done, item in enumerate(items, start=1):
+            key = item.get("sample_id") or input_key(str(item["path"].resolve()), salt)
+            summary.inputs[key] = str(item["path"])
+            try:
+                lesions, failures = _predict_item(item, key, models, settings)
+            except Exception as error:  # noqa: BLE001 - one bad input must not stop a batch
+                lesions, failures = [], [{"error": describe(error)}]
+            for lesion in lesions:
+                _write_outputs(lesion, out, settings, failures)
                 summary.lesions.append(lesion)
-        except AngiotuneError as error:
-            log.info("angiotune: %s skipped (%s)", key, error)
-            summary.failures.append({"input": key, "error": str(error).replace(
-                str(item["path"]), key)})
-        if on_item:
-            on_item(done, len(items))
-    _write_json({"lesions": [lesion.report for lesion in summary.lesions],
-                 "failures": summary.failures}, out / "predictions.json")
+            for failure in failures:
+                failure = {"input": key, **failure}
+                failure["error"] = _without_path(failure["error"], item["path"], key)
+                log.info("angiotune: %s skipped (%s)", key, failure["error"])
+                summary.failures.append(failure)
+            if on_item:
+                on_item(done, len(items))
+    finally:  # what was measured is kept, even when the batch is interrupted
+        _write_json({"lesions": [lesion.report for lesion in summary.lesions],
+                     "failures": summary.failures}, out / "predictions.json")
     return summary
 
 
+def _write_outputs(lesion: LesionPrediction, out: Path, settings: PredictSettings,
+                   failures: list[dict]) -> None:
+    lesion.paths.append(_write_json(lesion.report, out / f"{lesion.key}.json"))
+    if settings.overlays:
+        from angiotune.predict.report import write_overlay
+
+        try:
+            lesion.paths.append(write_overlay(lesion, out / f"{lesion.key}.png"))
+        except Exception as error:  # noqa: BLE001 - the numbers stand without the picture
+            failures.append({"lesion": lesion.key, "error": f"overlay not drawn: "
+                                                           f"{describe(error)}"})
+
+
+def describe(error: Exception) -> str:
+    """A user error as it is; anything else with its type, as a bug to report."""
+    if isinstance(error, AngiotuneError):
+        return str(error)
+    return f"unexpected {type(error).__name__}: {error} (please report this)"
+
+
+def _without_path(text: str, path: Path, key: str) -> str:
+    for form in (str(path), str(path.resolve()), path.name):
+        text = text.replace(form, key)
+    return text
+
+
 def predict_cine(path: str | Path, models: KeptModels, settings: PredictSettings,
-                 key: str = "input") -> list[LesionPrediction]:
+                 key: str = "input") -> PredictSummary:
     """The lesions of one cine, measured but not written: for callers that keep the models
-    loaded between cines (benchmarks, services)."""
+    loaded between cines (benchmarks, services). A lesion that fails is in ``failures``."""
     path = Path(path)
     kind = "npy" if path.suffix.lower() == ".npy" else "dicom"
-    return _predict_item({"path": path, "kind": kind}, key, models, settings)
+    lesions, failures = _predict_item({"path": path, "kind": kind}, key, models, settings)
+    return PredictSummary(lesions, failures, {key: str(path)})
+
+
+def resolve_device(name: str) -> str:
+    """"auto" -> the GPU when there is one; a named device is checked before any work starts."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise AngiotuneError(f"unknown device {name!r} (cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AngiotuneError(f"--device {name}: no CUDA GPU is visible here")
+    return name
 
 
 def input_key(text: str, salt: str) -> str:
@@ -162,20 +212,34 @@ def _items(source: Path, settings: PredictSettings) -> Iterator[dict]:
                    "sample_id": row["sample_id"]}
     elif source.is_dir():
         for path in sorted(source.rglob("*")):
-            if path.is_file() and path.suffix.lower() in CINE_SUFFIXES:
+            if path.is_file() and (path.suffix.lower() in CINE_SUFFIXES or _has_dicom_preamble(
+                    path)):
                 yield {"path": path, "kind": "npy" if path.suffix.lower() == ".npy" else "dicom"}
     else:
         yield {"path": source, "kind": "npy" if source.suffix.lower() == ".npy" else "dicom"}
 
 
+def _has_dicom_preamble(path: Path) -> bool:
+    """Exports often name DICOM files without an extension: the "DICM" marker tells."""
+    if path.suffix:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _predict_item(item: dict, key: str, models: KeptModels,
-                  settings: PredictSettings) -> list[LesionPrediction]:
+                  settings: PredictSettings) -> tuple[list[LesionPrediction], list[dict]]:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     path, row = item["path"], item.get("row")
     header = read_header(path)
     if row is not None:
         frame_index, frame_reason = int(row["frame_index"]), "the analysed frame in the index"
+        if settings.frame is not None:
+            frame_reason += " (--frame applies to cines, not to index rows)"
         angles = (finite_number(row.get("angle_lao_deg")),
                   finite_number(row.get("angle_cranial_deg")))
     else:
@@ -198,19 +262,26 @@ def _predict_item(item: dict, key: str, models: KeptModels,
                          "frame_size": [header.width, header.height],
                          "pixel_spacing_mm": round(spacing, 5), "spacing_source": spacing_source,
                          "angles": _angles_text(angles)}}
-    lesions = []
+    lesions, failures = [], []
     for number, (box, box_source, proposal) in enumerate(boxes, start=1):
         lesion_key = f"{key}_lesion{number}"
-        lesions.append(_predict_lesion(frame, box, box_source, proposal, route, angles, spacing,
-                                       models, settings, lesion_key, dict(context),
-                                       dict(timings), row))
-    return lesions
+        try:
+            lesions.append(_predict_lesion(frame, box, box_source, proposal, route, angles,
+                                           spacing, models, settings, lesion_key, dict(context),
+                                           dict(timings), row))
+        except Exception as error:  # noqa: BLE001 - one lesion must not take the others along
+            failures.append({"lesion": lesion_key, "error": describe(error)})
+    return lesions, failures
 
 
 def _predict_lesion(frame, box, box_source, proposal, route, angles, spacing, models,
                     settings, key, report, timings, row) -> LesionPrediction:
     clock = time.perf_counter()
-    vessel = route.vessel or _fallback_vessel(models)
+    if route.vessel is None:  # no angles: start from a fallback and let the CASS head decide
+        fallback, why = _fallback_vessel(models)
+        route = Route(fallback, f"{route.reason}; started from the {fallback} adapter ({why})",
+                      ambiguous=True)
+    vessel = route.vessel
     if vessel not in models.available:
         raise RegistryError(f"the route chose {vessel} but no {vessel} adapter is kept "
                             f"(kept: {', '.join(sorted(models.available))}); pass --vessel")
@@ -236,6 +307,7 @@ def _predict_lesion(frame, box, box_source, proposal, route, angles, spacing, mo
     entry = models.entries[vessel]
     report.update({
         "what": _what(entry),
+        "coordinates": COORDINATES,
         "routing": route.as_dict(),
         "adapter": {"vessel": vessel, "stage": entry.get("stage", 1),
                     "strategy": entry.get("strategy"), "search": entry.get("search"),
@@ -282,16 +354,16 @@ def _pixel_spacing(header: CineHeader, row: dict | None,
         return float(settings.pixel_spacing_mm), "pixel spacing given by the user"
     if row is not None and finite_number(row.get("pixel_spacing_mm")):
         return float(row["pixel_spacing_mm"]), f"index ({row.get('spacing_source', 'row')})"
-    if header.spacing_at_vessel_mm:
-        return header.spacing_at_vessel_mm, ("DICOM ImagerPixelSpacing / magnification "
-                                             f"({header.magnification:.3f})")
+    spacing = header.vessel_spacing()
+    if spacing is not None:
+        return spacing
     if header.imager_pixel_spacing_mm:
-        raise DataError("the DICOM gives ImagerPixelSpacing but no magnification "
+        raise DataError("the DICOM gives ImagerPixelSpacing but no usable magnification "
                         "(DistanceSourceToDetector / DistanceSourceToPatient): the spacing at "
                         "the vessel is unknown; pass --calibration (catheter) or "
                         "--pixel-spacing", field="ImagerPixelSpacing")
-    raise DataError("no pixel spacing: NPY cines carry none; pass --pixel-spacing MM or "
-                    "--calibration PX_PER_MM", field="pixel_spacing")
+    raise DataError("no pixel spacing in the file (NPY cines carry none); pass --pixel-spacing "
+                    "MM or --calibration PX_PER_MM", field="pixel_spacing")
 
 
 def _boxes(frame: np.ndarray, row: dict | None, settings: PredictSettings):
@@ -320,15 +392,15 @@ def _check_box(box, shape: tuple[int, int]) -> None:
                         "x0 < x1 and y0 < y1", field="box")
 
 
-def _fallback_vessel(models: KeptModels) -> str:
-    """Without angles: an adapter with heads (the CASS head will route), else the only one."""
+def _fallback_vessel(models: KeptModels) -> tuple[str, str]:
+    """Without angles: an adapter with heads (its CASS head can route), else the only one."""
     with_heads = [v for v in ADAPTER_ORDER if models.entries.get(v, {}).get("heads")]
     if with_heads:
-        return with_heads[0]
+        return with_heads[0], "it has a CASS head to route by"
     if len(models.available) == 1:
-        return next(iter(models.available))
-    raise DataError("no positioner angles and no CASS head to route by; pass --vessel",
-                    field="vessel")
+        return next(iter(models.available)), "the only adapter kept"
+    raise DataError("no positioner angles and no CASS head to route by; pass --vessel or "
+                    "--angles", field="vessel")
 
 
 def _what(entry: dict) -> str:
@@ -352,13 +424,21 @@ def _lap(start: float) -> float:
 
 
 def _write_json(payload: dict, path: Path) -> Path:
-    path.write_text(json.dumps(payload, indent=1, default=_plain) + "\n", encoding="utf-8")
+    """Strict JSON: a number that is not finite is written as null, not NaN."""
+    path.write_text(json.dumps(_plain(payload), indent=1, allow_nan=False) + "\n",
+                    encoding="utf-8")
     return path
 
 
 def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON: {type(value).__name__}")
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

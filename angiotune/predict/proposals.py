@@ -25,12 +25,13 @@ from angiotune.predict.frames import VESSEL_WIDTH_FRACTION
 @dataclass(frozen=True)
 class Proposal:
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 frame pixels, half-open
-    narrowing: float  # 1 - diameter / local reference at the dip
+    narrowing: float  # 1 - contrast / its local reference at the dip
     centre_px: tuple[float, float]
+    kind: str = "narrowing"  # or "gap": the vessel mask is cut in two there
 
     def as_dict(self) -> dict:
         return {"box": [round(v, 1) for v in self.box], "narrowing": round(self.narrowing, 3),
-                "centre_px": [round(v, 1) for v in self.centre_px]}
+                "centre_px": [round(v, 1) for v in self.centre_px], "kind": self.kind}
 
 
 def contrast_density(frame: np.ndarray) -> np.ndarray:
@@ -76,7 +77,8 @@ def propose_boxes(frame: np.ndarray, max_proposals: int = 3,
     # The skeleton may sit a pixel off the centerline, where the contrast peaks.
     ys, xs = np.nonzero(skeleton)
     points = np.stack([xs, ys], axis=1).astype(float)
-    lumen = ndimage.maximum_filter(density, size=3)[ys, xs]
+    lumen_map = ndimage.maximum_filter(density, size=3)
+    lumen = lumen_map[ys, xs]
     # Reference: a high percentile of the lumen signal along the vessel around each point (a
     # percentile, not the maximum, so that crossings, where contrast adds up, do not count).
     around = cKDTree(points).query_ball_point(points, r=window / 2)
@@ -98,36 +100,46 @@ def propose_boxes(frame: np.ndarray, max_proposals: int = 3,
         centre = (float(points[index, 0]), float(points[index, 1]))
         candidates.append(Proposal((float(x0), float(y0), float(x1), float(y1)),
                                    float(narrowing[index]), centre))
-    candidates += _gaps(points, tips, skeleton, lumen, reference, window, radius)
+    candidates += _gaps(points, tips, skeleton, lumen_map, reference, window, radius)
     candidates.sort(key=lambda p: -p.narrowing)
     kept: list[Proposal] = []
     for candidate in candidates:  # one box per lesion: drop boxes centred inside a kept one
         if not any(_inside(candidate.centre_px, k.box) for k in kept):
             kept.append(candidate)
-        if len(kept) == max_proposals:
+        if len(kept) >= max_proposals:
             break
     return kept
 
 
-def _gaps(points: np.ndarray, tips: np.ndarray, skeleton: np.ndarray, lumen: np.ndarray,
+def _gaps(points: np.ndarray, tips: np.ndarray, skeleton: np.ndarray, lumen_map: np.ndarray,
           reference: np.ndarray, window: int, radius: float) -> list[Proposal]:
     """A tight lesion can cut the vessel mask in two: tips of different pieces facing each
-    other across a short gap. The gap is a candidate, its narrowing read from the contrast."""
+    other across a short gap. The gap is a candidate; its narrowing is the contrast in the
+    middle of the gap against the tips' reference, and ``kind`` says it is a gap."""
     labels, _ = ndimage.label(skeleton, structure=np.ones((3, 3)))
     piece = labels[points[:, 1].astype(int), points[:, 0].astype(int)]
     tip_index = np.nonzero(tips)[0]
+    if len(tip_index) < 2:
+        return []
+    tree = cKDTree(points)
+    outward = {}
+    for i in tip_index:  # which way each tip points: from the skeleton behind it to the tip
+        behind = points[tree.query_ball_point(points[i], r=5)].mean(axis=0)
+        direction = points[i] - behind
+        outward[i] = direction / max(float(np.linalg.norm(direction)), 1e-9)
     proposals = []
-    for a in tip_index:
-        for b in tip_index:
-            gap = float(np.linalg.norm(points[a] - points[b]))
-            if a < b and piece[a] != piece[b] and gap <= window:
-                centre = (points[a] + points[b]) / 2
-                signal = min(lumen[a], lumen[b])
-                narrowing = 1 - signal / max(float(max(reference[a], reference[b])), 1e-9)
-                half = window / 2 + 2 * radius
-                x, y = float(centre[0]), float(centre[1])
-                proposals.append(Proposal((x - half, y - half, x + half, y + half),
-                                          max(float(narrowing), 0.5), (x, y)))
+    for first, second in cKDTree(points[tip_index]).query_pairs(r=window):
+        a, b = tip_index[first], tip_index[second]
+        across = points[b] - points[a]
+        across /= max(float(np.linalg.norm(across)), 1e-9)
+        if piece[a] == piece[b] or outward[a] @ across < 0.5 or outward[b] @ -across < 0.5:
+            continue  # the same piece, or tips that do not face each other
+        half = window / 2 + 2 * radius
+        x, y = (float(v) for v in (points[a] + points[b]) / 2)
+        narrowing = 1 - float(lumen_map[int(round(y)), int(round(x))]) / max(
+            float(max(reference[a], reference[b])), 1e-9)
+        proposals.append(Proposal((x - half, y - half, x + half, y + half), float(narrowing),
+                                  (x, y), kind="gap"))
     return proposals
 
 

@@ -98,8 +98,9 @@ def _zoom_region(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     side = 1.25 * max(box[2] - box[0], box[3] - box[1], 24)
     side = min(side, min(shape))
     centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
-    low = np.clip(centre - side / 2, 0, [shape[1] - side, shape[0] - side])
-    return np.array([low[0], low[1], low[0] + side, low[1] + side])
+    side = float(round(side))
+    low = np.round(np.clip(centre - side / 2, 0, [shape[1] - side, shape[0] - side]))
+    return np.array([low[0], low[1], low[0] + side, low[1] + side])  # whole pixels: the crop
 
 
 def _footer_text(draw: ImageDraw.ImageDraw, report: dict, at: tuple[int, int], font) -> None:

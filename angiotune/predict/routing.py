@@ -72,7 +72,7 @@ def second_opinion(route: Route, head_vessel: str | None, head_segment: str,
         return Route(adapter, f"{route.reason}; {heard}, so the {adapter} adapter was used",
                      route.view, route.ambiguous, route.vessel)
     why = ("the view decides" if not undecided else
-           f"below the {table.head_override_probability:.2f} needed to overrule the view"
+           f"below the {table.head_override_probability:.2f} needed to overrule it"
            if adapter in available else f"but no {adapter} adapter is kept")
     return Route(route.vessel, f"{route.reason}; {heard}, {why}", route.view, route.ambiguous,
                  route.alternative)

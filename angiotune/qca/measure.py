@@ -3,7 +3,8 @@ interpolated reference, MLD, % diameter stenosis and lesion length, in mm.
 
 The method is the edge-detection QCA of core labs, run on a mask instead of raw edges:
 
-1. centerline through the middle of the lumen (``angiotune.qca.centerline``);
+1. centerline through the middle of the lumen (``angiotune.qca.centerline``); a mask cut in two
+   by a subtotal occlusion is bridged, and the gap measured as no lumen;
 2. at every pixel of arc length, the lumen edges along the normal, found to sub-pixel precision
    where the (bilinearly interpolated) mask or probability map crosses one half;
 3. the cut ends of the segment are dropped (``trim_diameters``) and the profile lightly smoothed;
@@ -24,9 +25,10 @@ import numpy as np
 from scipy import ndimage
 
 from angiotune.errors import AngiotuneError
-from angiotune.qca.centerline import centerline
+from angiotune.qca.centerline import branched_fraction, bridge_gaps, centerline
 
 EDGE_LEVEL = 0.5
+BRANCHED_FRACTION = 0.15  # share of the mask off the centerline's tube that means a branch
 _RAY_STEP_PX = 0.05
 
 
@@ -115,36 +117,56 @@ def measure(mask: np.ndarray, mm_per_pixel: float, probability: np.ndarray | Non
     mask = np.asarray(mask, dtype=bool)
     if not mm_per_pixel or not np.isfinite(mm_per_pixel) or mm_per_pixel <= 0:
         raise QCAError(f"pixel spacing must be a positive number of mm, got {mm_per_pixel!r}")
-    path = centerline(mask)
+    notes: list[str] = []
+    joined, bridges = bridge_gaps(mask)
+    path = centerline(joined)
     if len(path) < settings.min_points:
         raise QCAError(f"the mask is too small to measure ({int(mask.sum())} pixels, "
                        f"centerline {len(path)} px)")
+    if branched_fraction(joined, path) > BRANCHED_FRACTION:
+        notes.append("the mask branches (a side branch or a neighbouring vessel is in it): the "
+                     "centerline follows its longest route")
     edge_field = np.asarray(probability if probability is not None else mask, dtype=np.float32)
-    left, right = _edges(edge_field, path)
+    left, right, centre_inside = _edges(edge_field, path)
     diameter = np.linalg.norm(left - right, axis=1)
+    if bridges:
+        # Where the centerline crosses a gap, there is no lumen to see: a diameter of zero.
+        diameter[~centre_inside] = 0.0
+        left[~centre_inside] = right[~centre_inside] = path[~centre_inside]
+        notes.append(f"the lumen is interrupted ({int((~centre_inside).sum())} px of the "
+                     "centerline cross a gap in the mask): subtotal or total occlusion, no "
+                     "lumen across the gap")
     keep = _trimmed(path, diameter, settings.trim_diameters)
     path, left, right, diameter = path[keep], left[keep], right[keep], diameter[keep]
     valid = np.isfinite(diameter)
     if valid.sum() < settings.min_points:
         raise QCAError("too few points with both lumen edges found along the centerline")
-    diameter = _fill_gaps(diameter, valid)
+    if not valid.all():
+        notes.append(f"{int((~valid).sum())} of {len(valid)} diameters interpolated where an "
+                     "edge was not found")
+        diameter = _fill_gaps(diameter, valid)
+        left = np.stack([_fill_gaps(left[:, k], valid) for k in range(2)], axis=1)
+        right = np.stack([_fill_gaps(right[:, k], valid) for k in range(2)], axis=1)
     diameter = ndimage.gaussian_filter1d(diameter, settings.profile_smoothing_px, mode="nearest")
     arclength = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(path, axis=0), axis=1))])
     # An analysed segment runs from healthy vessel to healthy vessel: a narrowing in its outer
     # tenths is the mask ending (a rounded end), not the lesion.
     margin = int(settings.end_margin * len(diameter))
     mld = margin + int(np.argmin(diameter[margin:len(diameter) - margin]))
-    reference, healthy, notes = _reference(arclength, diameter, mld, settings)
+    if not valid[mld]:
+        notes.append("the MLD falls where an edge was interpolated: check the mask there")
+    reference, healthy, reference_notes = _reference(arclength, diameter, mld, settings)
     start, end = _lesion_extent(diameter, reference, mld, settings.lesion_edge_fraction)
     return QCAResult(mm_per_pixel=float(mm_per_pixel), centerline_px=path, left_edge_px=left,
                      right_edge_px=right, arclength_mm=arclength * mm_per_pixel,
                      diameter_mm=diameter * mm_per_pixel, reference_mm=reference * mm_per_pixel,
                      healthy=healthy, mld_index=mld, lesion_start=start, lesion_end=end,
-                     notes=notes)
+                     notes=notes + reference_notes)
 
 
 def _edges(edge_field: np.ndarray, path: np.ndarray):
-    """Left and right lumen edges along each point's normal (NaN where an edge is not found)."""
+    """Left and right lumen edges along each point's normal (NaN where an edge is not found),
+    and whether each centerline point lies in the lumen at all."""
     tangent = np.gradient(path, axis=0)
     tangent /= np.maximum(np.linalg.norm(tangent, axis=1, keepdims=True), 1e-9)
     normal = np.stack([tangent[:, 1], -tangent[:, 0]], axis=1)
@@ -158,7 +180,8 @@ def _edges(edge_field: np.ndarray, path: np.ndarray):
                                          mode="constant", cval=0.0)
         distance = _first_crossing(values, steps)
         sides.append(path + sign * distance[:, None] * normal)
-    return sides[0], sides[1]
+        centre_inside = values[:, 0] >= EDGE_LEVEL
+    return sides[0], sides[1], centre_inside
 
 
 def _first_crossing(values: np.ndarray, steps: np.ndarray) -> np.ndarray:
