@@ -19,7 +19,7 @@ The method is the edge-detection QCA of core labs, run on a mask instead of raw 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -117,6 +117,25 @@ def measure(mask: np.ndarray, mm_per_pixel: float, probability: np.ndarray | Non
     mask = np.asarray(mask, dtype=bool)
     if not mm_per_pixel or not np.isfinite(mm_per_pixel) or mm_per_pixel <= 0:
         raise QCAError(f"pixel spacing must be a positive number of mm, got {mm_per_pixel!r}")
+    edge_field = np.asarray(probability if probability is not None else mask, dtype=np.float32)
+    rows, cols = np.nonzero(mask)
+    if len(rows) < 3:
+        raise QCAError(f"the mask is too small to measure ({len(rows)} pixels)")
+    # Work on the mask's neighbourhood, not the frame: with room for the edge search's rays.
+    box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    margin = int(2 * ndimage.distance_transform_edt(np.pad(box, 1)).max()) + 6
+    r0, c0 = max(rows.min() - margin, 0), max(cols.min() - margin, 0)
+    r1, c1 = rows.max() + margin + 1, cols.max() + margin + 1
+    result = _measure(mask[r0:r1, c0:c1], edge_field[r0:r1, c0:c1], float(mm_per_pixel),
+                      settings)
+    offset = np.array([c0, r0], dtype=float)
+    return replace(result, centerline_px=result.centerline_px + offset,
+                   left_edge_px=result.left_edge_px + offset,
+                   right_edge_px=result.right_edge_px + offset)
+
+
+def _measure(mask: np.ndarray, edge_field: np.ndarray, mm_per_pixel: float,
+             settings: QCASettings) -> QCAResult:
     notes: list[str] = []
     joined, bridges = bridge_gaps(mask)
     path = centerline(joined)
@@ -126,7 +145,6 @@ def measure(mask: np.ndarray, mm_per_pixel: float, probability: np.ndarray | Non
     if branched_fraction(joined, path) > BRANCHED_FRACTION:
         notes.append("the mask branches (a side branch or a neighbouring vessel is in it): the "
                      "centerline follows its longest route")
-    edge_field = np.asarray(probability if probability is not None else mask, dtype=np.float32)
     left, right, centre_inside = _edges(edge_field, path)
     diameter = np.linalg.norm(left - right, axis=1)
     if bridges:
