@@ -70,6 +70,23 @@ def manifest_rows(phantom_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
+def patient_identities(phantom_dir: Path, manifest_rows: list[dict[str, str]]) -> set[str]:
+    """Every identifying string the phantom export holds: IDs, names and their parts, birth
+    dates, the institution. None of them may appear in anything angiotune writes."""
+    import pydicom
+
+    raw = {row["patient_id"] for row in manifest_rows}
+    for row in manifest_rows:
+        ds = pydicom.dcmread(phantom_dir / row["dicom_path"], stop_before_pixels=True)
+        raw |= {str(ds.PatientID), str(ds.PatientName), *str(ds.PatientName).split("^"),
+                str(ds.PatientBirthDate), str(ds.get("InstitutionName", ""))}
+    return {secret for secret in raw if secret}
+
+
+RAY_TEMP_DIRS: list[str] = []  # where the session's Ray writes its logs, for the PHI scan
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One real local Ray for the whole session (start-up costs seconds; tests share it).
 
@@ -82,6 +99,7 @@ def ray_cluster():
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    RAY_TEMP_DIRS.append(temp_dir)
     ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
              _temp_dir=temp_dir, log_to_driver=False)
     yield ray

@@ -1,6 +1,8 @@
 """Stages 2 and 3 for real on the session's local Ray: heads, per-vessel studies, the registry's
 per-vessel comparison, and the held-out evaluation of what was kept."""
 
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -119,3 +121,28 @@ def test_init_best_needs_a_kept_adapter(ray_cluster, phantom_dir, tmp_path):
                         "s2.yaml")
     with pytest.raises(AngiotuneError, match="init 'best' needs a kept"):
         search(space, data=index, results=tmp_path / "results")
+
+
+def test_nothing_the_searches_and_predictions_write_names_a_patient(staged, patient_identities,
+                                                                    tmp_path):
+    """Scan every byte the two searches, the registry, the evaluation, a prediction run and the
+    session's Ray logs wrote for the phantoms' patient names, IDs, birth dates, institution."""
+    from conftest import RAY_TEMP_DIRS
+
+    from angiotune.predict import PredictSettings, predict
+
+    results = staged[0]
+    evaluate_kept(results)
+    predict(results / "index.parquet", tmp_path / "predictions",
+            PredictSettings(results=results, max_proposals=1))
+    roots = [results, tmp_path / "predictions", *map(Path, RAY_TEMP_DIRS)]
+    files = [p for root in roots for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len(files) > 50 and any(p.suffix == ".png" for p in files)
+    secrets = [s.encode() for s in patient_identities]
+    for path in files:
+        try:
+            blob = path.read_bytes()
+        except OSError:  # a Ray temp file removed while scanning
+            continue
+        leaked = [s for s in secrets if s in blob]
+        assert not leaked, f"{path} holds {leaked}"
