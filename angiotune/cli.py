@@ -147,8 +147,11 @@ def search(space_file: str, data: Path | None, model: Path | None, name: str | N
               f"{what}")
     outcome = run(space, data=data, model=model, name=name, results=results, address=address,
                   resume=resume, announce=out.print)
-    out.print(f"{outcome.trials} trials ({outcome.errors} failed); Optuna study: sqlite:///"
-              f"{outcome.run_dir / 'optuna.db'} (optuna-dashboard can open it)")
+    out.print(f"{outcome.trials} trials ({outcome.errors} errors, {len(outcome.failed)} failed); "
+              f"Optuna study: sqlite:///{outcome.run_dir / 'optuna.db'} (optuna-dashboard can "
+              "open it)")
+    for failure in outcome.failed:
+        out.print(f"trial {failure['trial_id']} failed: {failure['reason']}", soft_wrap=True)
     zero = outcome.zero_shot.get("dice", float("nan"))
     out.print(f"Zero-shot base on validation: Dice {zero:.3f}")
     if outcome.pareto:

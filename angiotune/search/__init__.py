@@ -34,6 +34,7 @@ class SearchOutcome:
     messages: list[str] = field(default_factory=list)
     epochs_run: dict[str, int] = field(default_factory=dict)  # trial id -> last epoch
     pareto: list[dict] = field(default_factory=list)  # multi-objective: the non-dominated trials
+    failed: list[dict] = field(default_factory=list)  # trials that diverged or ran out of memory
 
 
 def embedded_index(results: Path) -> Path:
@@ -112,6 +113,9 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
                             baseline)
     outcome.epochs_run = {r.metrics.get("trial_id"): int(r.metrics.get("epoch", 0))
                           for r in grid if r.metrics}
+    outcome.failed = [{"trial_id": r.metrics.get("trial_id"), "reason": r.metrics["failed"],
+                       "params": {k: v for k, v in (r.config or {}).items()}}
+                      for r in grid if r.metrics and r.metrics.get("failed")]
     if space.multi_objective:
         outcome.pareto = pareto_front(space, settings.run_dir)
     fingerprint = validation_fingerprint(index)
@@ -138,7 +142,8 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
         outcome.messages.append(message)
         outcome.best[vessel] = record
     (settings.run_dir / "summary.json").write_text(json.dumps(
-        {"trials": outcome.trials, "errors": outcome.errors, "zero_shot": baseline,
+        {"trials": outcome.trials, "errors": outcome.errors, "failed": outcome.failed,
+         "zero_shot": baseline,
          "messages": outcome.messages, "pareto": outcome.pareto,
          "best_validation": {v: r["metrics"] for v, r in outcome.best.items()}}, indent=1))
     return outcome

@@ -70,12 +70,18 @@ def _optuna_search(space: SearchSpace, run_dir: Path, study_name: str | None = N
             return super().suggest(trial_id)
 
         def on_trial_result(self, trial_id, result):
-            if not self._already_told(trial_id):
+            if not self._already_told(trial_id) and not result.get("failed"):
                 super().on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             if self._already_told(trial_id):
                 self._ot_trials.pop(trial_id, None)
+                return
+            if result and result.get("failed") and trial_id in self._ot_trials:
+                # A trial that diverged or ran out of memory: FAIL, with the reason kept.
+                ot_trial = self._ot_trials.pop(trial_id)
+                ot_trial.set_user_attr("failure", str(result["failed"]))
+                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
                 return
             ot_trial = self._ot_trials.get(trial_id)
             epochs = (result or {}).get("epoch", space.epochs)
@@ -154,6 +160,7 @@ def run_search(space: SearchSpace, settings: SearchSettings):
     from ray.tune.schedulers import ASHAScheduler
 
     from angiotune.search.trial import run_trial
+    from angiotune.train.loop import FAULT_DIR_ENV
 
     run_dir = settings.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +176,8 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                  "workers": space.workers, "cpus_per_worker": space.cpus_per_worker,
                  "gpus_per_worker": space.gpus_per_worker, "seed": space.seed,
                  "storage": str(run_dir / "train"), "metric": _first(space.metric),
+                 "metrics": list(space.metric) if space.multi_objective else [space.metric],
+                 "fault_dir": os.environ.get(FAULT_DIR_ENV),
                  "mode": _first(space.mode), "objective": space.objective,
                  **settings.trial_constants}
     (run_dir / "space.json").write_text(json.dumps(asdict(space), indent=1, default=str))

@@ -153,8 +153,61 @@ def parameter_groups(model: torch.nn.Module, config: dict) -> list[dict]:
     return groups
 
 
-class DivergedError(RuntimeError):
-    """The loss became NaN or infinite: the trial stops and is recorded as failed."""
+FAULT_DIR_ENV = "ANGIOTUNE_FAULT_DIR"
+OOM_HINT = ("lower batch_size or rank, keep gradient_checkpointing on, or give each worker a "
+            "GPU with more memory")
+
+
+def claim_injected_fault(config: dict) -> str | None:
+    """Test hook: a fault for this trial to suffer, or None.
+
+    When the search was started with ``ANGIOTUNE_FAULT_DIR`` set to a folder, each trial's first
+    worker takes (deletes) the first file there, in name order, whose name ends in ``oom`` or
+    ``nan`` (``1-oom``, ``2-nan``) and suffers that fault in its first training step: an
+    out-of-memory error raised as torch raises it, or a loss that is NaN. Tests use it to cause
+    these faults for real in one trial of a search; it is never set otherwise.
+    """
+    folder = config.get("fault_dir")
+    if not folder:
+        return None
+    for path in sorted(Path(folder).glob("*")):
+        kind = path.name.rsplit("-", 1)[-1]
+        if kind not in ("oom", "nan"):
+            continue
+        try:
+            path.unlink()  # only one worker can delete it: the claim is atomic
+        except FileNotFoundError:
+            continue
+        return kind
+    return None
+
+
+def _step_failure(parts: dict | None, error: Exception | None, epoch: int) -> str | None:
+    if error is not None:
+        return f"out of memory in epoch {epoch + 1} ({error}); {OOM_HINT}"
+    if not math.isfinite(parts["loss"]):
+        return (f"loss became {parts['loss']} in epoch {epoch + 1} (diverged); try a lower lr "
+                "or fp32")
+    return None
+
+
+def _agreed_failure(failure: str | None) -> str | None:
+    """Every DDP rank stops together when one fails; a lone rank stopping would hang the rest."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return failure
+    flag = torch.tensor([1.0 if failure else 0.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag)
+    return failure or ("another worker failed" if flag.item() > 0 else None)
+
+
+def _missing_scores(config: dict) -> dict[str, float]:
+    """The search's metrics as NaN: a failed trial has no score."""
+    metrics = config.get("metrics") or [config["metric"]]
+    return {name: math.nan for name in metrics}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -196,14 +249,28 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     rank = ray.train.get_context().get_world_rank()
+    fault = claim_injected_fault(config) if rank == 0 and state is None else None
     for epoch in range(start_epoch, int(config["epochs"])):
         losses = []
         for batch in train_shard.iter_batches(batch_size=batch_size):
-            parts = train_step(model, batch, optimizer, weights, tokenizer=tokenizer,
-                               autocast_dtype=PRECISIONS[precision], scaler=scaler,
-                               head_weights=head_weights)
-            if not math.isfinite(parts["loss"]):
-                raise DivergedError(f"loss became {parts['loss']} in epoch {epoch + 1}")
+            parts, error = None, None
+            try:
+                if fault == "oom":
+                    raise torch.OutOfMemoryError("injected through ANGIOTUNE_FAULT_DIR")
+                parts = train_step(model, batch, optimizer, weights, tokenizer=tokenizer,
+                                   autocast_dtype=PRECISIONS[precision], scaler=scaler,
+                                   head_weights=head_weights)
+                if fault == "nan":
+                    parts["loss"] = math.nan
+            except torch.OutOfMemoryError as caught:
+                error = caught
+            failure = _agreed_failure(_step_failure(parts, error, epoch))
+            if failure:
+                # Reported, not raised: a retry would fail the same way. The search records
+                # the trial as failed with this reason, and Optuna as FAIL.
+                ray.train.report({**_missing_scores(config), "epoch": epoch + 1,
+                                  "failed": failure})
+                return
             losses.append(parts["loss"])
         metrics = evaluate(model, val_shard.iter_batches(batch_size=batch_size), tokenizer)
         metrics = with_objective(metrics, config.get("objective"), VESSELS)
