@@ -131,6 +131,23 @@ def test_adapter_round_trip(tmp_path, batch, strategy):
         torch.testing.assert_close(predict_logits(plain, images, boxes)[0], expected)
 
 
+def test_an_adapter_for_other_weights_or_another_version_is_refused(tmp_path):
+    settings = AdapterSettings(rank=2)
+    folder = tmp_path / "adapter"
+    save_adapter(adapt(load_base_model(), settings), settings, folder, base_model_id())
+    assert load_adapter(load_base_model(), folder, base_id=base_model_id()) is not None
+    with pytest.raises(ConfigError, match="saved for base model embedded:embedded@"):
+        load_adapter(load_base_model(), folder, base_id="/models/sam3@0123456789ab")
+    record_file = folder / "angiotune_adapter.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "format": 7}))
+    with pytest.raises(ConfigError, match="adapter format 7"):
+        load_adapter(load_base_model(), folder)
+    record_file.unlink()
+    with pytest.raises(ConfigError, match="not an angiotune adapter"):
+        load_adapter(load_base_model(), folder)
+
+
 def test_train_step_fits_a_batch(batch):
     torch.manual_seed(0)
     model = adapt(load_base_model(), AdapterSettings(rank=8, targets=("vision_attn",)))

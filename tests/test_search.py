@@ -123,15 +123,24 @@ def test_a_started_ray_has_its_dashboard_on_loopback():
 
     tmp_path = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must be short
 
-    script = ("from angiotune.search.run import start_ray; import ray; "
-              "print('URL', start_ray().dashboard_url); ray.shutdown()")
+    # Unauthenticated requests to the dashboard's API are refused: Ray 2.60 turns token
+    # authentication on for a local cluster unless RAY_AUTH_MODE says otherwise.
+    script = ("from angiotune.search.run import start_ray; import ray, urllib.request, "
+              "urllib.error\nurl = start_ray().dashboard_url; print('URL', url)\n"
+              "try:\n    urllib.request.urlopen(f'http://{url}/nodes?view=summary', "
+              "timeout=20); print('STATUS 200')\n"
+              "except urllib.error.HTTPError as e:\n    print('STATUS', e.code)\n"
+              "ray.shutdown()")
     env = {**os.environ, "RAY_TMPDIR": tmp_path, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     url = [line for line in done.stdout.splitlines() if line.startswith("URL")][0].split()[1]
     assert url.startswith("127.0.0.1:")
+    status = [line for line in done.stdout.splitlines() if line.startswith("STATUS")][0]
+    assert status.split()[1] in ("401", "403"), done.stdout
 
 
 def test_a_diverged_and_an_out_of_memory_trial_fail_alone(ray_cluster, phantom_dir, tmp_path,

@@ -34,6 +34,7 @@ DECODER_MODULES = ("mask_decoder", "prompt_encoder", "detr_decoder", "geometry_e
 FROZEN_MODULES = ("text_encoder", "text_projection")  # text stays as pre-trained
 WEIGHTS_FILE = "trained_weights.safetensors"
 SETTINGS_FILE = "angiotune_adapter.json"
+ADAPTER_FORMAT = 1  # of SETTINGS_FILE; raise it when the saved layout changes
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,38 @@ def save_adapter(model: torch.nn.Module, settings: AdapterSettings, folder: Path
         state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
                  if p.requires_grad}
         save_file(state, folder / WEIGHTS_FILE)
-    record = {"settings": asdict(settings), "base_model": base_id, "format": 1}
+    record = {"settings": asdict(settings), "base_model": base_id, "format": ADAPTER_FORMAT}
     (folder / SETTINGS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
-def load_adapter(base: torch.nn.Module, folder: Path, trainable: bool = False) -> torch.nn.Module:
-    """The base with a saved adapter applied: for inference, or to go on training it."""
-    record = json.loads((folder / SETTINGS_FILE).read_text(encoding="utf-8"))
+def read_adapter_record(folder: Path) -> dict:
+    """The adapter's settings record, checked: present, readable, and a format this reads."""
+    path = folder / SETTINGS_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{folder}: no {SETTINGS_FILE}: not an angiotune adapter (or one "
+                          "saved by another tool)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: unreadable ({error})") from None
+    found = record.get("format") if isinstance(record, dict) else None
+    if not isinstance(found, int) or not 1 <= found <= ADAPTER_FORMAT or "settings" not in record:
+        raise ConfigError(f"{path}: adapter format {found!r}; this angiotune reads formats 1 to "
+                          f"{ADAPTER_FORMAT} (saved by another version: retrain or upgrade)")
+    return record
+
+
+def load_adapter(base: torch.nn.Module, folder: Path, trainable: bool = False,
+                 base_id: str | None = None) -> torch.nn.Module:
+    """The base with a saved adapter applied: for inference, or to go on training it.
+
+    ``base_id`` (``angiotune.model.sam3.base_model_id``) refuses an adapter saved for other base
+    weights: peft would apply it without complaint and the masks would be wrong.
+    """
+    record = read_adapter_record(Path(folder))
+    if base_id and record.get("base_model") and record["base_model"] != base_id:
+        raise ConfigError(f"{folder}: adapter saved for base model {record['base_model']}, not "
+                          f"{base_id}; load it with the base it was trained on (--model)")
     settings = AdapterSettings(**{**record["settings"],
                                   "targets": tuple(record["settings"]["targets"])})
     if settings.strategy == "lora":

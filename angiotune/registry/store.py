@@ -135,7 +135,7 @@ def load_best_model(results: Path, vessel: str):
     from angiotune.model.adapters import load_adapter
     from angiotune.model.heads import has_heads, load_heads
     from angiotune.model.lesion import LesionModel
-    from angiotune.model.sam3 import load_base_model
+    from angiotune.model.sam3 import base_model_id, load_base_model
 
     entry = read_entry(results, vessel)
     if entry is None:
@@ -143,7 +143,8 @@ def load_best_model(results: Path, vessel: str):
                             "`angiotune search` first")
     mode = entry.get("prompt_mode", "box")
     folder = Path(entry["path"]) / ADAPTER
-    model = load_adapter(load_base_model(entry.get("base_model_path"), mode), folder)
+    model = load_adapter(load_base_model(entry.get("base_model_path"), mode), folder,
+                         base_id=base_model_id(entry.get("base_model_path"), mode))
     if mode != "box":
         return model
     return LesionModel(model, load_heads(folder) if has_heads(folder) else None).eval()

@@ -110,7 +110,8 @@ def build_model(config: dict, checkpoint_dir: Path | None = None):
         settings = adapter_settings(config)
         model = adapt(base, settings)
     else:
-        model = load_adapter(base, source, trainable=True)
+        model = load_adapter(base, source, trainable=True,
+                             base_id=base_model_id(config.get("model_path"), mode))
         record = json.loads((source / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
         settings = AdapterSettings(**{**record, "targets": tuple(record["targets"])})
     if mode != "box":
