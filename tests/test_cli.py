@@ -56,3 +56,10 @@ def test_user_errors_have_no_traceback(tmp_path):
     assert "missing column" in wrong_columns.stderr and "Traceback" not in wrong_columns.stderr
     too_small = run("phantoms", str(tmp_path / "p"), "--size", "8", env_home=tmp_path)
     assert too_small.returncode == 2 and "size" in too_small.stderr
+    # A results folder that cannot be written is refused before phantoms, model or Ray.
+    blocker = tmp_path / "results-is-a-file"
+    blocker.write_text("")
+    unwritable = run("search", "--space", "lora_rank.yaml", "--results", str(blocker / "r"),
+                     env_home=tmp_path)
+    assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
+    assert "cannot be written" in unwritable.stderr

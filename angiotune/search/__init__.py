@@ -90,8 +90,9 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
     """Run a search space end to end and keep the best adapter per vessel."""
     from angiotune.model.sam3 import image_size_of, load_base_model
     from angiotune.registry.store import VESSELS, promote
-    from angiotune.search.run import SearchSettings, run_search
+    from angiotune.search.run import SearchSettings, check_writable, run_search
 
+    check_writable(Path(results))  # before the phantoms, the model or Ray
     mode = space.fixed.get("prompt_mode", "box")
     base = load_base_model(model, mode)  # fails fast on a bad --model, before Ray starts
     if image_size_of(base) != space.image_size and model is None:

@@ -163,8 +163,7 @@ def run_search(space: SearchSpace, settings: SearchSettings):
     from angiotune.train.loop import FAULT_DIR_ENV
 
     run_dir = settings.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_writable(run_dir)
+    check_writable(run_dir)
     if not ray.is_initialized():
         context = start_ray(settings.address)
         if settings.announce and context.dashboard_url:
@@ -232,13 +231,16 @@ def start_ray(address: str | None = None):
     return ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
+    """Refuse a results folder that cannot be created, written or has no room, before any
+    work starts: a search that runs for days must not fail at its first checkpoint."""
     probe = folder / ".write-probe"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"0" * 1024)
         probe.unlink()
     except OSError as error:
-        raise AngiotuneError(f"results folder {folder} is not writable ({error.strerror}); "
+        raise AngiotuneError(f"results folder {folder} cannot be written ({error.strerror}); "
                              "free space or choose another --results") from None
     stats = os.statvfs(folder)
     if stats.f_bavail * stats.f_frsize < 200 * 2**20:
