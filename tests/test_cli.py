@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from angiotune.cli import main
+
 
 def run(*args: str, env_home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "ANGIOTUNE_HOME": str(env_home)}
@@ -56,10 +58,11 @@ def test_user_errors_have_no_traceback(tmp_path):
     assert "missing column" in wrong_columns.stderr and "Traceback" not in wrong_columns.stderr
     too_small = run("phantoms", str(tmp_path / "p"), "--size", "8", env_home=tmp_path)
     assert too_small.returncode == 2 and "size" in too_small.stderr
-    # A results folder that cannot be written is refused before phantoms, model or Ray.
+
+
+def test_an_unwritable_results_folder_is_refused_before_anything_starts(tmp_path, capsys):
     blocker = tmp_path / "results-is-a-file"
     blocker.write_text("")
-    unwritable = run("search", "--space", "lora_rank.yaml", "--results", str(blocker / "r"),
-                     env_home=tmp_path)
-    assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
-    assert "cannot be written" in unwritable.stderr
+    assert main(["search", "--space", "lora_rank.yaml", "--results", str(blocker / "r")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+    assert not (blocker.parent / "r").exists()
