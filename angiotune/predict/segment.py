@@ -16,6 +16,7 @@ import torch
 from angiotune.data.stream import SampleSettings, view_context
 from angiotune.data.transforms import box_to_square, normalise_intensity, warp
 from angiotune.model.lesion import LesionModel
+from angiotune.model.sam3 import image_size_of
 from angiotune.qca.centerline import largest_component
 from angiotune.taxonomies import load_taxonomy
 from angiotune.taxonomies.views import load_views
@@ -31,16 +32,12 @@ class Segmentation:
     heads: dict | None  # CASS segment, stenosis, MLD, RVD, when the adapter has heads
 
 
-def model_input_size(model: LesionModel) -> int:
-    return int(model.segmenter.config.vision_config.backbone_config.image_size)
-
-
 @torch.no_grad()
 def segment_box(model: LesionModel, frame: np.ndarray, box: np.ndarray, mm_per_pixel: float,
                 angles: tuple[float | None, float | None] = (None, None),
                 taxonomy: str = "CASS") -> Segmentation:
     """Segment inside ``box`` (x0, y0, x1, y1 frame pixels) on ``frame`` (H x W in [0, 1])."""
-    size = model_input_size(model)
+    size = image_size_of(model.segmenter)
     settings = SampleSettings(image_size=size, augment=False)
     affine = box_to_square(np.asarray(box, dtype=float), size, settings.context)
     image = normalise_intensity(warp(frame, affine, size, fill=float(np.median(frame))))
