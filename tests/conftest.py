@@ -84,23 +84,27 @@ def patient_identities(phantom_dir: Path, manifest_rows: list[dict[str, str]]) -
 
 
 RAY_TEMP_DIRS: list[str] = []  # where the session's Ray writes its logs, for the PHI scan
+RAY_DASHBOARD: list[str] = []  # the session's dashboard address, as start_ray gave it
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray for the whole session (start-up costs seconds; tests share it).
+    """One real local Ray for the whole session (start-up costs seconds; tests share it),
+    started the way ``angiotune search`` starts one.
 
     Four logical CPUs on the two cores, as the Ray 2.60 notes advise: fractional data tasks
     and whole-CPU workers then fit side by side without the tests depending on core count.
     """
     import ray
 
+    from angiotune.search.run import start_ray
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     RAY_TEMP_DIRS.append(temp_dir)
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             _temp_dir=temp_dir, log_to_driver=False)
+    context = start_ray(num_cpus=4, _temp_dir=temp_dir)  # as `angiotune search` starts it
+    RAY_DASHBOARD.append(context.dashboard_url)
     yield ray
     ray.shutdown()

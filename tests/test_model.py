@@ -195,3 +195,25 @@ def test_adapter_reloads_trainable_for_resume(tmp_path):
     save_adapter(model, settings, tmp_path / "adapter", base_model_id())
     resumed = load_adapter(load_base_model(), tmp_path / "adapter", trainable=True)
     assert sorted(n for n, p in resumed.named_parameters() if p.requires_grad) == expected
+
+
+def test_epoch_clock_splits_an_epoch_between_data_training_and_evaluation():
+    import time
+
+    from angiotune.train.loop import EpochClock
+
+    def slow_batches():
+        for number in range(3):
+            time.sleep(0.05)
+            yield number
+
+    clock = EpochClock()
+    for _ in clock.waiting(slow_batches()):
+        time.sleep(0.02)
+    clock.mark("train_s")
+    time.sleep(0.03)
+    clock.mark("eval_s")
+    seconds = clock.seconds
+    assert 0.15 <= seconds["data_wait_s"] < 0.5
+    assert 0.06 <= seconds["train_s"] < 0.3  # the waits are not counted twice
+    assert 0.03 <= seconds["eval_s"] < 0.3

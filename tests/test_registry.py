@@ -1,7 +1,8 @@
 """The best-adapter registry: replace only when better on the same split; damage is detected."""
 
 import json
-import threading
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -49,20 +50,21 @@ def test_a_damaged_entry_is_refused(tmp_path):
         read_entry(results, "RCA")
 
 
-def test_concurrent_promotions_keep_the_best(tmp_path):
+def test_concurrent_promotions_from_separate_processes_keep_the_best(tmp_path):
+    """Two searches (or two users) promoting at once: separate processes, each with its own
+    file lock, racing on two vessels. No update is lost and no entry is torn."""
     results = tmp_path / "results"
-    adapters = [_adapter(tmp_path, f"a{i}", f"w{i}".encode()) for i in range(8)]
-    threads = [threading.Thread(target=promote, args=(results, "LCX", adapters[i],
-                                                      _record(0.1 * i)))
-               for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    entry = read_entry(results, "LCX")
-    assert entry["score"] == pytest.approx(0.7)
-    assert (results / "best" / "LCX" / "adapter" / "adapter_model.safetensors").read_bytes() \
-        == b"w7"
+    jobs = [(results, vessel, _adapter(tmp_path, f"{vessel}{i}", f"{vessel}{i}".encode()),
+             _record(0.1 * i)) for i in range(8) for vessel in ("LCX", "RCA")]
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(promote, *zip(*jobs, strict=True)))
+    for vessel in ("LCX", "RCA"):
+        entry = read_entry(results, vessel)  # verified against its checksums
+        assert entry["score"] == pytest.approx(0.7)
+        assert (results / "best" / vessel / "adapter" / "adapter_model.safetensors"
+                ).read_bytes() == f"{vessel}7".encode()
+    assert not [p for p in (results / "best").iterdir() if ".staging-" in p.name
+                or ".retired-" in p.name]
 
 
 def test_a_replacement_records_what_it_beat(tmp_path):

@@ -1,6 +1,7 @@
 """A real two-trial search on the session's local Ray: Tune + Optuna + ASHA over Ray Train."""
 
 import json
+import time
 
 import optuna
 import pytest
@@ -26,10 +27,24 @@ TWO_TRIALS = {
 
 @pytest.fixture(scope="module")
 def finished_search(ray_cluster, phantom_dir, tmp_path_factory):
+    """Two trials of two DDP workers each, with heads. The first trial's rank 0 is SIGKILLed
+    after its first checkpoint (through the documented fault hook), so the trial must restart
+    its worker group from that checkpoint.
+
+    Also a guard: a validation set split across workers and read by rank 0 only hangs at the
+    next epoch; every rank reads the whole validation split instead. Heads make DDP
+    synchronise theirs too (a parameter without a gradient would stall its reduction)."""
     results = tmp_path_factory.mktemp("results")
     index = results / "index.parquet"
     build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="test-salt"))
-    outcome = search(parse_space(TWO_TRIALS, "two.yaml"), data=index, results=results)
+    faults = results / "faults"
+    faults.mkdir()
+    (faults / "1-kill").touch()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANGIOTUNE_FAULT_DIR", str(faults))
+        space = parse_space({**TWO_TRIALS, "fixed": {"strategy": "lora", "heads": True},
+                             "resources": {"workers": 2, "cpus_per_worker": 1}}, "two.yaml")
+        outcome = search(space, data=index, results=results)
     return outcome, results
 
 
@@ -46,6 +61,18 @@ def test_optuna_study_has_each_trial_once(finished_search):
     assert len(study.trials) == 2
     assert {t.state for t in study.trials} <= {optuna.trial.TrialState.COMPLETE,
                                                optuna.trial.TrialState.PRUNED}
+
+
+def test_a_killed_worker_restarts_its_trial_from_the_last_checkpoint(finished_search):
+    outcome, results = finished_search
+    assert not list((results / "faults").iterdir()), "the kill was never claimed"
+    histories = [[json.loads(line) for line in path.read_text().splitlines()]
+                 for path in (outcome.run_dir / "tune").glob("*/result.json")]
+    restarted = [h for h in histories if any(r.get("resumed_from_epoch") == 1 for r in h)]
+    assert len(restarted) == 1, histories
+    assert restarted[0][-1]["epoch"] == 2  # it went on to the end after the restart
+    assert outcome.errors == 0
+    assert all(record["heads"] for record in outcome.best.values())
 
 
 def test_best_adapters_are_kept_and_load_with_plain_peft(finished_search):
@@ -83,21 +110,6 @@ def test_asha_stopped_trials_are_pruned_not_complete_in_optuna(tmp_path):
     assert study.best_value == 0.5
 
 
-def test_two_ddp_workers_evaluate_every_epoch(ray_cluster, phantom_dir, tmp_path):
-    """Guard: a validation set split across workers and read by rank 0 only hangs at the
-    next epoch; every rank reads the whole validation split instead. With heads, so that DDP
-    also synchronises theirs (a parameter without a gradient would stall its reduction)."""
-    index = tmp_path / "index.parquet"
-    build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="test-salt"))
-    space = parse_space({**TWO_TRIALS, "name": "ddp", "samples": 1, "epochs": 2,
-                         "fixed": {"strategy": "lora", "heads": True},
-                         "resources": {"workers": 2, "cpus_per_worker": 1}}, "ddp.yaml")
-    outcome = search(space, data=index, results=tmp_path / "results")
-    assert outcome.trials == 1 and outcome.errors == 0
-    assert list(outcome.epochs_run.values()) == [2]
-    assert all(record["heads"] for record in outcome.best.values())
-
-
 def test_text_box_search_keeps_concept_adapters(ray_cluster, phantom_dir, tmp_path):
     from transformers import Sam3Model
 
@@ -114,33 +126,28 @@ def test_text_box_search_keeps_concept_adapters(ray_cluster, phantom_dir, tmp_pa
     assert isinstance(model.get_base_model(), Sam3Model)
 
 
-def test_a_started_ray_has_its_dashboard_on_loopback():
-    """Guard: ASHA-stopped trials free their workers only through the dashboard (Ray 2.60)."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
+def test_a_started_ray_has_its_dashboard_on_loopback_behind_a_token(ray_cluster):
+    """Guard: ASHA-stopped trials free their workers only through the dashboard (Ray 2.60),
+    so it stays on; it listens on 127.0.0.1, and an unauthenticated request to its API is
+    refused (Ray 2.60 turns token authentication on for a local cluster)."""
+    import urllib.error
+    import urllib.request
 
-    tmp_path = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must be short
+    from conftest import RAY_DASHBOARD
 
-    # Unauthenticated requests to the dashboard's API are refused: Ray 2.60 turns token
-    # authentication on for a local cluster unless RAY_AUTH_MODE says otherwise.
-    script = ("from angiotune.search.run import start_ray; import ray, urllib.request, "
-              "urllib.error\nurl = start_ray().dashboard_url; print('URL', url)\n"
-              "try:\n    urllib.request.urlopen(f'http://{url}/nodes?view=summary', "
-              "timeout=20); print('STATUS 200')\n"
-              "except urllib.error.HTTPError as e:\n    print('STATUS', e.code)\n"
-              "ray.shutdown()")
-    env = {**os.environ, "RAY_TMPDIR": tmp_path, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_AUTH_MODE", None)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=180)
-    assert done.returncode == 0, done.stderr[-2000:]
-    url = [line for line in done.stdout.splitlines() if line.startswith("URL")][0].split()[1]
+    url = RAY_DASHBOARD[0]
     assert url.startswith("127.0.0.1:")
-    status = [line for line in done.stdout.splitlines() if line.startswith("STATUS")][0]
-    assert status.split()[1] in ("401", "403"), done.stdout
+    for _ in range(60):  # the dashboard may still be starting
+        try:
+            urllib.request.urlopen(f"http://{url}/nodes?view=summary", timeout=20)
+        except urllib.error.HTTPError as refused:
+            assert refused.code in (401, 403)
+            return
+        except urllib.error.URLError:
+            time.sleep(0.5)
+            continue
+        raise AssertionError("the dashboard answered a request without the token")
+    raise AssertionError(f"no dashboard at {url}")
 
 
 def test_a_diverged_and_an_out_of_memory_trial_fail_alone(ray_cluster, phantom_dir, tmp_path,

@@ -47,6 +47,7 @@ def _broken(change):
     (lambda r: r.update(colour="red"), "colour"),
     (lambda r: r.update(samples="eight"), "samples"),
     (lambda r: r.update(mode="maximise"), "mode"),
+    (lambda r: r.update(resources={"retries": -1}), "resources.retries"),
     (lambda r: r["params"].update(depth={"type": "int", "low": 1, "high": 3}), "params.depth"),
     (lambda r: r["params"]["rank"].update(type="integer"), "params.rank.type"),
     (lambda r: r["params"]["lr"].update(low=0.1, high=0.01), "params.lr"),

@@ -10,6 +10,7 @@ is line 1), as an editor shows them.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime
 import hashlib
@@ -120,7 +121,8 @@ def build_index(manifest: str | Path, out: str | Path, settings: IndexSettings =
         except Exception as error:  # noqa: BLE001 - one odd row must never stop the whole index
             rejected = error if isinstance(error, _Rejected) else _Rejected(
                 "row", f"unexpected {type(error).__name__}: {error}")
-            problem = Problem(line, rejected.field, _redact(rejected.file, raw),
+            # A problem in the CSV's own cells names the CSV.
+            problem = Problem(line, rejected.field, _redact(rejected.file or manifest.name, raw),
                               _redact(rejected.reason, raw))
             if settings.strict:
                 raise DataError(problem.reason, file=str(manifest), row=line,
@@ -169,14 +171,21 @@ def index_metadata(schema: pa.Schema, path: Path) -> dict:
     return json.loads(raw)
 
 
+BINARY_MAGIC = (b"PK\x03\x04", b"%PDF", b"\x89PNG", b"\xd0\xcf\x11\xe0", b"\x1f\x8b", b"PAR1")
+
+
 def read_manifest(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
     """Rows of a core-lab CSV as (line number, {column: text}), with notes on what was assumed."""
     if not path.exists():
         raise DataError("no such manifest file", file=str(path))
     data = path.read_bytes()
-    if b"\x00" in data[:4096]:
-        raise DataError("binary content, not a CSV text file", file=str(path))
     notes = []
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        data = data.decode("utf-16").encode("utf-8")
+        notes.append(f"{path.name} is UTF-16; read it as such")
+    # Binary: a known container's magic, or NULs beyond a stray one in a damaged cell.
+    if data.startswith(BINARY_MAGIC) or data[:4096].count(b"\x00") > 4:
+        raise DataError("binary content, not a CSV text file", file=str(path))
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -234,6 +243,9 @@ class _RowParser:
 
         if raw.get("__extra__"):
             raise _Rejected("row", "more cells than header columns (a stray delimiter?)")
+        for name, value in raw.items():
+            if isinstance(value, str) and "\x00" in value:
+                raise _Rejected(name, "holds a NUL character (a damaged export?)")
         if not raw.get("patient_id"):
             raise _Rejected("patient_id", "empty patient_id")
         key = patient_key(raw["patient_id"], self.salt)
@@ -306,11 +318,14 @@ class _RowParser:
         if not text:
             raise _Rejected(field_name, f"empty {field_name}")
         path = Path(text)
-        resolved = (path if path.is_absolute() else self.root / path).resolve()
-        if not resolved.is_relative_to(self.root):
-            raise _Rejected(field_name, f"path is outside the data root {self.root}", text)
-        if not resolved.is_file():
-            raise _Rejected(field_name, "missing file", text)
+        try:
+            resolved = (path if path.is_absolute() else self.root / path).resolve()
+            if not resolved.is_relative_to(self.root):
+                raise _Rejected(field_name, f"path is outside the data root {self.root}", text)
+            if not resolved.is_file():
+                raise _Rejected(field_name, "missing file", text)
+        except OSError as error:  # e.g. longer than the file system allows
+            raise _Rejected(field_name, f"unusable path ({error.strerror})", text[:200]) from None
         return resolved
 
     def _call(self, reader, path: Path, field_name: str, *args):
@@ -419,8 +434,12 @@ class _RowParser:
         csv_cranial = _csv_angle(raw.get("secondary_angle", ""), primary=False)
         for name, text, value in (("primary_angle", raw.get("primary_angle"), csv_lao),
                                   ("secondary_angle", raw.get("secondary_angle"), csv_cranial)):
+            limit = angles.MAX_PRIMARY_DEG if name == "primary_angle" else angles.MAX_SECONDARY_DEG
             if text and value is None:
                 warn(name, f"unreadable angle {text!r}; looking in the DICOM and contour JSON")
+            elif value is not None and not angles.valid_angle(value, limit):
+                warn(name, f"angle {text} is beyond the C-arm's ±{limit:g}°; looking in the "
+                           "DICOM and contour JSON")
         views = contour.get("view_angles") if isinstance(contour.get("view_angles"), dict) else {}
         sources = [("csv", csv_lao, csv_cranial), ("dicom", header.lao_deg, header.cranial_deg),
                    ("contour", angles.parse_primary(views.get("primary")),

@@ -13,12 +13,20 @@ from torch import nn
 from angiotune.model.heads import LesionHeads, pooled_features
 from angiotune.model.sam3 import to_pixel_values
 
+UNUSED_WITH_A_BOX = "pred_obj_score_head"
+
 
 class LesionModel(nn.Module):
     def __init__(self, segmenter: nn.Module, heads: LesionHeads | None = None) -> None:
         super().__init__()
         self.segmenter = segmenter
         self.heads = heads
+        # The tracker's object-score head says whether the object is visible in a video frame;
+        # a box on one frame never uses it, and under DDP a trainable parameter that gets no
+        # gradient stops the next step ("did not receive grad"). Frozen, it stays as loaded.
+        for name, parameter in segmenter.named_parameters():
+            if UNUSED_WITH_A_BOX in name:
+                parameter.requires_grad_(False)
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor,
                 context: torch.Tensor | None = None,

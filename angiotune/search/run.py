@@ -174,6 +174,7 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                  "image_size": space.image_size, "batch_size": space.batch_size,
                  "workers": space.workers, "cpus_per_worker": space.cpus_per_worker,
                  "gpus_per_worker": space.gpus_per_worker, "seed": space.seed,
+                 "max_failures": space.retries,
                  "storage": str(run_dir / "train"), "metric": _first(space.metric),
                  "metrics": list(space.metric) if space.multi_objective else [space.metric],
                  "fault_dir": os.environ.get(FAULT_DIR_ENV),
@@ -208,7 +209,8 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                                         num_samples=space.samples * max(len(space.vessels), 1),
                                         max_concurrent_trials=space.max_concurrent),
             run_config=tune.RunConfig(name="tune", storage_path=str(run_dir),
-                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=space.retries),
                                       verbose=1))
     return tuner.fit()
 
@@ -218,8 +220,9 @@ def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
 
-def start_ray(address: str | None = None):
-    """Join a cluster, or start a local Ray whose dashboard is on and bound to 127.0.0.1.
+def start_ray(address: str | None = None, **local_options):
+    """Join a cluster, or start a local Ray whose dashboard is on and bound to 127.0.0.1
+    (``local_options`` go to ``ray.init`` for a local start, e.g. ``num_cpus``).
 
     The dashboard must stay on: when ASHA stops a trial, Ray frees that trial's worker group
     through the dashboard's State API, and without it the next trial waits forever (Ray 2.60).
@@ -227,8 +230,18 @@ def start_ray(address: str | None = None):
     import ray
 
     if address:
+        if "RAY_AUTH_MODE" not in os.environ and _auth_token_available():
+            # A cluster started by `ray start` asks for its token (on by default in Ray 2.60);
+            # a client in token mode also joins a cluster that has authentication off.
+            os.environ["RAY_AUTH_MODE"] = "token"
         return ray.init(address=address, log_to_driver=False)
-    return ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
+    return ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False,
+                    **local_options)
+
+
+def _auth_token_available() -> bool:
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(token_file).is_file()
 
 
 def check_writable(folder: Path) -> None:

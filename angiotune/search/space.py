@@ -10,7 +10,7 @@ A space file::
     epochs: 4
     seed: 0
     asha: {grace_period: 1, reduction_factor: 2}
-    resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+    resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, retries: 1}
     data: {image_size: 112, batch_size: 8}
     fixed: {strategy: lora}
     params:
@@ -94,6 +94,7 @@ class SearchSpace:
     workers: int
     cpus_per_worker: float
     gpus_per_worker: float
+    retries: int  # restarts of a trial whose worker or driver died, from its last checkpoint
     image_size: int
     batch_size: int
     fixed: dict[str, Any]
@@ -198,7 +199,8 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
                           "(metric is a list); set 'asha: off'")
     asha = section("asha", {"grace_period": (int, 1, 1), "reduction_factor": (int, 2, 2)})
     resources = section("resources", {"workers": (int, 1, 1), "cpus_per_worker": (float, 1.0, 0),
-                                      "gpus_per_worker": (float, 0.0, 0)})
+                                      "gpus_per_worker": (float, 0.0, 0),
+                                      "retries": (int, 1, 0)})
     data = section("data", {"image_size": (int, 112, 32), "batch_size": (int, 8, 1)})
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):

@@ -15,7 +15,6 @@ def run_trial(config: dict, constants: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from angiotune.data.stream import SampleSettings, lesion_dataset, load_rows
-    from angiotune.train.loop import train_loop_per_worker
 
     settings = {**constants, **config}
     samples = SampleSettings(image_size=int(settings["image_size"]), seed=int(settings["seed"]))
@@ -30,7 +29,7 @@ def run_trial(config: dict, constants: dict) -> None:
     if use_gpu:
         resources["GPU"] = float(settings["gpus_per_worker"])
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _train_worker,
         train_loop_config=settings,
         scaling_config=ScalingConfig(num_workers=int(settings["workers"]), use_gpu=use_gpu,
                                      resources_per_worker=resources),
@@ -47,7 +46,7 @@ def run_trial(config: dict, constants: dict) -> None:
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=settings["metric"],
                 checkpoint_score_order=settings["mode"]),
-            failure_config=FailureConfig(max_failures=int(settings.get("max_failures", 1)))),
+            failure_config=FailureConfig(max_failures=int(settings["max_failures"]))),
     )
     result = trainer.fit()
     # A trial restored after its Train run had already finished reports nothing in fit(); Tune
@@ -58,3 +57,11 @@ def run_trial(config: dict, constants: dict) -> None:
         if result.checkpoint is not None:
             final["checkpoint_path"] = result.checkpoint.path
         tune.report(final)
+
+
+def _train_worker(config: dict) -> None:
+    """What each Ray Train worker runs. The training stack (torch models, transformers, peft)
+    is imported here, in the workers, so the trial's own driver never loads it."""
+    from angiotune.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -155,6 +156,7 @@ def parameter_groups(model: torch.nn.Module, config: dict) -> list[dict]:
 
 
 FAULT_DIR_ENV = "ANGIOTUNE_FAULT_DIR"
+FAULT_KINDS = ("oom", "nan", "kill")
 OOM_HINT = ("lower batch_size or rank, keep gradient_checkpointing on, or give each worker a "
             "GPU with more memory")
 
@@ -163,9 +165,10 @@ def claim_injected_fault(config: dict) -> str | None:
     """Test hook: a fault for this trial to suffer, or None.
 
     When the search was started with ``ANGIOTUNE_FAULT_DIR`` set to a folder, each trial's first
-    worker takes (deletes) the first file there, in name order, whose name ends in ``oom`` or
-    ``nan`` (``1-oom``, ``2-nan``) and suffers that fault in its first training step: an
-    out-of-memory error raised as torch raises it, or a loss that is NaN. Tests use it to cause
+    worker takes (deletes) the first file there, in name order, whose name ends in ``oom``,
+    ``nan`` or ``kill`` (``1-oom``, ``2-nan``, ``3-kill``) and suffers that fault: in its first
+    training step an out-of-memory error raised as torch raises it, or a loss that is NaN; or,
+    once its first checkpoint is registered, SIGKILL of its own process. Tests use it to cause
     these faults for real in one trial of a search; it is never set otherwise.
     """
     folder = config.get("fault_dir")
@@ -173,7 +176,7 @@ def claim_injected_fault(config: dict) -> str | None:
         return None
     for path in sorted(Path(folder).glob("*")):
         kind = path.name.rsplit("-", 1)[-1]
-        if kind not in ("oom", "nan"):
+        if kind not in FAULT_KINDS:
             continue
         try:
             path.unlink()  # only one worker can delete it: the claim is atomic
@@ -181,6 +184,18 @@ def claim_injected_fault(config: dict) -> str | None:
             continue
         return kind
     return None
+
+
+def _die_after_first_checkpoint() -> None:
+    """The ``kill`` fault: SIGKILL this worker once the controller holds a checkpoint to
+    restart from (a kill before that would restart the trial from nothing)."""
+    import os
+    import signal
+
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints()  # returns once every report is registered
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _step_failure(parts: dict | None, error: Exception | None, epoch: int) -> str | None:
@@ -203,6 +218,35 @@ def _agreed_failure(failure: str | None) -> str | None:
         flag = flag.cuda()
     dist.all_reduce(flag)
     return failure or ("another worker failed" if flag.item() > 0 else None)
+
+
+class EpochClock:
+    """Where an epoch's time goes: ``data_wait_s`` (waiting for the next training batch),
+    ``train_s`` (the rest of the training pass) and ``eval_s``. Reported with the metrics so that
+    a search's overhead (whatever is in none of them) can be measured from its results."""
+
+    def __init__(self) -> None:
+        self.seconds = {"data_wait_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
+        self._last = time.perf_counter()
+
+    def waiting(self, batches):
+        iterator = iter(batches)
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                self.seconds["data_wait_s"] += time.perf_counter() - started
+                return
+            self.seconds["data_wait_s"] += time.perf_counter() - started
+            yield batch
+
+    def mark(self, name: str) -> None:
+        """Everything since the last mark, less the data waits inside it, goes to ``name``."""
+        now = time.perf_counter()
+        waited = self.seconds["data_wait_s"] if name == "train_s" else 0.0
+        self.seconds[name] += now - self._last - waited
+        self._last = now
 
 
 def _missing_scores(config: dict) -> dict[str, float]:
@@ -253,7 +297,8 @@ def train_loop_per_worker(config: dict) -> None:
     fault = claim_injected_fault(config) if rank == 0 and state is None else None
     for epoch in range(start_epoch, int(config["epochs"])):
         losses = []
-        for batch in train_shard.iter_batches(batch_size=batch_size):
+        clock = EpochClock()
+        for batch in clock.waiting(train_shard.iter_batches(batch_size=batch_size)):
             parts, error = None, None
             try:
                 if fault == "oom":
@@ -273,9 +318,12 @@ def train_loop_per_worker(config: dict) -> None:
                                   "failed": failure})
                 return
             losses.append(parts["loss"])
+        clock.mark("train_s")
         metrics = evaluate(model, val_shard.iter_batches(batch_size=batch_size), tokenizer)
+        clock.mark("eval_s")
         metrics = with_objective(metrics, config.get("objective"), VESSELS)
-        metrics.update(epoch=epoch + 1, train_loss=sum(losses) / max(len(losses), 1))
+        metrics.update(epoch=epoch + 1, train_loss=sum(losses) / max(len(losses), 1),
+                       resumed_from_epoch=start_epoch, **clock.seconds)
         with tempfile.TemporaryDirectory() as folder:
             result = None
             if rank == 0:
@@ -285,3 +333,5 @@ def train_loop_per_worker(config: dict) -> None:
                            Path(folder) / STATE_FILE)
                 result = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=result)
+        if fault == "kill":
+            _die_after_first_checkpoint()

@@ -1,0 +1,267 @@
+"""The search API: ``search()`` runs a space end to end and keeps the best adapter per vessel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from angiotune.errors import AngiotuneError
+from angiotune.model.heads import has_heads
+from angiotune.search.space import SearchSpace
+
+# 200 lesions: enough validation and test lesions per vessel for the heads' metrics to mean
+# something; 3 frames a run keeps generation near two minutes on two cores.
+EMBEDDED_PHANTOMS = dict(lesions=200, size=512, frames=3, seed=0)
+EMBEDDED_SALT = "angiotune-embedded-phantoms"  # synthetic patients: nothing to protect
+DATA_NOTE_PHANTOMS = ("angiotune's embedded synthetic phantoms (not clinical data) and the "
+                      "embedded tiny SAM 3 model")
+
+
+@dataclass
+class SearchOutcome:
+    name: str
+    run_dir: Path
+    trials: int
+    errors: int
+    zero_shot: dict[str, float]
+    best: dict[str, dict] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+    epochs_run: dict[str, int] = field(default_factory=dict)  # trial id -> last epoch
+    pareto: list[dict] = field(default_factory=list)  # multi-objective: the non-dominated trials
+    failed: list[dict] = field(default_factory=list)  # trials that diverged or ran out of memory
+
+
+def embedded_index(results: Path) -> Path:
+    """The embedded default data: phantoms generated once under results/, and their index."""
+    import shutil
+
+    from angiotune.data.ingest import IndexSettings, build_index
+    from angiotune.data.phantoms import PhantomSettings, generate_phantoms
+
+    folder = Path(results) / "embedded"
+    index = folder / "index.parquet"
+    made_with = folder / "settings.json"
+    wanted = json.dumps(EMBEDDED_PHANTOMS, sort_keys=True)
+    if index.exists() and made_with.exists() and made_with.read_text() == wanted:
+        return index
+    # Absent, or made by an angiotune whose embedded default differed: make it anew.
+    shutil.rmtree(folder, ignore_errors=True)
+    generate_phantoms(folder / "phantoms", PhantomSettings(**EMBEDDED_PHANTOMS))
+    build_index(folder / "phantoms" / "manifest.csv", index, IndexSettings(salt=EMBEDDED_SALT))
+    made_with.write_text(wanted)
+    return index
+
+
+def zero_shot(index: Path, model_path: Path | None, image_size: int, prompt_mode: str = "box",
+              batch_size: int = 16) -> dict[str, float]:
+    """The base model's validation metrics before any adaptation (plain PyTorch, no Ray)."""
+    from angiotune.data.stream import SampleSettings, load_rows, prepare_sample
+    from angiotune.model.sam3 import load_base_model, load_prompt_tokenizer
+    from angiotune.train.step import evaluate
+
+    rows, root = load_rows(index, "val")
+    settings = SampleSettings(image_size=image_size, augment=False)
+    samples = [prepare_sample(row, root, settings) for row in rows.to_dict("records")]
+    batches = [{name: np.stack([s[name] for s in samples[i:i + batch_size]]) for name in
+                samples[0]} for i in range(0, len(samples), batch_size)]
+    import torch
+
+    tokenizer = load_prompt_tokenizer(model_path) if prompt_mode == "text_box" else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the full model is slow on CPU
+    return evaluate(load_base_model(model_path, prompt_mode).to(device), batches, tokenizer)
+
+
+def validation_fingerprint(index: Path) -> str:
+    from angiotune.data.stream import load_rows
+
+    rows, _ = load_rows(index, "val")
+    return hashlib.sha256("\n".join(sorted(rows["sample_id"])).encode()).hexdigest()[:16]
+
+
+def search(space: SearchSpace, *, data: Path | None = None, model: Path | None = None,
+           name: str | None = None, results: Path = Path("results"), address: str | None = None,
+           resume: bool = False, announce=None) -> SearchOutcome:
+    """Run a search space end to end and keep the best adapter per vessel."""
+    from angiotune.model.sam3 import image_size_of, load_base_model
+    from angiotune.registry.store import VESSELS, promote
+    from angiotune.search.run import SearchSettings, check_writable, run_search
+
+    check_writable(Path(results))  # before the phantoms, the model or Ray
+    mode = space.fixed.get("prompt_mode", "box")
+    base = load_base_model(model, mode)  # fails fast on a bad --model, before Ray starts
+    if image_size_of(base) != space.image_size and model is None:
+        raise AngiotuneError(f"data.image_size {space.image_size} does not match the embedded "
+                             f"model's {image_size_of(base)}")
+    index = Path(data) if data else embedded_index(results)
+    name = name or space.name
+    run_dir = (Path(results) / "searches" / name).resolve()
+    if not resume and (run_dir / "tune").exists():
+        raise AngiotuneError(f"a search named {name!r} already exists in {run_dir}; use "
+                             "--resume to continue it or another --name")
+    constants = stage_constants(space, index, Path(results), run_dir, resume)
+    settings = SearchSettings(index=index, name=name, results=Path(results),
+                              model_path=model, address=address, resume=resume,
+                              announce=announce, trial_constants=constants)
+    baseline = zero_shot(index, model, space.image_size, mode)
+    grid = run_search(space, settings)
+    outcome = SearchOutcome(settings.name, settings.run_dir, len(grid), grid.num_errors,
+                            baseline)
+    outcome.epochs_run = {r.metrics.get("trial_id"): int(r.metrics.get("epoch", 0))
+                          for r in grid if r.metrics}
+    outcome.failed = [{"trial_id": r.metrics.get("trial_id"), "reason": r.metrics["failed"],
+                       "params": {k: v for k, v in (r.config or {}).items()}}
+                      for r in grid if r.metrics and r.metrics.get("failed")]
+    if space.multi_objective:
+        outcome.pareto = pareto_front(space, settings.run_dir)
+    fingerprint = validation_fingerprint(index)
+    for vessel in space.vessels or VESSELS:
+        metric = f"{space.select}/{vessel}"
+        candidate = _best_checkpoint(grid, metric, "max")
+        if candidate is None:
+            outcome.messages.append(f"{vessel}: no trial reported {metric}")
+            continue
+        row, config, trial_id = candidate
+        adapter = Path(row["checkpoint_path"]) / "adapter"
+        record = {"metric": metric, "mode": "max", "score": float(row[metric]),
+                  "stage": space.stage, "strategy": _adapter_strategy(adapter),
+                  "heads": has_heads(adapter),
+                  "metrics": {k: float(v) for k, v in row.items() if _is_metric(k, v)},
+                  "zero_shot": {k: v for k, v in baseline.items()},
+                  "config": config, "trial_id": trial_id, "epoch": int(row["epoch"]),
+                  "search": settings.name, "index": str(index.resolve()),
+                  "validation_split": fingerprint,
+                  "prompt_mode": mode, "base_model": _base_id(model, mode),
+                  "base_model_path": str(model) if model else None,
+                  "data_note": DATA_NOTE_PHANTOMS if data is None else "user data"}
+        _, message = promote(settings.results, vessel, adapter, record)
+        outcome.messages.append(message)
+        outcome.best[vessel] = record
+    (settings.run_dir / "summary.json").write_text(json.dumps(
+        {"trials": outcome.trials, "errors": outcome.errors, "failed": outcome.failed,
+         "zero_shot": baseline,
+         "messages": outcome.messages, "pareto": outcome.pareto,
+         "best_validation": {v: r["metrics"] for v, r in outcome.best.items()}}, indent=1))
+    return outcome
+
+
+def segment_classes(index: Path) -> tuple[tuple[str, ...], list[int]]:
+    """The heads' classes: the segment codes present in the index, in taxonomy order, and how
+    many training lesions each has (for class weights)."""
+    from angiotune.data.stream import load_rows
+
+    rows, _ = load_rows(index)
+    classes = tuple(sorted(rows["segment"].astype(str).unique(), key=_code_order))
+    counts = rows[rows["split"] == "train"]["segment"].astype(str).value_counts()
+    return classes, [int(counts.get(code, 0)) for code in classes]
+
+
+def _code_order(code: str) -> tuple:
+    digits = "".join(ch for ch in code if ch.isdigit())
+    return (int(digits) if digits else 10**6, code)
+
+
+def stage_constants(space: SearchSpace, index: Path, results: Path, run_dir: Path,
+                    resume: bool) -> dict:
+    """What trials of this stage need, resolved before Ray starts so that mistakes fail fast:
+    the heads' classes, and copies of the kept adapters that ``init`` points to (a copy, so
+    that promotions during or after the search cannot change a resumed trial's start)."""
+    from angiotune.data.stream import load_rows
+
+    constants: dict = {}
+    if space.heads:
+        classes, counts = segment_classes(index)
+        constants.update(classes=list(classes), class_counts=counts)
+    rows, _ = load_rows(index)
+    for vessel in space.vessels:
+        for split in ("train", "val"):
+            if not ((rows["vessel"] == vessel) & (rows["split"] == split)).any():
+                raise AngiotuneError(f"{index}: no {split} lesions of {vessel}; remove it from "
+                                     "the space's vessels")
+    wanted = space.init_choices() - {"none"}
+    if "vessel" in wanted:
+        wanted = (wanted - {"vessel"}) | set(space.vessels)
+    if wanted:
+        constants["init_adapters"] = {key: str(_init_copy(key, results, run_dir, resume))
+                                      for key in sorted(wanted)}
+    return constants
+
+
+def _init_copy(key: str, results: Path, run_dir: Path, resume: bool) -> Path:
+    import shutil
+
+    from angiotune.registry.store import ADAPTER, list_entries, read_entry
+
+    target = run_dir / "init" / key
+    if resume and target.exists():
+        return target
+    if key == "best":
+        general = {v: e for v, e in list_entries(results).items()
+                   if e is not None and e.get("stage", 1) != 3}
+        if not general:
+            raise AngiotuneError(f"init 'best' needs a kept stage-1 or stage-2 adapter in "
+                                 f"{results}/best (stage-3 specialists saw one vessel only); "
+                                 "run `angiotune search --space lora_rank.yaml` first, or use "
+                                 "init: none")
+        entry = max(general.values(), key=lambda e: e["metrics"].get("dice", 0.0))
+    else:
+        entry = read_entry(results, key)
+        if entry is None:
+            raise AngiotuneError(f"init {key!r} needs a kept {key} adapter in {results}/best; "
+                                 "run a stage-1 search first, or use init: none")
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(Path(entry["path"]) / ADAPTER, target)
+    return target
+
+
+def pareto_front(space: SearchSpace, run_dir: Path) -> list[dict]:
+    """The non-dominated trials of a multi-objective study, also written to pareto.json."""
+    import optuna
+
+    study = optuna.load_study(study_name=space.name,
+                              storage=f"sqlite:///{run_dir / 'optuna.db'}")
+    front = [{"trial": t.number, **dict(zip(space.metric, t.values, strict=True)),
+              "params": t.params} for t in study.best_trials]
+    (run_dir / "pareto.json").write_text(json.dumps(front, indent=1, default=str))
+    return front
+
+
+def _adapter_strategy(adapter: Path) -> str:
+    from angiotune.model.adapters import SETTINGS_FILE
+
+    record = json.loads((adapter / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
+    return str(record["strategy"])
+
+
+def _base_id(model: Path | None, mode: str) -> str:
+    from angiotune.model.sam3 import base_model_id
+
+    return base_model_id(model, mode)
+
+
+def _is_metric(key: str, value) -> bool:
+    from angiotune.train.metrics import METRIC_MODES
+
+    return (key.split("/")[0] in {*METRIC_MODES, "n", "train_loss", "epoch"}
+            and isinstance(value, (int, float, np.floating, np.integer)))
+
+
+def _best_checkpoint(grid, metric: str, mode: str):
+    """The best epoch of any trial on ``metric`` whose checkpoint still exists."""
+    best = None
+    for result in grid:
+        history = result.metrics_dataframe
+        if history is None or metric not in history or "checkpoint_path" not in history:
+            continue
+        for _, row in history.dropna(subset=[metric, "checkpoint_path"]).iterrows():
+            if not (Path(row["checkpoint_path"]) / "adapter").exists():
+                continue
+            score = float(row[metric])
+            if best is None or (score > best[0] if mode == "max" else score < best[0]):
+                config = {k: v for k, v in (result.config or {}).items()}
+                best = (score, row, config, result.metrics.get("trial_id"))
+    return None if best is None else best[1:]
