@@ -217,3 +217,26 @@ def test_epoch_clock_splits_an_epoch_between_data_training_and_evaluation():
     assert 0.15 <= seconds["data_wait_s"] < 0.5
     assert 0.06 <= seconds["train_s"] < 0.3  # the waits are not counted twice
     assert 0.03 <= seconds["eval_s"] < 0.3
+
+
+def test_validation_cache_decodes_once_unless_too_large():
+    import numpy as np
+
+    from angiotune.train.loop import ValidationCache
+
+    class Shard:
+        reads = 0
+
+        def iter_batches(self, batch_size):
+            Shard.reads += 1
+            for start in range(0, 10, batch_size):
+                yield {"image": np.zeros((min(batch_size, 10 - start), 8, 8), np.float32)}
+
+    cache = ValidationCache()
+    for _ in range(3):
+        assert sum(len(b["image"]) for b in cache.batches(Shard(), 4)) == 10
+    assert Shard.reads == 1
+    small = ValidationCache(limit_bytes=1000)  # 10 x 8 x 8 float32 is 2560 bytes
+    for _ in range(3):
+        assert sum(len(b["image"]) for b in small.batches(Shard(), 4)) == 10
+    assert Shard.reads == 4

@@ -2,6 +2,8 @@
 
 import json
 import multiprocessing
+import random
+import subprocess
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -78,3 +80,36 @@ def test_a_replacement_records_what_it_beat(tmp_path):
     assert entry["stage"] == 3
     assert entry["replaced"]["stage"] == 1 and entry["replaced"]["score"] == 0.5
     assert "stage 3 vessel LoRA" in (results / "best" / "LAD" / "README.md").read_text()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB file system (tmpfs), to fill for real."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"this machine lets no test mount a small file system: {done.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_leaves_the_entry_as_it_was(tmp_path, small_disk):
+    results = small_disk / "results"
+    promote(results, "LAD", _adapter(tmp_path, "small", b"w" * 1000), _record(0.5))
+    too_big = _adapter(tmp_path, "big", random.randbytes(400 * 1024))  # more than is free
+    with pytest.raises(RegistryError, match="could not write the new LAD entry"):
+        promote(results, "LAD", too_big, _record(0.9))
+    entry = read_entry(results, "LAD")  # still verified against its checksums
+    assert entry["score"] == 0.5
+    assert not [p for p in (results / "best").iterdir() if ".staging-" in p.name]
+
+
+def test_a_results_folder_without_room_is_refused_before_anything_starts(small_disk, capsys):
+    from angiotune.cli import main
+
+    assert main(["search", "--space", "lora_rank.yaml", "--results", str(small_disk)]) == 2
+    said = capsys.readouterr().err
+    assert "under 200 MB free" in said and "Traceback" not in said
+    assert not (small_disk / "embedded").exists()

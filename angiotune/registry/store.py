@@ -78,16 +78,23 @@ def promote(results: Path, vessel: str, adapter: Path, record: dict) -> tuple[bo
                 return False, (f"kept the existing {vessel} adapter ({record['metric']} "
                                f"{current['score']:.4f} vs {score:.4f})")
         staging = folder / f".{vessel}.staging-{uuid.uuid4().hex[:8]}"
-        shutil.copytree(adapter, staging / ADAPTER)
         replaced = None if current is None else {
             key: current.get(key) for key in ("stage", "strategy", "score", "search", "trial_id")}
-        manifest = {**record, "vessel": vessel, "angiotune_version": __version__,
-                    "replaced": replaced,
-                    "created": datetime.datetime.now(datetime.timezone.utc)
-                    .isoformat(timespec="seconds"),
-                    "checksums": _checksums(staging / ADAPTER)}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        (staging / "README.md").write_text(model_card(manifest))
+        try:
+            shutil.copytree(adapter, staging / ADAPTER)
+            manifest = {**record, "vessel": vessel, "angiotune_version": __version__,
+                        "replaced": replaced,
+                        "created": datetime.datetime.now(datetime.timezone.utc)
+                        .isoformat(timespec="seconds"),
+                        "checksums": _checksums(staging / ADAPTER)}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True)
+                                            + "\n")
+            (staging / "README.md").write_text(model_card(manifest))
+        except OSError as error:  # a full disk, most likely: the old entry stays as it was
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RegistryError(f"could not write the new {vessel} entry in {folder} "
+                                f"({error.strerror or error}); the existing entry is "
+                                "unchanged") from None
         target = folder / vessel
         retired = folder / f".{vessel}.retired-{uuid.uuid4().hex[:8]}"
         if target.exists():

@@ -87,7 +87,7 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
            resume: bool = False, announce=None) -> SearchOutcome:
     """Run a search space end to end and keep the best adapter per vessel."""
     from angiotune.model.sam3 import image_size_of, load_base_model
-    from angiotune.registry.store import VESSELS, promote
+    from angiotune.registry.store import VESSELS, RegistryError, promote
     from angiotune.search.run import SearchSettings, check_writable, run_search
 
     check_writable(Path(results))  # before the phantoms, the model or Ray
@@ -137,7 +137,10 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
                   "prompt_mode": mode, "base_model": _base_id(model, mode),
                   "base_model_path": str(model) if model else None,
                   "data_note": DATA_NOTE_PHANTOMS if data is None else "user data"}
-        _, message = promote(settings.results, vessel, adapter, record)
+        try:
+            _, message = promote(settings.results, vessel, adapter, record)
+        except RegistryError as error:  # the trials' checkpoints stay in the run folder
+            message = f"{vessel}: {error}"
         outcome.messages.append(message)
         outcome.best[vessel] = record
     (settings.run_dir / "summary.json").write_text(json.dumps(

@@ -220,6 +220,33 @@ def _agreed_failure(failure: str | None) -> str | None:
     return failure or ("another worker failed" if flag.item() > 0 else None)
 
 
+class ValidationCache:
+    """Validation samples are the same every epoch (no augmentation): keep the first epoch's
+    batches in memory and evaluate later epochs on them instead of decoding them again, unless
+    they outgrow ``limit_bytes`` (the full-size model's crops are large)."""
+
+    def __init__(self, limit_bytes: int = 2 * 2**30) -> None:
+        self.limit_bytes = limit_bytes
+        self.kept: list[dict] | None = None
+        self.too_large = False
+
+    def batches(self, shard, batch_size: int):
+        if self.kept is not None:
+            return iter(self.kept)
+        return self._streaming(shard, batch_size)
+
+    def _streaming(self, shard, batch_size: int):
+        kept, size = [], 0
+        for batch in shard.iter_batches(batch_size=batch_size):
+            if not self.too_large:
+                size += sum(getattr(value, "nbytes", 0) for value in batch.values())
+                self.too_large = size > self.limit_bytes
+                kept.append(batch)
+            yield batch
+        if not self.too_large:
+            self.kept = kept
+
+
 class EpochClock:
     """Where an epoch's time goes: ``data_wait_s`` (waiting for the next training batch),
     ``train_s`` (the rest of the training pass) and ``eval_s``. Reported with the metrics so that
@@ -295,6 +322,7 @@ def train_loop_per_worker(config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     rank = ray.train.get_context().get_world_rank()
     fault = claim_injected_fault(config) if rank == 0 and state is None else None
+    validation = ValidationCache()
     for epoch in range(start_epoch, int(config["epochs"])):
         losses = []
         clock = EpochClock()
@@ -319,7 +347,8 @@ def train_loop_per_worker(config: dict) -> None:
                 return
             losses.append(parts["loss"])
         clock.mark("train_s")
-        metrics = evaluate(model, val_shard.iter_batches(batch_size=batch_size), tokenizer)
+        val_batches = validation.batches(val_shard, batch_size)
+        metrics = evaluate(model, val_batches, tokenizer)
         clock.mark("eval_s")
         metrics = with_objective(metrics, config.get("objective"), VESSELS)
         metrics.update(epoch=epoch + 1, train_loss=sum(losses) / max(len(losses), 1),
