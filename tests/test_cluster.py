@@ -72,7 +72,10 @@ def _wait_for_port(port: int, seconds: float) -> None:
 @pytest.fixture
 def two_node_cluster():
     """Head with 1 CPU, a second node with 2 CPUs and a ``second_node`` resource."""
+    from conftest import RAY_TEMP_DIRS
+
     temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # Ray's socket paths must be short
+    RAY_TEMP_DIRS.append(temp_dir)  # the PHI scan in test_stages reads its logs too
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)
