@@ -112,7 +112,9 @@ def _measurement(key: str, value) -> Callable[[Path, int], None]:
 
 
 def _cells(**cells: str) -> Callable[[Path, int], None]:
-    return lambda data, line: edit_row(data / "manifest.csv", line, **cells) and None
+    def damage(data: Path, line: int) -> None:
+        edit_row(data / "manifest.csv", line, **cells)
+    return damage
 
 
 def _swap_mask(data: Path, line: int) -> None:
@@ -164,14 +166,15 @@ LONG_FOLDERS = "/".join(["d" * 200] * 5)  # 1000 characters of folders, each wit
 
 KINDS = [
     # DICOM bytes
+    # Random bytes may or may not hit the header's structure: either outcome is honest.
     Kind("DICOM header bytes scrambled", lambda d, n: _rewrite(_dicom(d, n), _scramble(
         0.0, 0.02, 40)), EITHER),
     Kind("DICOM magic overwritten", lambda d, n: _rewrite(
-        _dicom(d, n), lambda b: b[:128] + b"XXXX" + b[132:]), EITHER),
+        _dicom(d, n), lambda b: b[:128] + b"XXXX" + b[132:]), QUARANTINE, "dicom_path"),
     Kind("DICOM pixel bytes flipped", lambda d, n: _rewrite(_dicom(d, n), _scramble(
-        0.5, 1.0, 64)), EITHER),
+        0.5, 1.0, 64)), KEPT),  # raw pixels: nothing can tell a flipped byte
     Kind("DICOM truncated to half", lambda d, n: _rewrite(
-        _dicom(d, n), lambda b: b[:len(b) // 2]), EITHER),
+        _dicom(d, n), lambda b: b[:len(b) // 2]), QUARANTINE, "PixelData"),
     Kind("DICOM truncated to 100 bytes", lambda d, n: _rewrite(_dicom(d, n), lambda b: b[:100]),
          QUARANTINE, "dicom_path"),
     Kind("DICOM file empty", lambda d, n: _dicom(d, n).write_bytes(b""), QUARANTINE,
@@ -182,8 +185,9 @@ KINDS = [
     Kind("wrong transfer syntax: JPEG declared, raw pixels",
          _declare_syntax(pydicom.uid.JPEGBaseline8Bit), QUARANTINE),
     Kind("wrong transfer syntax: big endian declared",
-         _declare_syntax(pydicom.uid.ExplicitVRBigEndian), EITHER),
-    Kind("NumberOfFrames larger than the pixel data", _header_edit(NumberOfFrames=400), EITHER),
+         _declare_syntax(pydicom.uid.ExplicitVRBigEndian), QUARANTINE),
+    Kind("NumberOfFrames larger than the pixel data", _header_edit(NumberOfFrames=400),
+         QUARANTINE, "PixelData"),
     Kind("Rows disagree with the pixel data", _header_edit(Rows=100), QUARANTINE),
     # masks
     Kind("mask swapped with another lesion's", _swap_mask, QUARANTINE),
@@ -195,19 +199,20 @@ KINDS = [
          QUARANTINE),
     # contour JSON and measurements
     Kind("contour JSON truncated", lambda d, n: _rewrite(_contour(d, n), lambda b: b[:30]),
-         EITHER),
-    Kind("contour JSON is a list", lambda d, n: _contour(d, n).write_text("[1, 2]"), EITHER),
+         QUARANTINE, "medis_contour_path"),
+    Kind("contour JSON is a list", lambda d, n: _contour(d, n).write_text("[1, 2]"),
+         QUARANTINE, "medis_contour_path"),
     Kind("MLD is NaN", _measurement("MLD_mm", float("nan")), QUARANTINE),
     Kind("MLD negative", _measurement("MLD_mm", -1.2), QUARANTINE),
     Kind("MLD as text", _measurement("MLD_mm", "one point two"), QUARANTINE),
     Kind("stenosis over 100 %", _measurement("diameter_stenosis_pct", 140.0), QUARANTINE),
     Kind("MLD larger than the reference", _measurement("MLD_mm", 9.0), QUARANTINE),
     Kind("calibration negative", lambda d, n: edit_contour(
-        _contour(d, n), lambda c: c["calibration"].__setitem__("scale_factor", -2.0)), EITHER,
+        _contour(d, n), lambda c: c["calibration"].__setitem__("scale_factor", -2.0)), KEPT,
          warns=True),
     # CSV cells
-    Kind("angle as text", _cells(primary_angle="left-ish"), EITHER, warns=True),
-    Kind("angle of 720 degrees", _cells(primary_angle="720"), EITHER, warns=True),
+    Kind("angle as text", _cells(primary_angle="left-ish"), KEPT, warns=True),
+    Kind("angle of 720 degrees", _cells(primary_angle="720"), KEPT, warns=True),
     Kind("frame index out of range", _cells(frame_index="99"), QUARANTINE, "frame_index"),
     Kind("frame index as text", _cells(frame_index="two"), QUARANTINE, "frame_index"),
     Kind("frame index negative", _cells(frame_index="-1"), QUARANTINE, "frame_index"),
@@ -245,7 +250,7 @@ KINDS = [
     Kind("CSV in Windows-1252", _whole_csv(
         lambda p, f, r: write_csv_rows(p, f, r, encoding="cp1252")), ACCEPTED),
     Kind("CSV in UTF-16", _whole_csv(
-        lambda p, f, r: write_csv_rows(p, f, r, encoding="utf-16")), EITHER),
+        lambda p, f, r: write_csv_rows(p, f, r, encoding="utf-16")), ACCEPTED),
 ]
 
 
