@@ -159,6 +159,8 @@ def search(space_file: str, data: Path | None, model: Path | None, name: str | N
     for message in outcome.messages:
         out.print(message)
     _print_best_table(results)
+    out.print(f"Plots of this search: angiotune report {outcome.name}"
+              + ("" if results == Path("results") else f" --results {results}"))
 
 
 def _print_pareto(front: list[dict], path: Path) -> None:
@@ -234,6 +236,23 @@ def _print_best_table(results: Path, entries: dict | None = None) -> None:
             line += (f", {entry['score'] - replaced['score']:+.3f} over the "
                      f"{STAGE_NAMES.get(replaced.get('stage') or 1)} adapter it replaced")
         out.print(line + f"; {entry['path']}", soft_wrap=True)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results"), show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the page (default: the search's folder, report.html).")
+def report(name: str, results: Path, out_path: Path | None) -> None:
+    """Write one HTML page about search NAME: optimisation history, parameter importances,
+    parallel coordinates, learning curves, a per-vessel leaderboard and the best masks."""
+    from angiotune.report import write_report
+
+    with _progress() as progress:
+        progress.add_task("drawing the report", total=None)
+        path = write_report(results, name, out_path)
+    out.print(f"Report written to {path} (self-contained: open it in any browser)")
 
 
 @cli.command()

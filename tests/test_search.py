@@ -1,13 +1,22 @@
 """A real two-trial search on the session's local Ray: Tune + Optuna + ASHA over Ray Train."""
 
+import base64
+import io
 import json
+import os
+import re
+import shutil
+import subprocess
 import time
 
 import optuna
 import pytest
 from peft import PeftModel
+from PIL import Image
 
+from angiotune.cli import main
 from angiotune.data.ingest import IndexSettings, build_index
+from angiotune.data.stream import load_rows
 from angiotune.model.sam3 import load_base_model
 from angiotune.registry.store import list_entries, load_best_model
 from angiotune.search import search
@@ -178,3 +187,42 @@ def test_a_diverged_and_an_out_of_memory_trial_fail_alone(ray_cluster, phantom_d
     assert not any(list_entries(results).values())  # a failed trial is never kept
     summary = json.loads((outcome.run_dir / "summary.json").read_text())
     assert len(summary["failed"]) == 2
+
+
+def _browser() -> str:
+    """Debian's chromium, which .ci/run installs; elsewhere the test says it needs one."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have chromium for the report test (.ci/run installs it)")
+        pytest.skip("needs Debian's chromium (apt-get install chromium), as .ci/run installs")
+    return found
+
+
+def test_report_renders_every_plot_in_a_headless_browser(finished_search, tmp_path):
+    outcome, results = finished_search
+    assert main(["report", outcome.name, "--results", str(results)]) == 0
+    page = outcome.run_dir / "report.html"
+    profile = tmp_path / "profile"
+    # The flags keep Chromium off the (closed) network; the DOM is dumped after scripts ran.
+    dom = subprocess.run(
+        [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+         "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    sections = dict(re.findall(r"<section class=\"plot\" id=\"(\w+)\">(.*?)</section>", dom,
+                               re.S))
+    assert set(sections) == {"history", "importance", "parallel", "curves"}
+    for key, body in sections.items():  # plotly drew an SVG: the data reached the page
+        assert 'class="main-svg"' in body, f"{key} did not render"
+    overlays = dom.split('id="overlays"')[1]
+    pictures = re.findall(r'src="data:image/png;base64,([^"]+)"', overlays)
+    rows, _ = load_rows(results / "index.parquet", "val")
+    assert len(pictures) == sum(min(3, int((rows["vessel"] == v).sum())) for v in outcome.best)
+    image = Image.open(io.BytesIO(base64.b64decode(pictures[0])))
+    assert image.size[0] == 3 * image.size[1] + 12  # truth | adapter | zero-shot
+    for vessel, kept in outcome.best.items():
+        board = dom.split(f"<h3>{vessel}</h3>")[1].split("</table>")[0]
+        assert f'<tr class="kept"><td>{kept["trial_id"]}</td>' in board
+    assert "Data: user data." in dom and "not clinical accuracy" not in dom  # says what ran

@@ -139,6 +139,15 @@ def _prepare_batch(rows: pd.DataFrame, root: Path, settings: SampleSettings) -> 
     return {name: np.stack([s[name] for s in samples]) for name in samples[0]}
 
 
+def sample_batches(rows: pd.DataFrame, root: Path, settings: SampleSettings,
+                   batch_size: int = 16) -> list[dict]:
+    """Rows prepared in memory and stacked into batches, in order: for evaluation outside Ray,
+    where a bad row should stop the caller (it names the file) rather than be skipped."""
+    samples = [prepare_sample(row, root, settings) for row in rows.to_dict("records")]
+    return [{name: np.stack([s[name] for s in samples[i:i + batch_size]]) for name in samples[0]}
+            for i in range(0, len(samples), batch_size)]
+
+
 def load_rows(index: str | Path | pd.DataFrame, split: str | None = None,
               data_root: str | Path | None = None) -> tuple[pd.DataFrame, Path]:
     """Index rows (optionally one split) and the data root their paths are relative to."""

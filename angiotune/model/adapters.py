@@ -8,6 +8,7 @@ What a strategy trains is saved on its own, never the base: LoRA as a peft adapt
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,7 +138,9 @@ def load_adapter(base: torch.nn.Module, folder: Path, trainable: bool = False,
     settings = AdapterSettings(**{**record["settings"],
                                   "targets": tuple(record["settings"]["targets"])})
     if settings.strategy == "lora":
-        model = PeftModel.from_pretrained(base, folder, is_trainable=trainable)
+        with warnings.catch_warnings():  # peft asks a transformers 5 property it deprecated
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+            model = PeftModel.from_pretrained(base, folder, is_trainable=trainable)
         return _freeze_text(model) if trainable else model.eval()
     state = load_file(folder / WEIGHTS_FILE)
     missing = set(state) - set(dict(base.named_parameters()))

@@ -15,7 +15,6 @@ import logging
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from angiotune.registry.store import RegistryError, list_entries, load_best_model, read_entry
@@ -53,7 +52,7 @@ def _evaluate_vessel(results: Path, vessel: str, entry: dict,
     """The vessel's rows, or None (logged) when its index has no test lesions of it."""
     import torch
 
-    from angiotune.data.stream import SampleSettings, load_rows, prepare_sample
+    from angiotune.data.stream import SampleSettings, load_rows, sample_batches
     from angiotune.model.sam3 import image_size_of, load_base_model, load_prompt_tokenizer
     from angiotune.train.step import evaluate_samples
 
@@ -73,10 +72,8 @@ def _evaluate_vessel(results: Path, vessel: str, entry: dict,
     kept = load_best_model(results, vessel)
     base = load_base_model(entry.get("base_model_path"), mode)
     tokenizer = load_prompt_tokenizer(entry.get("base_model_path")) if mode == "text_box" else None
-    settings = SampleSettings(image_size=image_size_of(base), augment=False)
-    samples = [prepare_sample(row, root, settings) for row in test.to_dict("records")]
-    batches = [{name: np.stack([s[name] for s in samples[i:i + batch_size]]) for name in
-                samples[0]} for i in range(0, len(samples), batch_size)]
+    batches = sample_batches(test, root, SampleSettings(image_size=image_size_of(base),
+                                                        augment=False), batch_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     records = {"kept": evaluate_samples(kept.to(device), batches, tokenizer),
                "zero-shot": evaluate_samples(base.to(device), batches, tokenizer),

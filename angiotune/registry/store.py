@@ -139,19 +139,23 @@ def list_entries(results: Path) -> dict[str, dict | None]:
 def load_best_model(results: Path, vessel: str):
     """The ready model for a vessel: its base with the kept adapter applied, wrapped with its
     heads in a ``LesionModel`` in box mode (the concept model as it is in text_box mode)."""
+    entry = read_entry(results, vessel)
+    if entry is None:
+        raise RegistryError(f"no adapter kept for {vessel} in {best_dir(results)}; run "
+                            "`angiotune search` first")
+    return load_ready_model(Path(entry["path"]) / ADAPTER, entry.get("base_model_path"),
+                            entry.get("prompt_mode", "box"))
+
+
+def load_ready_model(folder: Path, base_model_path: str | None, mode: str = "box"):
+    """An adapter folder (kept, or a trial's checkpoint) applied to its base, ready to run."""
     from angiotune.model.adapters import load_adapter
     from angiotune.model.heads import has_heads, load_heads
     from angiotune.model.lesion import LesionModel
     from angiotune.model.sam3 import base_model_id, load_base_model
 
-    entry = read_entry(results, vessel)
-    if entry is None:
-        raise RegistryError(f"no adapter kept for {vessel} in {best_dir(results)}; run "
-                            "`angiotune search` first")
-    mode = entry.get("prompt_mode", "box")
-    folder = Path(entry["path"]) / ADAPTER
-    model = load_adapter(load_base_model(entry.get("base_model_path"), mode), folder,
-                         base_id=base_model_id(entry.get("base_model_path"), mode))
+    model = load_adapter(load_base_model(base_model_path, mode), folder,
+                         base_id=base_model_id(base_model_path, mode))
     if mode != "box":
         return model
     return LesionModel(model, load_heads(folder) if has_heads(folder) else None).eval()

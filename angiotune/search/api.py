@@ -59,16 +59,15 @@ def embedded_index(results: Path) -> Path:
 def zero_shot(index: Path, model_path: Path | None, image_size: int, prompt_mode: str = "box",
               batch_size: int = 16) -> dict[str, float]:
     """The base model's validation metrics before any adaptation (plain PyTorch, no Ray)."""
-    from angiotune.data.stream import SampleSettings, load_rows, prepare_sample
+    import torch
+
+    from angiotune.data.stream import SampleSettings, load_rows, sample_batches
     from angiotune.model.sam3 import load_base_model, load_prompt_tokenizer
     from angiotune.train.step import evaluate
 
     rows, root = load_rows(index, "val")
-    settings = SampleSettings(image_size=image_size, augment=False)
-    samples = [prepare_sample(row, root, settings) for row in rows.to_dict("records")]
-    batches = [{name: np.stack([s[name] for s in samples[i:i + batch_size]]) for name in
-                samples[0]} for i in range(0, len(samples), batch_size)]
-    import torch
+    batches = sample_batches(rows, root, SampleSettings(image_size=image_size, augment=False),
+                             batch_size)
 
     tokenizer = load_prompt_tokenizer(model_path) if prompt_mode == "text_box" else None
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the full model is slow on CPU
@@ -142,12 +141,17 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
         except RegistryError as error:  # the trials' checkpoints stay in the run folder
             message = f"{vessel}: {error}"
         outcome.messages.append(message)
-        outcome.best[vessel] = record
+        outcome.best[vessel] = {**record, "adapter": str(adapter)}
     (settings.run_dir / "summary.json").write_text(json.dumps(
         {"trials": outcome.trials, "errors": outcome.errors, "failed": outcome.failed,
          "zero_shot": baseline,
          "messages": outcome.messages, "pareto": outcome.pareto,
-         "best_validation": {v: r["metrics"] for v, r in outcome.best.items()}}, indent=1))
+         "best_validation": {v: r["metrics"] for v, r in outcome.best.items()},
+         # What `angiotune report` needs to redraw the best masks without the registry.
+         "index": str(index.resolve()), "base_model_path": str(model) if model else None,
+         "prompt_mode": mode, "data_note": DATA_NOTE_PHANTOMS if data is None else "user data",
+         "best": {v: {k: r[k] for k in ("metric", "score", "trial_id", "epoch", "adapter")}
+                  for v, r in outcome.best.items()}}, indent=1))
     return outcome
 
 
