@@ -16,10 +16,12 @@ from angiotune.model.adapters import (
     save_adapter,
     trainable_parameters,
 )
+from angiotune.model.embedding_cache import EmbeddingCache, encoder_is_frozen
+from angiotune.model.lesion import LesionModel
 from angiotune.model.losses import LossWeights, dice_loss, focal_loss, hard_iou, weighted_bce
 from angiotune.model.pretrain import shape_batch
 from angiotune.model.sam3 import EMBEDDED_IMAGE_SIZE, ModelError, base_model_id, load_base_model
-from angiotune.train.step import dice_scores, evaluate, predict_logits, train_step
+from angiotune.train.step import as_tensors, dice_scores, evaluate, predict_logits, train_step
 
 SIZE = EMBEDDED_IMAGE_SIZE
 
@@ -240,3 +242,45 @@ def test_validation_cache_decodes_once_unless_too_large():
     for _ in range(3):
         assert sum(len(b["image"]) for b in small.batches(Shard(), 4)) == 10
     assert Shard.reads == 4
+
+
+# --- the frozen-encoder embedding cache ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("settings", "frozen"), [
+    (AdapterSettings(strategy="decoder_only"), True),
+    (AdapterSettings(strategy="lora", targets=("decoder_attn",), train_decoder=False), True),
+    (AdapterSettings(strategy="lora", targets=("vision_qv",), train_decoder=False), False),
+    (AdapterSettings(strategy="full"), False),
+])
+def test_encoder_is_frozen_follows_the_strategy(settings, frozen):
+    assert encoder_is_frozen(adapt(load_base_model(), settings)) is frozen
+
+
+def test_embedding_cache_gives_the_encoders_output_and_reuses_it(tmp_path, batch):
+    model = LesionModel(adapt(load_base_model(), AdapterSettings(strategy="decoder_only")))
+    model.eval()
+    cache = EmbeddingCache(tmp_path, base_model_id())
+    images = batch["image"]
+    first = cache.embeddings(images, model.segmenter)
+    assert (cache.hits, cache.misses) == (0, len(images))
+    again = cache.embeddings(images[::-1].copy(), model.segmenter)  # order follows the input
+    assert (cache.hits, cache.misses) == (len(images), len(images))
+    for level, reversed_level in zip(first, again, strict=True):
+        assert torch.equal(level, reversed_level.flip(0))
+    tensors = as_tensors(batch)
+    with torch.no_grad():
+        direct = model(tensors["image"], tensors["box"])["logits"]
+        cached = model(tensors["image"], tensors["box"], embeddings=first)["logits"]
+    assert torch.allclose(direct, cached, atol=1e-6)
+    # A changed pixel is another key; a damaged file is encoded again, not trusted.
+    changed = images.copy()
+    changed[0, 0, 0] += 0.5
+    cache.embeddings(changed[:1], model.segmenter)
+    assert cache.misses == len(images) + 1
+    damaged = next(cache.folder.rglob("*.safetensors"))
+    damaged.write_bytes(b"torn")
+    cache.embeddings(images, model.segmenter)
+    assert cache.misses == len(images) + 2
+    # Another base model never shares entries.
+    assert EmbeddingCache(tmp_path, "other@0").folder != cache.folder

@@ -226,3 +226,23 @@ def test_report_renders_every_plot_in_a_headless_browser(finished_search, tmp_pa
         board = dom.split(f"<h3>{vessel}</h3>")[1].split("</table>")[0]
         assert f'<tr class="kept"><td>{kept["trial_id"]}</td>' in board
     assert "Data: user data." in dom and "not clinical accuracy" not in dom  # says what ran
+
+
+def test_embedding_cache_encodes_each_crop_once_across_trials(finished_search, tmp_path):
+    """decoder_only leaves the encoder frozen: the first trial encodes every crop once, the
+    second reads them all from the cache (its misses stay at zero)."""
+    _, first_results = finished_search
+    index = first_results / "index.parquet"
+    space = parse_space({**TWO_TRIALS, "name": "cached", "epochs": 1, "asha": None,
+                         "fixed": {"strategy": "decoder_only", "embedding_cache": True}},
+                        "cached.yaml")
+    outcome = search(space, data=index, results=tmp_path)
+    assert outcome.trials == 2 and outcome.errors == 0
+    rows, _ = load_rows(index)
+    crops = int(rows["split"].isin(["train", "val"]).sum())
+    finals = sorted((json.loads(p.read_text().splitlines()[-1])
+                     for p in (outcome.run_dir / "tune").glob("*/result.json")),
+                    key=lambda r: r["embedding_cache_misses"], reverse=True)
+    assert [r["embedding_cache_misses"] for r in finals] == [crops, 0]
+    assert finals[1]["embedding_cache_hits"] == crops
+    assert len(list((tmp_path / "cache" / "embeddings").rglob("*.safetensors"))) == crops

@@ -81,6 +81,18 @@ def _broken(change):
     (lambda r: r.update(stage=2, fixed={"heads": False}), "fixed.heads"),
     (lambda r: r.update(stage=2, fixed={"prompt_mode": "text_box"}), "prompt_mode"),
     (lambda r: r.update(select="stenosis_mae"), "select"),
+    (lambda r: r.update(sampler="grid"), "sampler"),
+    (lambda r: r["fixed"].update(embedding_cache="yes"), "fixed.embedding_cache"),
+    (lambda r: r["fixed"].update(embedding_cache=True), "embedding_cache"),  # lora on vision
+    (lambda r: r.update(fixed={"embedding_cache": True},
+                        params={"strategy": {"type": "categorical",
+                                             "choices": ["decoder_only", "full"]}}),
+     "embedding_cache"),  # full would train the encoder
+    (lambda r: r.update(fixed={"strategy": "decoder_only", "embedding_cache": True,
+                               "init": "best"}), "embedding_cache"),
+    (lambda r: r["params"].update(embedding_cache={"type": "categorical",
+                                                   "choices": [True, False]}),
+     "params.embedding_cache"),  # fixed only
 ])
 def test_mistakes_are_refused_naming_the_key(change, key):
     with pytest.raises(ConfigError) as error:
@@ -113,3 +125,12 @@ def test_stage_three_lists_vessels_and_init_choices():
     raw["params"]["init"] = {"type": "categorical", "choices": ["vessel", "none"]}
     space = parse_space(raw, "space.yaml")
     assert space.vessels == ("RCA", "LAD") and space.init_choices() == {"vessel", "none"}
+
+
+@pytest.mark.parametrize(("name", "kind"), [("tpe", optuna.samplers.TPESampler),
+                                            ("random", optuna.samplers.RandomSampler)])
+def test_sampler_is_chosen_by_the_space(name, kind, tmp_path):
+    from angiotune.search.run import _optuna_search
+
+    searcher = _optuna_search(parse_space({**VALID, "sampler": name}, "s.yaml"), tmp_path)
+    assert type(searcher._sampler) is kind

@@ -37,6 +37,21 @@ def test_prepare_sample_without_ray(stream_index):
     assert sample["pixel_spacing_mm"] > rows.iloc[0]["pixel_spacing_mm"]
 
 
+def test_box_only_augmentation_keeps_the_pixels(stream_index):
+    """For the embedding cache: the encoder must see the same crop every epoch, while the box
+    prompt still varies."""
+    rows, root = load_rows(stream_index, "train")
+    row = rows.iloc[0].to_dict()
+    fixed = SampleSettings(image_size=64, augment=True, augment_pixels=False)
+    draws = [prepare_sample(row, root, fixed, np.random.default_rng(seed)) for seed in (1, 2)]
+    assert np.array_equal(draws[0]["image"], draws[1]["image"])
+    assert np.array_equal(draws[0]["mask"], draws[1]["mask"])
+    assert not np.array_equal(draws[0]["box"], draws[1]["box"])
+    moving = SampleSettings(image_size=64, augment=True)
+    moved = [prepare_sample(row, root, moving, np.random.default_rng(seed)) for seed in (1, 2)]
+    assert not np.array_equal(moved[0]["image"], moved[1]["image"])
+
+
 def test_stream_validation_is_deterministic(ray_cluster, stream_index):
     rows, _ = load_rows(stream_index, "val")
     first = _take(lesion_dataset(stream_index, "val", settings=SETTINGS))

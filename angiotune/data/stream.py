@@ -51,6 +51,9 @@ class SampleSettings:
     ``fit``: "crop" takes a square of ``context`` times the lesion box around it (lesions are
     under 1 % of a frame), "frame" letterboxes the whole frame as SAM does at full size.
     ``augment``: train-only randomness; None means "when the split is train".
+    ``augment_pixels``: with ``augment``, also warp and re-light the image (off: only the box
+    prompt is jittered, so the encoder sees the same pixels every epoch and its embeddings can
+    be cached).
     """
 
     image_size: int = 224
@@ -58,6 +61,7 @@ class SampleSettings:
     context: float = 3.0
     augment: bool | None = None
     seed: int = 0
+    augment_pixels: bool = True
 
     def __post_init__(self) -> None:
         if self.fit not in ("crop", "frame"):
@@ -75,6 +79,7 @@ def prepare_sample(row: dict, root: Path, settings: SampleSettings,
     pixel_spacing_mm of a model pixel, and the row's metadata.
     """
     augment = settings.augment if settings.augment is not None else row["split"] == "train"
+    move_pixels = augment and settings.augment_pixels
     if rng is None:
         rng = np.random.default_rng([settings.seed, _stable_int(row["sample_id"])])
     frame = read_frame(root / row["image_path"], int(row["frame_index"]))
@@ -85,15 +90,16 @@ def prepare_sample(row: dict, root: Path, settings: SampleSettings,
     size = settings.image_size
     affine = (box_to_square(box, size, settings.context) if settings.fit == "crop"
               else frame_to_square(frame.shape, size))
-    if augment:
+    if move_pixels:
         affine = affine.then(random_similarity(rng, size))
     image = normalise_intensity(warp(frame, affine, size, fill=float(np.median(frame))))
     out_mask = warp(mask, affine, size, nearest=True)
     out_box = mask_box(out_mask)
     if out_box is None:  # the mask left the grid: impossible unless the index is stale
         raise DataError("mask is empty after resampling", file=row["mask_path"])
-    if augment:
+    if move_pixels:
         image = random_intensity(image, rng)
+    if augment:
         out_box = jitter_box(out_box, rng, size)
     return {
         "image": image, "mask": out_mask, "box": out_box.astype(np.float32),

@@ -30,11 +30,16 @@ class LesionModel(nn.Module):
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor,
                 context: torch.Tensor | None = None,
-                mm_per_pixel: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                mm_per_pixel: torch.Tensor | None = None,
+                embeddings: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``logits`` (B, S, S) at the input size, ``confidence`` (B,) from the IoU head, and
-        the heads' outputs when there are heads (they need ``context`` and ``mm_per_pixel``)."""
-        out = self.segmenter(pixel_values=to_pixel_values(images.float()),
-                             input_boxes=boxes.float()[:, None], multimask_output=False)
+        the heads' outputs when there are heads (they need ``context`` and ``mm_per_pixel``).
+        ``embeddings``: the images' encoder output, when a cache has it (the encoder is then
+        skipped; ``images`` still gives the output size)."""
+        inputs = ({"image_embeddings": embeddings} if embeddings is not None
+                  else {"pixel_values": to_pixel_values(images.float())})
+        out = self.segmenter(**inputs, input_boxes=boxes.float()[:, None],
+                             multimask_output=False)
         low_res = out.pred_masks[:, 0, 0]
         result = {"logits": F.interpolate(low_res[:, None], size=images.shape[-2:],
                                           mode="bilinear", align_corners=False)[:, 0],

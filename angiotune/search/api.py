@@ -179,6 +179,8 @@ def stage_constants(space: SearchSpace, index: Path, results: Path, run_dir: Pat
     from angiotune.data.stream import load_rows
 
     constants: dict = {}
+    if space.fixed.get("embedding_cache"):  # shared by every trial and search of this results
+        constants["cache_dir"] = str((results / "cache" / "embeddings").resolve())
     if space.heads:
         classes, counts = segment_classes(index)
         constants.update(classes=list(classes), class_counts=counts)

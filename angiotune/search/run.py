@@ -97,9 +97,11 @@ def _optuna_search(space: SearchSpace, run_dir: Path, study_name: str | None = N
     storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'optuna.db'}")
     metric, mode = ((list(space.metric), list(space.mode)) if space.multi_objective
                     else (space.metric, space.mode))
+    seed = space.seed + seed_offset
+    sampler = (optuna.samplers.RandomSampler(seed=seed) if space.sampler == "random"
+               else optuna.samplers.TPESampler(seed=seed))
     return PrunedAwareOptunaSearch(
-        space=space.define_by_run, metric=metric, mode=mode,
-        sampler=optuna.samplers.TPESampler(seed=space.seed + seed_offset), storage=storage,
+        space=space.define_by_run, metric=metric, mode=mode, sampler=sampler, storage=storage,
         study_name=study_name or space.name)
 
 

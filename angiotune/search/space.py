@@ -33,6 +33,8 @@ Stages (``stage: 1 | 2 | 3``, default 1) share the format:
 - ``init`` (fixed or searched) starts trials from a kept adapter: ``best`` (the general adapter
   with the best overall validation score), ``RCA``/``LAD``/``LCX`` (that vessel's entry),
   ``vessel`` (stage 3: the entry of the trial's own vessel), or ``none``.
+- ``sampler`` (default ``tpe``, seeded) or ``random``: the baseline TPE is measured against
+  (``benchmarks/search_efficiency.py``); ``asha: off`` runs every trial to the end (FIFO).
 - ``select`` (default ``dice``) is the metric the registry compares per vessel (``dice/LAD``),
   the same across stages so that their adapters can replace one another.
 """
@@ -53,7 +55,9 @@ from angiotune.model.sam3 import PROMPT_MODES
 from angiotune.train.metrics import HEAD_METRICS, METRIC_MODES
 
 TOP_KEYS = {"name", "stage", "metric", "mode", "samples", "max_concurrent", "epochs", "seed",
-            "asha", "resources", "data", "fixed", "params", "objective", "select", "vessels"}
+            "asha", "resources", "data", "fixed", "params", "objective", "select", "vessels",
+            "sampler"}
+SAMPLERS = ("tpe", "random")
 STAGES = (1, 2, 3)
 REGISTRY_VESSELS = ("RCA", "LAD", "LCX")
 INIT_CHOICES = ("none", "best", "vessel", *REGISTRY_VESSELS)
@@ -64,8 +68,9 @@ TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", 
               "pos_weight", "focal_gamma", "batch_size", "precision", "gradient_checkpointing",
               "prompt_mode", "score_weight", "heads", "init", "segment_weight",
               "stenosis_weight", "mld_weight", "rvd_weight", "head_weighting", "class_loss",
-              "class_weights", "head_hidden", "head_lr_ratio"}
-FIXED_ONLY = {"prompt_mode"}  # one zero-shot base per search
+              "class_weights", "head_hidden", "head_lr_ratio", "embedding_cache"}
+# prompt_mode: one zero-shot base per search; embedding_cache: what may train depends on it.
+FIXED_ONLY = {"prompt_mode", "embedding_cache"}
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
@@ -104,6 +109,7 @@ class SearchSpace:
     select: str = "dice"
     vessels: tuple[str, ...] = ()
     asha: bool = True
+    sampler: str = "tpe"
 
     @property
     def multi_objective(self) -> bool:
@@ -223,13 +229,16 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         raise ConfigError(f"{source}: select: {select!r} must be dice or iou (the registry "
                           "compares every stage's adapters on segmentation)")
     vessels = _parse_vessels(raw.get("vessels"), stage, source)
+    sampler = get("sampler", str, "tpe")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"{source}: sampler: {sampler!r} must be one of {SAMPLERS}")
     space = SearchSpace(
         name=get("name", str), metric=metric, mode=mode,
         samples=get("samples", int, 8, minimum=1),
         max_concurrent=get("max_concurrent", int, 1, minimum=1), epochs=epochs,
         seed=get("seed", int, 0), **asha, **resources, **data, fixed=dict(fixed),
         params=params, stage=stage, objective=objective, select=select, vessels=vessels,
-        asha=use_asha)
+        asha=use_asha, sampler=sampler)
     _check_consistency(space, source)
     return space
 
@@ -312,9 +321,28 @@ def _check_consistency(space: SearchSpace, source: str) -> None:
     if space.heads and space.fixed.get("prompt_mode", "box") != "box":
         raise ConfigError(f"{source}: the heads read the tracker's features: prompt_mode "
                           "must be box")
+    if space.fixed.get("embedding_cache"):
+        _check_frozen_encoder(space, source)
     if "vessel" in space.init_choices() and space.stage != 3:
         raise ConfigError(f"{source}: init 'vessel' names the trial's own vessel, which only "
                           "stage 3 has")
+
+
+def _check_frozen_encoder(space: SearchSpace, source: str) -> None:
+    """The embedding cache is right only if no trial trains the image encoder."""
+    searched = {p.name for p in space.params}
+    strategy, targets = space.fixed.get("strategy", "lora"), space.fixed.get("targets")
+    frozen = "strategy" not in searched and (
+        strategy == "decoder_only"
+        or (strategy == "lora" and "targets" not in searched and targets is not None
+            and set(str(targets).split("+")) == {"decoder_attn"}))
+    if not frozen:
+        raise ConfigError(f"{source}: fixed.embedding_cache: every trial must leave the image "
+                          "encoder frozen: fix strategy decoder_only, or strategy lora with "
+                          "targets decoder_attn")
+    if space.fixed.get("prompt_mode", "box") != "box" or space.init_choices() != {"none"}:
+        raise ConfigError(f"{source}: fixed.embedding_cache: only for box prompts trained from "
+                          "the base (init: none)")
 
 
 def _parse_params(block: Any, fixed: dict, source: str) -> tuple[Param, ...]:
@@ -393,6 +421,8 @@ def _check_trial_value(name: str, value: Any, where: str) -> None:
                "class_loss": CLASS_LOSSES, "class_weights": ("none", "balanced")}
     if name in choices and value not in choices[name]:
         raise ConfigError(f"{where}: {value!r} is not one of {tuple(choices[name])}")
+    if name == "embedding_cache" and not isinstance(value, bool):
+        raise ConfigError(f"{where}: {value!r} must be true or false")
     if name == "precision" and value not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"{where}: {value!r} is not one of fp32, bf16, fp16")
     if name == "targets":

@@ -17,7 +17,10 @@ def run_trial(config: dict, constants: dict) -> None:
     from angiotune.data.stream import SampleSettings, lesion_dataset, load_rows
 
     settings = {**constants, **config}
-    samples = SampleSettings(image_size=int(settings["image_size"]), seed=int(settings["seed"]))
+    # With the embedding cache the encoder must see the same pixels every epoch: only the box
+    # prompt is augmented then.
+    samples = SampleSettings(image_size=int(settings["image_size"]), seed=int(settings["seed"]),
+                             augment_pixels=not settings.get("embedding_cache"))
     datasets = {}
     for split in ("train", "val"):
         rows, root = load_rows(settings["index"], split)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from angiotune.errors import ConfigError
 from angiotune.model.adapters import (
     SETTINGS_FILE,
     AdapterSettings,
@@ -27,6 +28,7 @@ from angiotune.model.adapters import (
     load_adapter,
     save_adapter,
 )
+from angiotune.model.embedding_cache import EmbeddingCache, encoder_is_frozen
 from angiotune.model.heads import (
     HeadSettings,
     LesionHeads,
@@ -276,6 +278,29 @@ class EpochClock:
         self._last = now
 
 
+def embedding_cache_for(model: torch.nn.Module, config: dict) -> EmbeddingCache | None:
+    """The shared cache of the base's image embeddings, when the search asked for one; refused
+    when the encoder trains, since its embeddings would change under the cache."""
+    if not config.get("embedding_cache"):
+        return None
+    if not encoder_is_frozen(model):
+        raise ConfigError("embedding_cache needs a frozen image encoder: use strategy "
+                          "decoder_only, or lora with targets decoder_attn only")
+    return EmbeddingCache(Path(config["cache_dir"]),
+                          base_model_id(config.get("model_path"), config.get("prompt_mode",
+                                                                             "box")))
+
+
+def with_embeddings(batches, cache: EmbeddingCache | None, model: torch.nn.Module, device):
+    """Batches with ``image_embeddings`` from the cache added (unchanged without a cache)."""
+    segmenter = getattr(unwrap(model), "segmenter", None)
+    for batch in batches:
+        if cache is not None and segmenter is not None:
+            batch = {**batch, "image_embeddings": cache.embeddings(batch["image"], segmenter,
+                                                                   device)}
+        yield batch
+
+
 def _missing_scores(config: dict) -> dict[str, float]:
     """The search's metrics as NaN: a failed trial has no score."""
     metrics = config.get("metrics") or [config["metric"]]
@@ -302,6 +327,7 @@ def train_loop_per_worker(config: dict) -> None:
             start_epoch = int(state["epoch"])
     else:
         model, settings = build_model(config)
+    cache = embedding_cache_for(model, config)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     if config.get("gradient_checkpointing", on_gpu):
@@ -326,7 +352,8 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, int(config["epochs"])):
         losses = []
         clock = EpochClock()
-        for batch in clock.waiting(train_shard.iter_batches(batch_size=batch_size)):
+        batches = clock.waiting(train_shard.iter_batches(batch_size=batch_size))
+        for batch in with_embeddings(batches, cache, model, device):
             parts, error = None, None
             try:
                 if fault == "oom":
@@ -347,12 +374,15 @@ def train_loop_per_worker(config: dict) -> None:
                 return
             losses.append(parts["loss"])
         clock.mark("train_s")
-        val_batches = validation.batches(val_shard, batch_size)
+        val_batches = with_embeddings(validation.batches(val_shard, batch_size), cache, model,
+                                      device)
         metrics = evaluate(model, val_batches, tokenizer)
         clock.mark("eval_s")
         metrics = with_objective(metrics, config.get("objective"), VESSELS)
         metrics.update(epoch=epoch + 1, train_loss=sum(losses) / max(len(losses), 1),
                        resumed_from_epoch=start_epoch, **clock.seconds)
+        if cache is not None:
+            metrics.update(embedding_cache_hits=cache.hits, embedding_cache_misses=cache.misses)
         with tempfile.TemporaryDirectory() as folder:
             result = None
             if rank == 0:
