@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--lesions-per-frame", type=int, default=3)
     parser.add_argument("--trial-startup-s", type=float, default=30.0,
                         help="Per-trial start-up added to the projection (CPU runs: ~20 s).")
-    parser.add_argument("--asha-fraction", type=float, default=0.6,
+    parser.add_argument("--asha-fraction", type=float, default=0.67,
                         help="Trial-epochs ASHA runs, as a share of the full budget "
                              "(benchmarks/search_efficiency.py measures it).")
     parser.add_argument("--out", type=Path)

@@ -246,3 +246,28 @@ def test_embedding_cache_encodes_each_crop_once_across_trials(finished_search, t
     assert [r["embedding_cache_misses"] for r in finals] == [crops, 0]
     assert finals[1]["embedding_cache_hits"] == crops
     assert len(list((tmp_path / "cache" / "embeddings").rglob("*.safetensors"))) == crops
+
+
+def test_trials_are_watchable_in_tensorboard_and_optuna_dashboard(finished_search):
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    outcome, _ = finished_search
+    trial_dirs = [p for p in (outcome.run_dir / "tune").iterdir() if p.is_dir()]
+    assert len(trial_dirs) == outcome.trials
+    assert all(list(p.glob("events.out.tfevents.*")) for p in trial_dirs)  # TensorBoard's
+    app = wsgi(f"sqlite:///{outcome.run_dir / 'optuna.db'}")  # what optuna-dashboard serves
+
+    def get(path: str) -> dict:
+        environ: dict = {}
+        setup_testing_defaults(environ)
+        environ.update(PATH_INFO=path, REQUEST_METHOD="GET")
+        status = []
+        body = b"".join(app(environ, lambda s, h, e=None: status.append(s)))
+        assert status == ["200 OK"], (path, status, body[:200])
+        return json.loads(body)
+
+    [summary] = get("/api/studies")["study_summaries"]
+    assert summary["study_name"] == "two"
+    assert len(get(f"/api/studies/{summary['study_id']}")["trials"]) == outcome.trials

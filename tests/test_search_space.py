@@ -132,5 +132,8 @@ def test_stage_three_lists_vessels_and_init_choices():
 def test_sampler_is_chosen_by_the_space(name, kind, tmp_path):
     from angiotune.search.run import _optuna_search
 
-    searcher = _optuna_search(parse_space({**VALID, "sampler": name}, "s.yaml"), tmp_path)
+    space = parse_space({**VALID, "sampler": name, "samples": 12}, "s.yaml")
+    searcher = _optuna_search(space, tmp_path)
     assert type(searcher._sampler) is kind
+    if kind is optuna.samplers.TPESampler:  # not Optuna's 10, which leaves small searches random
+        assert searcher._sampler._n_startup_trials == 4

@@ -27,10 +27,17 @@ class Figure:
 
 
 def study_figures(record: SearchRecord) -> list[Figure]:
-    """Optimisation history, parameter importances and parallel coordinates of the study."""
+    """Optimisation history, parameter importances and parallel coordinates of each study."""
+    studies = record.studies()
+    if len(studies) == 1:
+        return _figures_of(studies[0], record, "", "")
+    return [figure for i, study in enumerate(studies)
+            for figure in _figures_of(study, record, f"-{i}", f" ({study.study_name})")]
+
+
+def _figures_of(study, record: SearchRecord, key_suffix: str, title_suffix: str) -> list[Figure]:
     import optuna.visualization as views
 
-    study = record.study()
     objective = record.objectives[0]
     multi = len(record.objectives) > 1
     target = (lambda t: t.values[0]) if multi else None
@@ -48,7 +55,8 @@ def study_figures(record: SearchRecord) -> list[Figure]:
     finished = [t for t in study.trials if t.state.is_finished() and t.values is not None]
     figures = []
     for key, title, why, draw in specs:
-        if key != "history" and len(finished) < 2:
+        key, title = key + key_suffix, title + title_suffix
+        if not key.startswith("history") and len(finished) < 2:
             figures.append(Figure(key, title, why, missing="needs two finished trials"))
             continue
         try:

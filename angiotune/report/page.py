@@ -118,6 +118,9 @@ def _overlays(record: SearchRecord, count: int) -> str:
     chunks = ["<section id='overlays'><h2>Masks on validation lesions</h2><p class='why'>The "
               "model's input crop with the analysed segment (truth), the search's best adapter "
               f"for that vessel and the zero-shot base.</p><p class='key'>{key}</p>"]
+    if "best" not in record.summary:
+        chunks.append("<p class='missing'>Not drawn: this search was run by an older angiotune "
+                      "whose summary does not name its best checkpoints.</p>")
     for vessel in record.summary.get("best", {}):
         overlays = best_mask_overlays(record, vessel, count)
         chunks.append(f"<h3>{vessel}</h3>")

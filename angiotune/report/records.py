@@ -30,13 +30,13 @@ class SearchRecord:
         """The metric the registry keeps adapters by, per vessel (``dice`` -> ``dice/LAD``)."""
         return self.space.get("select", "dice")
 
-    def study(self):
+    def studies(self) -> list:
+        """The search's Optuna studies: one, or one per vessel in stage 3 (``NAME-LAD``)."""
         import optuna
 
         storage = f"sqlite:///{self.run_dir / 'optuna.db'}"
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        return optuna.load_study(study_name=self.name if self.name in names else names[0],
-                                 storage=storage)
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+        return [optuna.load_study(study_name=name, storage=storage) for name in names]
 
 
 def read_search(results: Path, name: str) -> SearchRecord:
