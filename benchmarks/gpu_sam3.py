@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -314,11 +313,7 @@ def main() -> None:
               f"embedding cache {cached:6.1f} h")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1, default=_finite))
-
-
-def _finite(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+        args.out.write_text(json.dumps(record, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -124,8 +124,7 @@ def _saved(path) -> str:
 
 
 def _trial_scores(history: pd.DataFrame, metric: str, mode: str) -> pd.Series:
-    scores = history.groupby("trial_id")[metric].max() if mode == "max" else \
-        history.groupby("trial_id")[metric].min()
+    scores = history.groupby("trial_id")[metric].agg(mode)
     return scores.sort_values(ascending=mode != "max")
 
 

@@ -7,7 +7,6 @@ import base64
 import datetime
 import html
 import logging
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -138,8 +137,6 @@ def _overlays(record: SearchRecord, count: int) -> str:
 
 
 def _cell(value) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.4g}"
-    if value is None or (isinstance(value, type(pd.NA))):
+    if value is None or pd.isna(value):
         return ""
-    return html.escape(str(value))
+    return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))
