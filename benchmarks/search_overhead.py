@@ -6,7 +6,11 @@ generates, then adds up what every trial's workers reported per epoch (``train_s
 time. Everything else is overhead: Ray start, trial and worker-group start-up, imports, dataset
 start-up, checkpoint writes, Optuna, the registry.
 
-    python benchmarks/search_overhead.py [--lesions 60] [--trials 3] [--epochs 4]
+    python benchmarks/search_overhead.py [--lesions 240] [--trials 3] [--epochs 12]
+
+Runs the search twice, side by side: with a Ray Train worker group per trial
+(``resources.worker_group: true``) and training in Tune's trial process (the default for one
+worker per trial).
 """
 
 from __future__ import annotations
@@ -20,32 +24,52 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lesions", type=int, default=60)
+    parser.add_argument("--lesions", type=int, default=240)
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--concurrent", type=int, default=1)
+    parser.add_argument("--only", choices=("worker-group", "in-trial"),
+                        help="run one way only (default: both, side by side)")
     args = parser.parse_args()
-
-    import ray
 
     from angiotune.data.ingest import IndexSettings, build_index
     from angiotune.data.phantoms import PhantomSettings, generate_phantoms
-    from angiotune.search import search
-    from angiotune.search.space import parse_space
 
     work = Path(tempfile.mkdtemp(prefix="overhead-"))
     generate_phantoms(work / "phantoms", PhantomSettings(lesions=args.lesions, size=256,
                                                          frames=3, seed=0))
     index = work / "index.parquet"
     build_index(work / "phantoms" / "manifest.csv", index, IndexSettings(salt="benchmark"))
+    ways = [args.only] if args.only else ["worker-group", "in-trial"]
+    figures = {way: measure(index, work / way, args, worker_group=way == "worker-group")
+               for way in ways}
+    print(f"\n{args.trials} trials x {args.epochs} epochs, {args.concurrent} at a time, "
+          f"{args.lesions} phantom lesions, embedded tiny model, CPU")
+    print(f"{'':34}" + "".join(f"{way:>14}" for way in ways))
+    for name in next(iter(figures.values())):
+        cells = "".join(f"{figures[way][name]:14.3f}" for way in ways)
+        print(f"{name:34}{cells}")
+    if len(ways) == 2:
+        ratio = figures["in-trial"]["search wall s"] / figures["worker-group"]["search wall s"]
+        print(f"wall time ratio, in-trial / worker group: {ratio:.2f}")
+
+
+def measure(index: Path, folder: Path, args, worker_group: bool) -> dict[str, float]:
+    """One search; where its wall time went, from what every trial reported per epoch."""
+    import ray
+
+    from angiotune.search import search
+    from angiotune.search.space import parse_space
+
     space = parse_space({
         "name": "overhead", "metric": "dice", "mode": "max", "samples": args.trials,
         "max_concurrent": args.concurrent, "epochs": args.epochs, "seed": 0, "asha": None,
         "data": {"image_size": 112, "batch_size": 8}, "fixed": {"strategy": "lora"},
+        "resources": {"worker_group": worker_group},
         "params": {"lr": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}}},
         "overhead.yaml")
     started = time.perf_counter()
-    outcome = search(space, data=index, results=work / "results")
+    outcome = search(space, data=index, results=folder)
     wall = time.perf_counter() - started
     ray.shutdown()
 
@@ -60,17 +84,15 @@ def main() -> None:
             for name in spent:
                 spent[name] += float(row.get(name, 0.0))
         trial_walls.append(max(float(r["time_total_s"]) for r in epochs.values()))
-    useful = sum(spent.values())
-    print(f"{outcome.trials} trials x {args.epochs} epochs, {args.concurrent} at a time, "
-          f"{args.lesions} phantom lesions, embedded tiny model, CPU")
-    print(f"search wall time            {wall:8.1f} s")
-    print(f"mean trial time (Tune)      {sum(trial_walls) / len(trial_walls):8.1f} s")
-    for name, seconds in spent.items():
-        print(f"  {name:<25} {seconds:8.1f} s")
-    overhead = 1 - useful / (wall * args.concurrent)
-    print(f"overhead share of wall time {overhead:8.1%}")
-    waited = spent["data_wait_s"] / max(spent["data_wait_s"] + spent["train_s"], 1e-9)
-    print(f"data wait share of training {waited:8.1%}")
+    capacity = wall * args.concurrent
+    steps = spent["train_s"] + spent["eval_s"]
+    return {"search wall s": wall,
+            "mean trial s (Tune)": sum(trial_walls) / len(trial_walls),
+            **{f"{name} (all trials)": seconds for name, seconds in spent.items()},
+            "overhead share (not train/eval/wait)": 1 - (steps + spent["data_wait_s"]) / capacity,
+            "share not in train/eval steps": 1 - steps / capacity,
+            "data wait share of training": spent["data_wait_s"] / max(
+                spent["data_wait_s"] + spent["train_s"], 1e-9)}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -246,6 +247,31 @@ def test_embedding_cache_encodes_each_crop_once_across_trials(finished_search, t
     assert [r["embedding_cache_misses"] for r in finals] == [crops, 0]
     assert finals[1]["embedding_cache_hits"] == crops
     assert len(list((tmp_path / "cache" / "embeddings").rglob("*.safetensors"))) == crops
+    # One worker per trial: each trial trained in Tune's own trial process, and the second
+    # reused the first one's (the training stack was imported once).
+    assert finals[0]["pid"] == finals[1]["pid"]
+
+
+def test_a_killed_single_worker_trial_resumes_from_its_last_checkpoint(finished_search,
+                                                                       tmp_path, monkeypatch):
+    """A trial of one worker trains in Tune's trial process, without a Train worker group:
+    when that process dies (SIGKILL, through the documented hook), Tune restarts the trial from
+    the checkpoint it keeps, and the registry finds the kept epoch's adapter there."""
+    _, first_results = finished_search
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "1-kill").touch()
+    monkeypatch.setenv("ANGIOTUNE_FAULT_DIR", str(faults))
+    space = parse_space({**TWO_TRIALS, "name": "killed", "samples": 1, "asha": None},
+                        "killed.yaml")
+    outcome = search(space, data=first_results / "index.parquet", results=tmp_path / "results")
+    assert outcome.trials == 1 and outcome.errors == 0 and not list(faults.iterdir())
+    [history] = [[json.loads(line) for line in path.read_text().splitlines()]
+                 for path in (outcome.run_dir / "tune").glob("*/result.json")]
+    assert [(r["epoch"], r["resumed_from_epoch"]) for r in history] == [(1, 0), (2, 1)]
+    assert history[0]["pid"] != history[1]["pid"]  # a new process took over
+    kept = [e for e in list_entries(tmp_path / "results").values() if e is not None]
+    assert kept and all((Path(e["path"]) / "adapter").is_dir() for e in kept)
 
 
 def test_trials_are_watchable_in_tensorboard_and_optuna_dashboard(finished_search):

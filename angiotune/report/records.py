@@ -57,16 +57,21 @@ def read_search(results: Path, name: str) -> SearchRecord:
 def trial_history(tune_dir: Path) -> pd.DataFrame:
     """Every reported epoch of every trial. A restarted trial reports some epochs twice; the
     last report of an epoch is the one that counts."""
-    rows = []
+    from angiotune.search.trial import with_checkpoint_paths
+
+    trials = []
     for path in sorted(tune_dir.glob("*/result.json")):
+        rows = []
         for line in path.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
             result = json.loads(line)
             config = {f"config/{k}": v for k, v in (result.pop("config", None) or {}).items()}
             rows.append({**result, **config})
-    if not rows:
+        if rows:
+            trials.append(with_checkpoint_paths(pd.DataFrame(rows), path.parent))
+    if not trials:
         return pd.DataFrame(columns=["trial_id", "epoch"])
-    frame = pd.DataFrame(rows)
+    frame = pd.concat(trials, ignore_index=True)
     return (frame.drop_duplicates(["trial_id", "epoch"], keep="last")
             .sort_values(["trial_id", "epoch"]).reset_index(drop=True))

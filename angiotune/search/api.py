@@ -12,6 +12,7 @@ import numpy as np
 from angiotune.errors import AngiotuneError
 from angiotune.model.heads import has_heads
 from angiotune.search.space import SearchSpace
+from angiotune.search.trial import with_checkpoint_paths
 
 # 200 lesions: enough validation and test lesions per vessel for the heads' metrics to mean
 # something; 3 frames a run keeps generation near two minutes on two cores.
@@ -264,8 +265,9 @@ def _best_checkpoint(grid, metric: str, mode: str):
     best = None
     for result in grid:
         history = result.metrics_dataframe
-        if history is None or metric not in history or "checkpoint_path" not in history:
+        if history is None or metric not in history:
             continue
+        history = with_checkpoint_paths(history, Path(result.path))
         for _, row in history.dropna(subset=[metric, "checkpoint_path"]).iterrows():
             if not (Path(row["checkpoint_path"]) / "adapter").exists():
                 continue

@@ -1,7 +1,8 @@
-"""``run_search``: Ray Tune with Optuna (TPE) and ASHA over Ray Train trials, then the registry.
+"""``run_search``: Ray Tune with Optuna (TPE) and ASHA over the trials, then the registry.
 
-Each Tune trial is a small driver that starts a ``TorchTrainer`` (the Ray 2.60 pattern: a trainer
-cannot be handed to the Tuner directly) with the trial's Ray Data streams. The Optuna study lives
+A trial of one worker trains in its own process; a trial of several is a small driver that starts
+a ``TorchTrainer`` (the Ray 2.60 pattern: a trainer cannot be handed to the Tuner directly), both
+on the trial's Ray Data streams (``angiotune.search.trial``). The Optuna study lives
 in an SQLite storage under the run's folder, so ``optuna-dashboard`` can open it, and a search
 killed midway is resumed with ``resume=True``.
 """
@@ -168,7 +169,7 @@ def run_search(space: SearchSpace, settings: SearchSettings):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from angiotune.search.trial import run_trial
+    from angiotune.search.trial import run_trial, trial_resources
     from angiotune.train.loop import FAULT_DIR_ENV
 
     run_dir = settings.run_dir
@@ -181,7 +182,8 @@ def run_search(space: SearchSpace, settings: SearchSettings):
     constants = {"epochs": space.epochs, "index": str(Path(settings.index).resolve()),
                  "model_path": str(settings.model_path) if settings.model_path else None,
                  "image_size": space.image_size, "batch_size": space.batch_size,
-                 "workers": space.workers, "cpus_per_worker": space.cpus_per_worker,
+                 "workers": space.workers, "in_trial": space.trains_in_trial,
+                 "cpus_per_worker": space.cpus_per_worker,
                  "gpus_per_worker": space.gpus_per_worker, "seed": space.seed,
                  "max_failures": space.retries,
                  "storage": str(run_dir / "train"), "metric": _first(space.metric),
@@ -190,8 +192,9 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                  "mode": _first(space.mode), "objective": space.objective,
                  **settings.trial_constants}
     (run_dir / "space.json").write_text(json.dumps(asdict(space), indent=1, default=str))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, constants=constants),
-                                    {"cpu": 0.25})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, constants=constants),
+        trial_resources(space))
     tuner_path = run_dir / "tune"
     if settings.resume:
         if not tune.Tuner.can_restore(str(tuner_path)):
@@ -216,10 +219,19 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                                         metric=space.metric if single else None,
                                         mode=space.mode if single else None,
                                         num_samples=space.samples * max(len(space.vessels), 1),
-                                        max_concurrent_trials=space.max_concurrent),
+                                        max_concurrent_trials=space.max_concurrent,
+                                        # A trial that trains in its own process then starts
+                                        # in a process that has the training stack imported.
+                                        reuse_actors=space.trains_in_trial),
             run_config=tune.RunConfig(name="tune", storage_path=str(run_dir),
                                       failure_config=tune.FailureConfig(
                                           max_failures=space.retries),
+                                      # Trials that train in their own process: keep each
+                                      # one's two best epochs, as Train does for its runs.
+                                      checkpoint_config=tune.CheckpointConfig(
+                                          num_to_keep=2,
+                                          checkpoint_score_attribute=_first(space.metric),
+                                          checkpoint_score_order=_first(space.mode)),
                                       verbose=1))
     return tuner.fit()
 

@@ -100,6 +100,7 @@ class SearchSpace:
     cpus_per_worker: float
     gpus_per_worker: float
     retries: int  # restarts of a trial whose worker or driver died, from its last checkpoint
+    worker_group: bool  # a Ray Train worker group even for one worker (else it trains in-trial)
     image_size: int
     batch_size: int
     fixed: dict[str, Any]
@@ -110,6 +111,12 @@ class SearchSpace:
     vessels: tuple[str, ...] = ()
     asha: bool = True
     sampler: str = "tpe"
+
+    @property
+    def trains_in_trial(self) -> bool:
+        """A trial of one worker trains in Tune's trial process: a Train worker group would add
+        a controller and a fresh worker process to every trial and nothing else."""
+        return self.workers == 1 and not self.worker_group
 
     @property
     def multi_objective(self) -> bool:
@@ -206,7 +213,8 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
     asha = section("asha", {"grace_period": (int, 1, 1), "reduction_factor": (int, 2, 2)})
     resources = section("resources", {"workers": (int, 1, 1), "cpus_per_worker": (float, 1.0, 0),
                                       "gpus_per_worker": (float, 0.0, 0),
-                                      "retries": (int, 1, 0)})
+                                      "retries": (int, 1, 0),
+                                      "worker_group": (bool, False, None)})
     data = section("data", {"image_size": (int, 112, 32), "batch_size": (int, 8, 1)})
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):

@@ -1,19 +1,44 @@
-"""One Tune trial: a driver that runs the Ray Train loop on the trial's data streams.
+"""One Tune trial: the training loop on the trial's Ray Data streams.
 
-Built inside the trial, so no dataset is pinned in the Tune driver's object store for the whole
-search. The Train run's name comes from the trial id (no timestamp), so a retried or restored
-trial resumes from its own last checkpoint.
+A trial of one worker runs the loop in its own process; a trial of several starts a Ray Train
+worker group (DDP) and drives it. The datasets are built inside the trial, so none is pinned in
+the Tune driver's object store for the whole search. A Train run's name comes from the trial id
+(no timestamp), so a retried or restored trial resumes from its own last checkpoint.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pandas as pd
+
+from angiotune.search.space import SearchSpace
+
+
+def trial_resources(space: SearchSpace) -> dict:
+    """What Tune reserves for a trial: the worker itself when the trial trains in its own
+    process, else a small share for the driver of a worker group that reserves its own."""
+    if not space.trains_in_trial:
+        return {"cpu": 0.25}
+    gpus = space.gpus_per_worker
+    return {"cpu": space.cpus_per_worker, **({"gpu": gpus} if gpus else {})}
+
+
+def with_checkpoint_paths(history: pd.DataFrame, trial_dir: Path) -> pd.DataFrame:
+    """A trial's epoch history with ``checkpoint_path`` for every checkpointed epoch: Train
+    runs report it, trials that train in their own process leave Tune's ``checkpoint_dir_name``
+    inside their own trial folder."""
+    history = history.copy()
+    if "checkpoint_path" not in history:
+        history["checkpoint_path"] = None
+    if "checkpoint_dir_name" in history:
+        in_trial = history["checkpoint_path"].isna() & history["checkpoint_dir_name"].notna()
+        history.loc[in_trial, "checkpoint_path"] = [
+            str(Path(trial_dir) / name) for name in history.loc[in_trial, "checkpoint_dir_name"]]
+    return history
+
 
 def run_trial(config: dict, constants: dict) -> None:
-    from ray import tune
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from angiotune.data.stream import SampleSettings, lesion_dataset, load_rows
 
     settings = {**constants, **config}
@@ -28,6 +53,20 @@ def run_trial(config: dict, constants: dict) -> None:
             rows = rows[rows["vessel"] == settings["vessel"]].reset_index(drop=True)
         datasets[split] = lesion_dataset(rows, split, settings=samples, data_root=root)
     use_gpu = float(settings["gpus_per_worker"]) > 0
+    if settings["in_trial"]:
+        from angiotune.train.loop import TuneTrialBackend, run_training
+
+        run_training(settings, TuneTrialBackend(datasets, use_gpu))
+        return
+    _fit_worker_group(settings, datasets, use_gpu)
+
+
+def _fit_worker_group(settings: dict, datasets: dict, use_gpu: bool) -> None:
+    from ray import tune
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     resources = {"CPU": float(settings["cpus_per_worker"])}
     if use_gpu:
         resources["GPU"] = float(settings["gpus_per_worker"])

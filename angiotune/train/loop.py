@@ -16,6 +16,7 @@ import json
 import math
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -188,15 +189,13 @@ def claim_injected_fault(config: dict) -> str | None:
     return None
 
 
-def _die_after_first_checkpoint() -> None:
-    """The ``kill`` fault: SIGKILL this worker once the controller holds a checkpoint to
-    restart from (a kill before that would restart the trial from nothing)."""
+def _die_after_first_checkpoint(backend: TrainBackend) -> None:
+    """The ``kill`` fault: SIGKILL this process once a checkpoint to restart from is held (a
+    kill before that would restart the trial from nothing)."""
     import os
     import signal
 
-    import ray.train
-
-    ray.train.get_all_reported_checkpoints()  # returns once every report is registered
+    backend.wait_for_checkpoints()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -307,18 +306,138 @@ def _missing_scores(config: dict) -> dict[str, float]:
     return {name: math.nan for name in metrics}
 
 
+class TrainBackend(ABC):
+    """Where the loop gets its data, device and checkpoint, and where it reports: a Ray Train
+    worker (``RayTrainBackend``) or a Tune trial running the loop itself (``TuneTrialBackend``).
+    The loop is the same either way."""
+
+    rank = 0
+    world_size = 1
+
+    @abstractmethod
+    def restored(self):
+        """The checkpoint to resume from, or None."""
+
+    @abstractmethod
+    def device(self) -> torch.device:
+        ...
+
+    @abstractmethod
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        ...
+
+    @abstractmethod
+    def dataset(self, name: str):
+        ...
+
+    @abstractmethod
+    def report(self, metrics: dict, folder: Path | None = None) -> None:
+        ...
+
+    @abstractmethod
+    def wait_for_checkpoints(self) -> None:
+        """Return once every reported checkpoint is safely held."""
+
+
+class RayTrainBackend(TrainBackend):
+    """A worker of a Ray Train worker group: one of several DDP ranks."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def restored(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(
+            model, parallel_strategy=None if self.world_size == 1 else "ddp")
+
+    def dataset(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict, folder: Path | None = None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder)
+                         if folder else None)
+
+    def wait_for_checkpoints(self) -> None:
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints()  # returns once every report is registered
+
+
+class TuneTrialBackend(TrainBackend):
+    """The Tune trial's own process trains: a trial of one worker needs no Train controller
+    and worker group, whose start-up (a fresh process importing the training stack) cost about
+    20 s per trial on the development machine (``benchmarks/search_overhead.py``). Tune then
+    keeps the checkpoints and restarts a failed trial from its last one."""
+
+    def __init__(self, datasets: dict, use_gpu: bool) -> None:
+        self.datasets = datasets
+        self.use_gpu = use_gpu
+
+    def restored(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def device(self) -> torch.device:
+        if self.use_gpu:
+            import ray
+
+            gpu_ids = ray.get_gpu_ids()  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
+            if not gpu_ids or not torch.cuda.is_available():
+                raise ConfigError("the trial was given a GPU, but torch sees none")
+            return torch.device("cuda", 0)
+        return torch.device("cpu")
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device())
+
+    def dataset(self, name: str):
+        return self.datasets[name]
+
+    def report(self, metrics: dict, folder: Path | None = None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder)
+                    if folder else None)
+
+    def wait_for_checkpoints(self) -> None:
+        # tune.report persists the checkpoint before it returns; the driver registers it when
+        # it takes the result, which the next report would otherwise wait for.
+        time.sleep(3)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker function; ``config`` holds the trial's parameters and run settings."""
-    import ray.train
-    import ray.train.torch
+    run_training(config, RayTrainBackend())
 
+
+def run_training(config: dict, backend: TrainBackend) -> None:
+    """Train one trial, epoch by epoch, reporting metrics and an adapter-only checkpoint."""
     torch.manual_seed(int(config.get("seed", 0)))
     weights = loss_weights(config)
     head_weights = head_loss_weights(config)
     mode = config.get("prompt_mode", "box")
     tokenizer = load_prompt_tokenizer(config.get("model_path")) if mode == "text_box" else None
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = backend.restored()
     state = None
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -328,7 +447,7 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         model, settings = build_model(config)
     cache = embedding_cache_for(model, config)
-    device = ray.train.torch.get_device()
+    device = backend.device()
     on_gpu = device.type == "cuda"
     if config.get("gradient_checkpointing", on_gpu):
         enable_gradient_checkpointing(model)
@@ -336,17 +455,20 @@ def train_loop_per_worker(config: dict) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    model = ray.train.torch.prepare_model(model, parallel_strategy=None
-                                          if ray.train.get_context().get_world_size() == 1
-                                          else "ddp")
+    model = backend.prepare(model)
     optimizer = torch.optim.AdamW(parameter_groups(model, config),
                                   weight_decay=float(config.get("weight_decay", 1e-4)))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        if start_epoch >= int(config["epochs"]) and state.get("metrics"):
+            # Restored after its last epoch (a search resumed after a kill): say the result
+            # again, or Tune ends the trial without its metric.
+            backend.report(state["metrics"])
+            return
     batch_size = int(config.get("batch_size", 8))
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    rank = ray.train.get_context().get_world_rank()
+    train_shard = backend.dataset("train")
+    val_shard = backend.dataset("val")
+    rank = backend.rank
     fault = claim_injected_fault(config) if rank == 0 and state is None else None
     validation = ValidationCache()
     for epoch in range(start_epoch, int(config["epochs"])):
@@ -369,8 +491,8 @@ def train_loop_per_worker(config: dict) -> None:
             if failure:
                 # Reported, not raised: a retry would fail the same way. The search records
                 # the trial as failed with this reason, and Optuna as FAIL.
-                ray.train.report({**_missing_scores(config), "epoch": epoch + 1,
-                                  "failed": failure})
+                backend.report({**_missing_scores(config), "epoch": epoch + 1,
+                                "failed": failure})
                 return
             losses.append(parts["loss"])
         clock.mark("train_s")
@@ -384,13 +506,14 @@ def train_loop_per_worker(config: dict) -> None:
         if cache is not None:
             metrics.update(embedding_cache_hits=cache.hits, embedding_cache_misses=cache.misses)
         with tempfile.TemporaryDirectory() as folder:
-            result = None
+            saved = None
             if rank == 0:
-                save_trained(model, settings, Path(folder) / ADAPTER_DIR,
+                saved = Path(folder)
+                save_trained(model, settings, saved / ADAPTER_DIR,
                              base_model_id(config.get("model_path"), mode))
-                torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict()},
-                           Path(folder) / STATE_FILE)
-                result = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=result)
+                torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                            "metrics": {k: v.item() if hasattr(v, "item") else v
+                                        for k, v in metrics.items()}}, saved / STATE_FILE)
+            backend.report(metrics, saved)
         if fault == "kill":
-            _die_after_first_checkpoint()
+            _die_after_first_checkpoint(backend)
