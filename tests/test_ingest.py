@@ -763,3 +763,19 @@ def test_all_rows_quarantined_still_writes_a_typed_index(phantom_dir, tmp_path):
     assert schema.field("mld_mm").type == pa.float64()
     assert pa.types.is_string(schema.field("split").type) or \
         pa.types.is_large_string(schema.field("split").type)
+
+
+def test_a_search_says_phantoms_whoever_indexed_them(phantom_dir, tmp_path):
+    """The data note that search records and reports carry: an index built from phantoms is
+    phantoms; the same files without the generator's record beside them are user data."""
+    from angiotune.search.api import data_note
+
+    index = tmp_path / "phantoms.parquet"
+    build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="s"))
+    assert data_note(index, None).startswith("angiotune's synthetic phantoms (not clinical")
+    assert data_note(index, None).endswith("the embedded tiny SAM 3 model")
+    copy = tmp_path / "export"
+    shutil.copytree(phantom_dir, copy, ignore=shutil.ignore_patterns("phantoms.json"))
+    build_index(copy / "manifest.csv", tmp_path / "user.parquet", IndexSettings(salt="s"))
+    assert data_note(tmp_path / "user.parquet", tmp_path) == (
+        "user data and the SAM 3 weights given")

@@ -226,7 +226,9 @@ def test_report_renders_every_plot_in_a_headless_browser(finished_search, tmp_pa
     for vessel, kept in outcome.best.items():
         board = dom.split(f"<h3>{vessel}</h3>")[1].split("</table>")[0]
         assert f'<tr class="kept"><td>{kept["trial_id"]}</td>' in board
-    assert "Data: user data." in dom and "not clinical accuracy" not in dom  # says what ran
+    # Says what ran: an index the user built from phantoms is still phantoms.
+    assert "Data: angiotune's synthetic phantoms (not clinical data) and the embedded" in dom
+    assert "not clinical accuracy" in dom
 
 
 def test_embedding_cache_encodes_each_crop_once_across_trials(finished_search, tmp_path):

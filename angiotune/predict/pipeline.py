@@ -238,16 +238,18 @@ def _predict_item(item: dict, key: str, models: KeptModels,
     header = read_header(path)
     if row is not None:
         frame_index, frame_reason = int(row["frame_index"]), "the analysed frame in the index"
+        frame = None
         if settings.frame is not None:
             frame_reason += " (--frame applies to cines, not to index rows)"
         angles = (finite_number(row.get("angle_lao_deg")),
                   finite_number(row.get("angle_cranial_deg")))
     else:
-        frame_index, frame_reason = _choose_frame(path, header, settings.frame)
+        frame_index, frame_reason, frame = _choose_frame(path, header, settings.frame)
         angles = (header.lao_deg, header.cranial_deg)
     if settings.angles is not None:
         angles = settings.angles
-    frame = read_frame(path, frame_index)
+    if frame is None:
+        frame = read_frame(path, frame_index)
     spacing, spacing_source = _pixel_spacing(header, row, settings)
     timings["decode"] = _lap(clock)
 
@@ -333,16 +335,19 @@ def _predict_lesion(frame, box, box_source, proposal, route, angles, spacing, mo
     return LesionPrediction(key, report, frame, segmentation, qca)
 
 
-def _choose_frame(path: Path, header: CineHeader, frame: int | None) -> tuple[int, str]:
+def _choose_frame(path: Path, header: CineHeader,
+                  frame: int | None) -> tuple[int, str, np.ndarray | None]:
+    """The frame to analyse, why, and its pixels when choosing it decoded the whole run."""
     if frame is not None:
         if not 0 <= frame < header.frames:
             raise DataError(f"--frame {frame} is out of range: the cine has {header.frames} "
                             "frames", file=str(path), field="frame")
-        return frame, "set by the user (--frame)"
+        return frame, "set by the user (--frame)", None
     if header.frames == 1:
-        return 0, "the only frame"
-    index, reason, _ = select_frame(read_cine(path))
-    return index, reason
+        return 0, "the only frame", None
+    cine = read_cine(path)
+    index, reason, _ = select_frame(cine)
+    return index, reason, cine[index]
 
 
 def _pixel_spacing(header: CineHeader, row: dict | None,

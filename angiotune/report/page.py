@@ -50,9 +50,8 @@ def write_report(results: Path, name: str, out: Path | None = None,
 def _header(record: SearchRecord) -> str:
     summary = record.summary
     note = summary.get("data_note") or "unknown data"
-    warning = ("<p class='note'>Run on angiotune's embedded synthetic phantoms with the tiny "
-               "embedded model: these figures test the software, not clinical accuracy.</p>"
-               if "phantoms" in note else "")
+    warning = ("<p class='note'>Run on angiotune's synthetic phantoms: these figures test the "
+               "software, not clinical accuracy.</p>" if "phantoms" in note else "")
     zero = summary.get("zero_shot", {})
     baseline = ", ".join(f"{k} {v:.3f}" for k, v in zero.items()
                          if k.split("/")[0] in ("dice", "iou") and "/" not in k)

@@ -18,8 +18,20 @@ from angiotune.search.trial import with_checkpoint_paths
 # something; 3 frames a run keeps generation near two minutes on two cores.
 EMBEDDED_PHANTOMS = dict(lesions=200, size=512, frames=3, seed=0)
 EMBEDDED_SALT = "angiotune-embedded-phantoms"  # synthetic patients: nothing to protect
-DATA_NOTE_PHANTOMS = ("angiotune's embedded synthetic phantoms (not clinical data) and the "
-                      "embedded tiny SAM 3 model")
+PHANTOM_DATA = "angiotune's synthetic phantoms (not clinical data)"
+EMBEDDED_MODEL = "the embedded tiny SAM 3 model"
+
+
+def data_note(index: Path, model: Path | None) -> str:
+    """What a search ran on, in words, for its records and report. Phantoms are recognised by
+    the record their generator leaves beside them, whoever built the index from them."""
+    import pyarrow.parquet as pq
+
+    from angiotune.data.ingest import index_metadata
+
+    root = Path(index_metadata(pq.read_schema(index), Path(index))["data_root"])
+    data = PHANTOM_DATA if (root / "phantoms.json").is_file() else "user data"
+    return f"{data} and {EMBEDDED_MODEL if model is None else 'the SAM 3 weights given'}"
 
 
 @dataclass
@@ -118,6 +130,7 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
     if space.multi_objective:
         outcome.pareto = pareto_front(space, settings.run_dir)
     fingerprint = validation_fingerprint(index)
+    note = data_note(index, model)
     for vessel in space.vessels or VESSELS:
         metric = f"{space.select}/{vessel}"
         candidate = _best_checkpoint(grid, metric, "max")
@@ -136,7 +149,7 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
                   "validation_split": fingerprint,
                   "prompt_mode": mode, "base_model": _base_id(model, mode),
                   "base_model_path": str(model) if model else None,
-                  "data_note": DATA_NOTE_PHANTOMS if data is None else "user data"}
+                  "data_note": note}
         try:
             _, message = promote(settings.results, vessel, adapter, record)
         except RegistryError as error:  # the trials' checkpoints stay in the run folder
@@ -150,7 +163,7 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
          "best_validation": {v: r["metrics"] for v, r in outcome.best.items()},
          # What `angiotune report` needs to redraw the best masks without the registry.
          "index": str(index.resolve()), "base_model_path": str(model) if model else None,
-         "prompt_mode": mode, "data_note": DATA_NOTE_PHANTOMS if data is None else "user data",
+         "prompt_mode": mode, "data_note": note,
          "best": {v: {k: r[k] for k in ("metric", "score", "trial_id", "epoch", "adapter")}
                   for v, r in outcome.best.items()}}, indent=1))
     return outcome
