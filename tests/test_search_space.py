@@ -137,3 +137,23 @@ def test_sampler_is_chosen_by_the_space(name, kind, tmp_path):
     assert type(searcher._sampler) is kind
     if kind is optuna.samplers.TPESampler:  # not Optuna's 10, which leaves small searches random
         assert searcher._sampler._n_startup_trials == 4
+
+
+def test_trials_at_once_leave_the_data_tasks_a_cpu():
+    """Trials that held every CPU would wait forever for their Ray Data decoding tasks: on a
+    2-CPU machine two one-CPU trials run one at a time instead."""
+    from angiotune.search.trial import concurrent_trials, trial_resources
+
+    def space(**resources):
+        return parse_space({**VALID, "max_concurrent": 2, "resources": resources}, "x.yaml")
+
+    one_cpu = space(workers=1, cpus_per_worker=1)
+    assert trial_resources(one_cpu) == {"cpu": 1.0}
+    assert concurrent_trials(one_cpu, 2) == 1
+    assert concurrent_trials(one_cpu, 4) == 2
+    assert trial_resources(space(workers=1, gpus_per_worker=1)) == {"cpu": 1.0, "gpu": 1.0}
+    group = space(workers=2, cpus_per_worker=1)  # a Train worker group reserves its own CPUs
+    assert trial_resources(group) == {"cpu": 0.25}
+    assert concurrent_trials(group, 4) == 1
+    with pytest.raises(ConfigError, match="cpus_per_worker"):
+        concurrent_trials(space(workers=1, cpus_per_worker=2), 2)

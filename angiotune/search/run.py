@@ -169,7 +169,7 @@ def run_search(space: SearchSpace, settings: SearchSettings):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from angiotune.search.trial import run_trial, trial_resources
+    from angiotune.search.trial import concurrent_trials, run_trial, trial_resources
     from angiotune.train.loop import FAULT_DIR_ENV
 
     run_dir = settings.run_dir
@@ -212,6 +212,10 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                                   stop_last_trials=False) if space.asha else None
         searcher = (_per_vessel_search(space, run_dir) if space.stage == 3
                     else _optuna_search(space, run_dir))
+        at_once = concurrent_trials(space, ray.cluster_resources().get("CPU", 0.0))
+        if at_once < space.max_concurrent and settings.announce:
+            settings.announce(f"{at_once} trial(s) at a time, not {space.max_concurrent}: that "
+                              "leaves Ray Data CPUs to decode samples with")
         single = not space.multi_objective
         tuner = tune.Tuner(
             trainable,
@@ -219,7 +223,7 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                                         metric=space.metric if single else None,
                                         mode=space.mode if single else None,
                                         num_samples=space.samples * max(len(space.vessels), 1),
-                                        max_concurrent_trials=space.max_concurrent,
+                                        max_concurrent_trials=at_once,
                                         # A trial that trains in its own process then starts
                                         # in a process that has the training stack imported.
                                         reuse_actors=space.trains_in_trial),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from angiotune.errors import ConfigError
 from angiotune.search.space import SearchSpace
 
 
@@ -22,6 +23,23 @@ def trial_resources(space: SearchSpace) -> dict:
         return {"cpu": 0.25}
     gpus = space.gpus_per_worker
     return {"cpu": space.cpus_per_worker, **({"gpu": gpus} if gpus else {})}
+
+
+def concurrent_trials(space: SearchSpace, cluster_cpus: float) -> int:
+    """How many trials may run at once: no more than the space asks for, and few enough to
+    leave Ray Data a decoding task's CPUs. Trials that hold every CPU wait forever for their
+    data, and Ray 2.60 does not say so."""
+    from angiotune.data.stream import DATA_TASK_CPUS
+
+    per_trial = trial_resources(space)["cpu"]
+    if not space.trains_in_trial:
+        per_trial += space.workers * space.cpus_per_worker
+    fit = int((cluster_cpus - DATA_TASK_CPUS) // per_trial)
+    if fit < 1:
+        raise ConfigError(f"a trial needs {per_trial:g} CPUs and its data tasks "
+                          f"{DATA_TASK_CPUS:g} more, but the Ray cluster has {cluster_cpus:g}: "
+                          "lower resources.cpus_per_worker or workers")
+    return min(space.max_concurrent, fit)
 
 
 def with_checkpoint_paths(history: pd.DataFrame, trial_dir: Path) -> pd.DataFrame:
