@@ -175,7 +175,7 @@ def load_rows(index: str | Path | pd.DataFrame, split: str | None = None,
 def lesion_dataset(index: str | Path | pd.DataFrame, split: str | None = None, *,
                    settings: SampleSettings = SampleSettings(),
                    data_root: str | Path | None = None,
-                   cpus_per_task: float = DATA_TASK_CPUS):
+                   cpus_per_task: float = DATA_TASK_CPUS, reserve_per_operator: bool = True):
     """A Ray Dataset of prepared samples for one split, decoded lazily in Ray tasks."""
     import ray.data
 
@@ -189,6 +189,11 @@ def lesion_dataset(index: str | Path | pd.DataFrame, split: str | None = None, *
     # for a whole CPU and waits forever while training workers hold them (seen on Ray 2.60).
     dataset = ray.data.from_items(rows.to_dict("records"),
                                   override_num_blocks=-(-len(rows) // ROWS_PER_BLOCK))
-    return dataset.map_batches(partial(_prepare_batch, root=root, settings=settings),
-                               batch_size=ROWS_PER_BLOCK, batch_format="pandas",
-                               num_cpus=cpus_per_task)
+    dataset = dataset.map_batches(partial(_prepare_batch, root=root, settings=settings),
+                                  batch_size=ROWS_PER_BLOCK, batch_format="pandas",
+                                  num_cpus=cpus_per_task)
+    # Ray Data keeps part of the CPUs in reserve per operator. Without that reserve the stream
+    # alone decodes 2x faster on 2 cores, but in a search there, where the step needs one of the
+    # two cores, it was no faster (benchmarks/README.md), so the reserve stays by default.
+    dataset.context.op_resource_reservation_enabled = reserve_per_operator
+    return dataset
