@@ -1,1 +1,1 @@
-"""Training: the plain-PyTorch step and evaluation, and the Ray Train loop that wraps them."""
+"""Training: the plain-PyTorch step and evaluation, and the Ray loop that wraps them."""

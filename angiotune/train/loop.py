@@ -1,4 +1,7 @@
-"""The Ray Train loop: the plain step and evaluation, fed by Ray Data, reported with checkpoints.
+"""The training loop: the plain step and evaluation, fed by Ray Data, reported with checkpoints.
+
+It runs in a Ray Train worker (a DDP rank) or in a Tune trial of one worker; ``TrainBackend``
+is what differs between the two.
 
 One trial's configuration is a flat dict (what the search space suggested, plus the run's
 settings). Each epoch every rank trains on its shard of the training split and evaluates the whole
