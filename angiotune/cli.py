@@ -133,20 +133,28 @@ def _print_index_summary(report) -> None:
               default=Path("results"), show_default=True)
 @click.option("--address", help="Join an existing Ray cluster (e.g. 127.0.0.1:6379 or auto).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted search of the same name.")
+@click.option("--keep-below-zero-shot", is_flag=True,
+              help="Keep a vessel's best adapter even when it does not beat the zero-shot base "
+                   "(marked so in best and predict); by default it is not kept.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override the space, validated like the file: samples=40, epochs=10, "
+                   "data.batch_size=2, resources.gpus_per_worker=1, fixed.rank=8. Repeatable.")
 def search(space_file: str, data: Path | None, model: Path | None, name: str | None,
-           results: Path, address: str | None, resume: bool) -> None:
+           results: Path, address: str | None, resume: bool, keep_below_zero_shot: bool,
+           overrides: tuple[str, ...]) -> None:
     """Search adapter hyperparameters with Ray Tune + Optuna + ASHA; keep the best per vessel."""
     from angiotune.search import load_space
     from angiotune.search import search as run
 
-    space = load_space(space_file)
+    space = load_space(space_file, overrides)
     what = ("embedded synthetic phantoms and the embedded tiny SAM 3 model (a demonstration, "
             "not a clinical result)" if data is None and model is None else
             f"index {data or 'embedded phantoms'}, model {model or 'embedded tiny SAM 3'}")
     out.print(f"Search {name or space.name}: {space.samples} trials of {space.epochs} epochs on "
               f"{what}")
     outcome = run(space, data=data, model=model, name=name, results=results, address=address,
-                  resume=resume, announce=out.print)
+                  resume=resume, announce=out.print,
+                  keep_below_zero_shot=keep_below_zero_shot)
     out.print(f"{outcome.trials} trials ({outcome.errors} errors, {len(outcome.failed)} failed); "
               f"Optuna study: sqlite:///{outcome.run_dir / 'optuna.db'} (optuna-dashboard can "
               "open it)")
@@ -231,6 +239,8 @@ def _print_best_table(results: Path, entries: dict | None = None) -> None:
         zero = entry["zero_shot"].get(entry["metric"], nan)
         line = (f"{vessel}: {stage} ({entry.get('strategy', '-')}) won with {entry['metric']} "
                 f"{entry['score']:.3f}, {entry['score'] - zero:+.3f} over the zero-shot base")
+        if entry.get("below_zero_shot"):
+            line += " [bold red](below the zero-shot base: kept with --keep-below-zero-shot)[/]"
         replaced = entry.get("replaced")
         if replaced:
             line += (f", {entry['score'] - replaced['score']:+.3f} over the "
@@ -260,7 +270,10 @@ def report(name: str, results: Path, out_path: Path | None) -> None:
               help="One vessel (default: every kept adapter).")
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True)
-def evaluate(vessel: str | None, results: Path) -> None:
+@click.option("--model", type=click.Path(path_type=Path),
+              help="The SAM 3 folder the adapters were trained on, when it has moved since the "
+                   "search (checked by its weights, not its path).")
+def evaluate(vessel: str | None, results: Path, model: Path | None) -> None:
     """Score the kept adapters on the held-out test split, beside zero-shot and trivial
     baselines, per vessel and per CASS segment."""
     from angiotune.registry.evaluate import COLUMNS, evaluate_kept, format_cell, model_label
@@ -269,7 +282,7 @@ def evaluate(vessel: str | None, results: Path) -> None:
     vessel = vessel.upper() if vessel else None
     with _progress() as progress:
         progress.add_task("scoring the test split", total=None)
-        frame = evaluate_kept(results, vessel)
+        frame = evaluate_kept(results, vessel, model=model)
     table = Table(title="Test split (never used for selection)")
     for column in ("vessel", "segment", "model", *COLUMNS):
         table.add_column(column, no_wrap=True, justify="left" if column in
@@ -340,9 +353,12 @@ def _angles_option(_ctx, _param, value: str | None):
               help="cpu, cuda, cuda:1, ...; auto takes the GPU when there is one.")
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True, help="Where the kept adapters are.")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="The SAM 3 folder the adapters were trained on, when it has moved since the "
+                   "search (checked by its weights, not its path).")
 def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | None, angles,
             pixel_spacing: float | None, calibration: float | None, max_proposals: int,
-            no_overlay: bool, device: str, results: Path) -> None:
+            no_overlay: bool, device: str, results: Path, model: Path | None) -> None:
     """Segment and measure the lesions of SOURCE: a DICOM or NPY cine, a folder of them, or a
     lesion index (Parquet), with the kept adapter of the vessel in view."""
     from angiotune.predict import PredictSettings
@@ -355,7 +371,7 @@ def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | N
                                frame=frame, box=box, angles=angles,
                                pixel_spacing_mm=pixel_spacing,
                                calibration_px_per_mm=calibration, max_proposals=max_proposals,
-                               overlays=not no_overlay, device=device)
+                               overlays=not no_overlay, device=device, model=model)
     with _progress() as progress:
         task = progress.add_task("predicting", total=None)
         summary = run_predict(source, out_dir, settings, on_item=lambda done, total:
@@ -381,6 +397,11 @@ def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | N
     for failure in summary.failures:
         console.print(f"[yellow]skipped[/] {failure['input']}: {failure['error']}",
                       highlight=False)
+    below = sorted({lesion.report["adapter"]["vessel"] for lesion in summary.lesions
+                    if lesion.report["adapter"].get("below_zero_shot")})
+    if below:
+        console.print(f"[bold red]warning:[/] the {', '.join(below)} adapter(s) scored below the "
+                      "zero-shot base in validation (kept with --keep-below-zero-shot)")
     if summary.lesions:
         what = summary.lesions[0].report["what"]
         out.print(what[0].upper() + what[1:] + ".")

@@ -140,7 +140,7 @@ def test_multitask_step_learns_heads_and_reports_their_metrics(phantom_index, we
     torch.manual_seed(0)
     batch, classes = _batch(phantom_index.out)
     base = load_base_model()
-    heads = LesionHeads(HeadSettings(classes=classes, feature_dim=feature_dim_of(base)))
+    heads = LesionHeads(HeadSettings(classes=classes, feature_dim=feature_dim_of(base.config)))
     model = LesionModel(adapt(base, AdapterSettings(rank=4, alpha=8)), heads)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     weights = HeadLossWeights(weighting=weighting)
@@ -160,10 +160,32 @@ def test_heads_learn_faster_than_the_adapter():
     from angiotune.train.loop import parameter_groups
 
     base = load_base_model()
-    heads = LesionHeads(HeadSettings(classes=("1", "2"), feature_dim=feature_dim_of(base)))
+    heads = LesionHeads(HeadSettings(classes=("1", "2"), feature_dim=feature_dim_of(base.config)))
     model = LesionModel(adapt(base, AdapterSettings(rank=2, alpha=4)), heads)
     adapter, head = parameter_groups(model, {"lr": 1e-3, "head_lr_ratio": 10})
     assert adapter["lr"] == 1e-3 and head["lr"] == pytest.approx(1e-2)
     assert {id(p) for p in head["params"]} == {id(p) for p in heads.parameters()}
     assert len(parameter_groups(LesionModel(adapt(load_base_model(), AdapterSettings())),
                                 {"lr": 1e-3})) == 1
+
+
+@pytest.mark.parametrize("decoder_width", [64, 96])
+def test_feature_width_from_the_config_matches_a_forward_pass(decoder_width):
+    """The heads are sized from the config (no forward pass on the full model in every trial):
+    the width must be what the model's pooled features really are."""
+    from transformers import Sam3TrackerModel
+
+    from angiotune.model.heads import pooled_features
+    from angiotune.model.sam3 import tiny_tracker_config, to_pixel_values
+
+    config = tiny_tracker_config()
+    config.mask_decoder_config.hidden_size = decoder_width
+    config.vision_config.fpn_hidden_size = decoder_width
+    config.prompt_encoder_config.hidden_size = decoder_width
+    model = Sam3TrackerModel(config).eval()
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 60.0]])
+    with torch.no_grad():
+        out = model(pixel_values=to_pixel_values(torch.zeros(1, 112, 112)),
+                    input_boxes=boxes[:, None], multimask_output=False)
+    features = pooled_features(out.image_embeddings, out.pred_masks[:, 0, 0], boxes, 112)
+    assert features.shape[-1] == feature_dim_of(config)

@@ -16,19 +16,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from pydicom.data import get_testdata_file
 
 from angiotune.data.ingest import (
     METADATA_KEY,
+    REQUIRED_MEASUREMENTS,
     SCHEMA_VERSION,
     IndexReport,
     IndexSettings,
     build_index,
+    missing_measurements,
     read_index,
 )
 from angiotune.data.pseudonym import patient_key
-from angiotune.data.readers import read_frame, read_header, read_mask
+from angiotune.data.readers import read_contour, read_frame, read_header, read_mask
 from angiotune.errors import DataError
 from angiotune.taxonomies import load_taxonomy
 
@@ -779,3 +781,208 @@ def test_a_search_says_phantoms_whoever_indexed_them(phantom_dir, tmp_path):
     build_index(copy / "manifest.csv", tmp_path / "user.parquet", IndexSettings(salt="s"))
     assert data_note(tmp_path / "user.parquet", tmp_path) == (
         "user data and the SAM 3 weights given")
+
+
+# --- the minimal export: no contour JSON, measurements as CSV columns ------------------------
+
+MINIMAL_COLUMNS = ["patient_id", "frame_index", "cass_segment", "medis_mask_path"]
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+EXAMPLE_CONTOUR = DOCS / "examples" / "contour_example.json"
+QCA_COLUMNS = ["mld_mm", "diameter_stenosis_pct", "rvd_mm"]
+
+
+def write_minimal_csv(data: Path, manifest: str, *, keep: tuple[str, ...] = (),
+                      measured: bool = False, spacing: bool = False) -> Path:
+    """Rewrite ``manifest`` with only the columns stage 1 needs (and ``keep``); ``measured``
+    adds the contour JSON's MLD, % DS and RVD as CSV columns, ``spacing`` its calibration as
+    ``pixel_spacing_mm``. Returns the CSV's path."""
+    path = data / manifest
+    _, rows = read_csv_rows(path)
+    image = "dicom_path" if rows[0]["dicom_path"] else "cine_path"
+    written = []
+    for row in rows:
+        cells = {name: row[name] for name in (*MINIMAL_COLUMNS, image, *keep)}
+        contour = json.loads((data / row["medis_contour_path"]).read_text(encoding="utf-8"))
+        if measured:
+            cells |= {name: str(contour["measurements"][name]) for name in REQUIRED_MEASUREMENTS}
+        if spacing:
+            cells["pixel_spacing_mm"] = repr(1 / contour["calibration"]["scale_factor"])
+        written.append(cells)
+    write_csv_rows(path, list(written[0]), written)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["dicom", "npy"])
+def test_minimal_csv_indexes_every_row(phantom_dir, phantom_index, phantom_index_npy, tmp_path,
+                                       layout):
+    from angiotune.data.stream import SampleSettings, prepare_sample
+
+    baseline, manifest = {"dicom": (phantom_index, "manifest.csv"),
+                          "npy": (phantom_index_npy, "manifest_npy.csv")}[layout]
+    data = corrupt_copy(phantom_dir, tmp_path, layout)
+    # NPY cines carry no angles: keep the CSV's (the "+ angles when present" of a minimal export).
+    write_minimal_csv(data, manifest,
+                      keep=("primary_angle", "secondary_angle") if layout == "npy" else ())
+    report = index(data, tmp_path, manifest)
+    assert [(p.row, p.field) for p in report.quarantined] == \
+        [(p.row, p.field) for p in baseline.quarantined]  # only the duplicated row
+    got = report.index.sort_values("row").reset_index(drop=True)
+    want = baseline.index.sort_values("row").reset_index(drop=True)
+    same = ["row", "sample_id", "patient_key", "split", "vessel", "segment", "frame_index",
+            "image_path", "mask_path", *BBOX, "mask_area_px"]
+    pd.testing.assert_frame_equal(got[same], want[same])
+    assert got[[*QCA_COLUMNS, "lesion_length_mm", "mld_x"]].isna().all().all()
+    assert (got["contour_path"] == "").all() and (got["vessel_source"] == "segment").all()
+    assert (got["phase"] == "UNKNOWN").all()
+    assert not [w for w in report.warnings if w.field in ("calibration", "phase", "vessel_pattern")]
+    if layout == "dicom":  # ImagerPixelSpacing over SDD / SOD, as the calibration would say
+        assert (got["spacing_source"] == "dicom").all() and (got["angle_source"] == "dicom").all()
+        np.testing.assert_allclose(got["pixel_spacing_mm"], want["pixel_spacing_mm"], rtol=1e-4)
+        assert missing_measurements(report.out) == QCA_COLUMNS
+    else:  # nothing says mm per pixel: absent, which stage 1 does not need
+        assert (got["spacing_source"] == "none").all() and got["pixel_spacing_mm"].isna().all()
+        assert missing_measurements(report.out) == [*QCA_COLUMNS, "pixel_spacing_mm"]
+    # Stage 1 reads such a row like any other; its QCA values travel as NaN.
+    sample = prepare_sample(got.iloc[0].to_dict(), data, SampleSettings(image_size=32))
+    assert sample["mask"].any() and math.isnan(sample["mld_mm"])
+
+
+def test_measurements_from_csv_columns(phantom_dir, phantom_index_npy, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path, "npy")
+    write_minimal_csv(data, "manifest_npy.csv", measured=True, spacing=True)
+    report = index(data, tmp_path, "manifest_npy.csv")
+    got = report.index.set_index("row").sort_index()
+    want = phantom_index_npy.index.set_index("row").sort_index()
+    assert list(got.index) == list(want.index)
+    for column in (*QCA_COLUMNS, "pixel_spacing_mm"):
+        np.testing.assert_allclose(got[column], want[column], rtol=1e-12, err_msg=column)
+    assert (got["spacing_source"] == "csv").all()
+    assert got["lesion_length_mm"].isna().all()  # not given in this CSV
+    assert missing_measurements(report.out) == []
+
+
+def test_csv_measurements_without_any_spacing_are_quarantined(phantom_dir, tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path, "npy")  # NPY: no spacing in the image file
+    write_minimal_csv(data, "manifest_npy.csv", measured=True)
+    report = index(data, tmp_path, "manifest_npy.csv")
+    assert report.index.empty
+    assert {p.field for p in report.quarantined} == {"calibration"}
+    assert "no pixel_spacing_mm in the CSV" in report.quarantined[0].reason
+
+
+@pytest.mark.parametrize(("cells", "field", "reason"), [
+    ({"MLD_mm": "one point two"}, "MLD_mm", "not a positive finite number"),
+    ({"MLD_mm": "-1.2"}, "MLD_mm", "not a positive finite number"),
+    ({"diameter_stenosis_pct": "140"}, "diameter_stenosis_pct", "outside 0..100"),
+    ({"interpolated_RVD_mm": "NaN"}, "interpolated_RVD_mm", "not a positive finite number"),
+    ({"interpolated_RVD_mm": ""}, "interpolated_RVD_mm", "give all three"),
+    ({"pixel_spacing_mm": "0"}, "pixel_spacing_mm", "not a positive finite number"),
+])
+def test_bad_measurement_cell_is_quarantined(phantom_dir, manifest_rows, tmp_path, cells, field,
+                                             reason):
+    data = corrupt_copy(phantom_dir, tmp_path, "npy")
+    manifest = write_minimal_csv(data, "manifest_npy.csv", measured=True, spacing=True)
+    baseline = index(data, tmp_path / "baseline", "manifest_npy.csv")
+    line = solo_line(manifest_rows, baseline)
+    edit_row(manifest, line, **cells)
+    report = index(data, tmp_path, "manifest_npy.csv")
+    assert_quarantined(report, baseline, line, field, reason, "manifest_npy.csv")
+
+
+def test_csv_and_contour_measurements_must_agree(phantom_dir, phantom_index, manifest_rows,
+                                                 tmp_path):
+    data = corrupt_copy(phantom_dir, tmp_path)
+    manifest = write_minimal_csv(data, "manifest.csv", keep=("medis_contour_path",),
+                                 measured=True)
+    fieldnames, rows = read_csv_rows(manifest)
+    for row in rows:  # as an export rounds them: still the same values
+        row.update({name: f"{float(row[name]):.2f}" for name in REQUIRED_MEASUREMENTS})
+    write_csv_rows(manifest, fieldnames, rows)
+    agreed = index(data, tmp_path / "agreed")
+    assert sorted(agreed.index["row"]) == sorted(phantom_index.index["row"])
+    pd.testing.assert_frame_equal(agreed.index[QCA_COLUMNS], phantom_index.index[QCA_COLUMNS])
+    line = solo_line(manifest_rows, phantom_index)
+    row = edit_row(manifest, line, MLD_mm=f"{float(row_at(manifest, line)['MLD_mm']) + 0.3:.2f}")
+    report = index(data, tmp_path)
+    assert_quarantined(report, agreed, line, "measurements.MLD_mm", "disagree",
+                       row["medis_contour_path"])
+    assert "the CSV's MLD_mm" in next(p for p in report.quarantined if p.row == line).reason
+
+
+def test_example_contour_json_is_accepted(tmp_path):
+    """docs/examples/contour_example.json goes through the real reader and index checks."""
+    contour = read_contour(EXAMPLE_CONTOUR)
+    shutil.copyfile(EXAMPLE_CONTOUR, tmp_path / "contour.json")
+    np.save(tmp_path / "cine.npy", np.full((2, 512, 512), 0.5, np.float32))
+    mask = Image.new("L", (512, 512))
+    ImageDraw.Draw(mask).line([tuple(p) for p in contour["centerline"]], fill=255, width=9)
+    mask.save(tmp_path / "mask.png")
+    row = {"patient_id": "P-0001", "frame_index": "1", "cass_segment": "13",
+           "cine_path": "cine.npy", "medis_mask_path": "mask.png",
+           "medis_contour_path": "contour.json"}
+    write_csv_rows(tmp_path / "manifest.csv", list(row), [row])
+    report = index(tmp_path, tmp_path)
+    assert not report.quarantined and not report.warnings
+    kept = report.index.iloc[0]
+    m = contour["measurements"]
+    assert (kept["mld_mm"], kept["diameter_stenosis_pct"], kept["rvd_mm"]) == \
+        (m["MLD_mm"], m["diameter_stenosis_pct"], m["interpolated_RVD_mm"])
+    assert (kept["lesion_length_mm"], kept["proximal_diameter_mm"],
+            kept["distal_diameter_mm"], kept["mld_x"], kept["mld_y"]) == \
+        (m["lesion_length_mm"], m["proximal_normal_diameter_mm"],
+         m["distal_normal_diameter_mm"], *m["MLD_position_px"])
+    assert kept["spacing_source"] == "calibration"
+    assert kept["pixel_spacing_mm"] == pytest.approx(1 / contour["calibration"]["scale_factor"])
+    assert (kept["angle_lao_deg"], kept["angle_cranial_deg"], kept["angle_source"]) == \
+        (-30.0, 25.0, "contour")  # "RAO 30", "CRANIAL 25"
+    assert missing_measurements(report.out) == []
+    # Every key of the example is documented.
+    doc = (DOCS / "contour_schema.md").read_text(encoding="utf-8")
+    keys = [f"{top}.{inner}" if isinstance(value, dict) else top
+            for top, value in contour.items()
+            for inner in (value if isinstance(value, dict) else [None])]
+    assert [key for key in keys if f"`{key}`" not in doc] == []
+
+
+def test_missing_measurements_of_full_and_partial_indexes(phantom_index):
+    assert missing_measurements(phantom_index.out) == []
+    assert missing_measurements(phantom_index.index, split="train") == []
+    frame = phantom_index.index.copy()
+    frame.loc[frame.index[:3], "mld_mm"] = math.nan  # partly measured: the losses skip those
+    assert missing_measurements(frame) == []
+    frame["rvd_mm"] = math.nan
+    frame.loc[frame.index[0], "pixel_spacing_mm"] = math.nan  # one row poisons a batch
+    assert missing_measurements(frame) == ["rvd_mm", "pixel_spacing_mm"]
+    assert missing_measurements(frame.drop(columns="diameter_stenosis_pct")) == \
+        ["diameter_stenosis_pct", "rvd_mm", "pixel_spacing_mm"]
+
+
+def test_missing_measurements_matches_what_the_head_losses_tolerate():
+    """Why the rules differ: an unknown target is skipped, an unknown spacing is not."""
+    import torch
+
+    from angiotune.model.losses import regression_loss
+
+    pred = torch.tensor([2.0, 3.0], requires_grad=True)
+    for target in ([math.nan, 2.5], [math.nan, math.nan]):
+        loss = regression_loss(pred * 1.0, torch.tensor(target), 1.0)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+    pred.grad = None
+    in_mm = pred * torch.tensor([math.nan, 0.2])  # the heads' pixels -> mm, one spacing unknown
+    regression_loss(in_mm, torch.tensor([math.nan, 0.5]), 1.0).backward()
+    assert not torch.isfinite(pred.grad).all()
+
+
+def test_stage_two_refuses_an_index_without_measurements_naming_them(phantom_dir, tmp_path):
+    """Before Ray starts: the heads would train on nothing but NaN targets."""
+    from angiotune.errors import AngiotuneError
+    from angiotune.search import load_space, search
+
+    data = corrupt_copy(phantom_dir, tmp_path, "dicom")
+    write_minimal_csv(data, "manifest.csv")
+    minimal = index(data, tmp_path, "manifest.csv").out
+    with pytest.raises(AngiotuneError, match=r"need measurements the index lacks: mld_mm, "
+                                             r"diameter_stenosis_pct, rvd_mm"):
+        search(load_space("stage2_multitask.yaml"), data=minimal, results=tmp_path / "results")
+    assert not (tmp_path / "results" / "searches").exists()

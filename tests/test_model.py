@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +88,44 @@ def test_model_path_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "sam3_tracker"}))
     with pytest.raises(ModelError, match="safetensors"):
         load_base_model(tmp_path)
+
+
+def test_base_id_follows_the_weights_not_the_folder(tmp_path):
+    """A copied or moved checkpoint keeps its id (kept adapters stay valid); other weights of
+    the very same shapes get another."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from angiotune.model.sam3 import EMBEDDED_DIR
+
+    original = shutil.copytree(EMBEDDED_DIR, tmp_path / "models" / "sam3")
+    moved = shutil.move(str(original), tmp_path / "elsewhere")
+    assert base_model_id(moved) == base_model_id(shutil.copytree(moved, tmp_path / "copy"))
+    assert base_model_id(moved).startswith("sam3@")
+    weights = load_file(Path(moved) / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3
+    other = shutil.copytree(moved, tmp_path / "other")
+    save_file(weights, other / "model.safetensors")
+    assert base_model_id(other) != base_model_id(moved)
+
+
+def test_a_weight_file_is_hashed_once_while_unchanged(tmp_path):
+    import os
+
+    from angiotune.model.fingerprint import CACHE_NAME, angiotune_home, content_hash
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"weights")
+    real = content_hash(path)
+    cache = angiotune_home() / CACHE_NAME
+    remembered = json.loads(cache.read_text())
+    key = next(k for k in remembered if k.startswith(str(path.resolve())))
+    cache.write_text(json.dumps({**remembered, key: "remembered"}))
+    assert content_hash(path) == "remembered"  # not read again
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert content_hash(path) == real  # changed since: read again
 
 
 # --- adapters --------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def kept_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         save_adapter(adapt(base, settings), settings, folder, base_model_id())
         if vessel == "LAD":
             save_heads(LesionHeads(HeadSettings(classes=("12", "13", "2"),
-                                                feature_dim=feature_dim_of(base))), folder)
+                                                feature_dim=feature_dim_of(base.config))), folder)
         promote(results, vessel, folder, {
             "metric": f"dice/{vessel}", "mode": "max", "score": 0.5, "validation_split": "s",
             "metrics": {}, "zero_shot": {}, "config": {"rank": 2}, "stage": 2, "strategy": "lora",

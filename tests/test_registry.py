@@ -113,3 +113,15 @@ def test_a_results_folder_without_room_is_refused_before_anything_starts(small_d
     said = capsys.readouterr().err
     assert "under 200 MB free" in said and "Traceback" not in said
     assert not (small_disk / "embedded").exists()
+
+
+def test_an_adapter_no_better_than_the_zero_shot_base_is_flagged():
+    from angiotune.search.api import below_zero_shot
+
+    record = {"metric": "dice/LAD", "score": 0.40}
+    assert below_zero_shot(record, {"dice/LAD": 0.39}) is None
+    for zero in (0.40, 0.41):
+        reason = below_zero_shot(record, {"dice/LAD": zero})
+        assert "does not beat the zero-shot base" in reason and f"{zero:.4f}" in reason
+    assert below_zero_shot(record, {"dice/RCA": 0.9}) is None  # no score to compare with
+    assert below_zero_shot(record, {"dice/LAD": float("nan")}) is None

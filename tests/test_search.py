@@ -54,7 +54,7 @@ def finished_search(ray_cluster, phantom_dir, tmp_path_factory):
         patch.setenv("ANGIOTUNE_FAULT_DIR", str(faults))
         space = parse_space({**TWO_TRIALS, "fixed": {"strategy": "lora", "heads": True},
                              "resources": {"workers": 2, "cpus_per_worker": 1}}, "two.yaml")
-        outcome = search(space, data=index, results=results)
+        outcome = search(space, data=index, results=results, keep_below_zero_shot=True)
     return outcome, results
 
 
@@ -92,6 +92,9 @@ def test_best_adapters_are_kept_and_load_with_plain_peft(finished_search):
     for vessel, entry in kept.items():
         assert entry["metric"] == f"dice/{vessel}"
         assert f"dice/{vessel}" in entry["zero_shot"]
+        # Kept with keep_below_zero_shot: marked exactly when the base alone scored as well.
+        below = not entry["score"] > entry["zero_shot"][f"dice/{vessel}"]
+        assert entry.get("below_zero_shot", False) is below
         assert entry["config"]["strategy"] == "lora"
         folder = f"{entry['path']}/adapter"
         plain = PeftModel.from_pretrained(load_base_model(), folder)
@@ -128,7 +131,7 @@ def test_text_box_search_keeps_concept_adapters(ray_cluster, phantom_dir, tmp_pa
     space = parse_space({**TWO_TRIALS, "name": "text", "samples": 1, "epochs": 1,
                          "fixed": {"strategy": "lora", "prompt_mode": "text_box"}}, "text.yaml")
     results = tmp_path / "results"
-    outcome = search(space, data=index, results=results)
+    outcome = search(space, data=index, results=results, keep_below_zero_shot=True)
     assert outcome.trials == 1 and outcome.errors == 0
     kept = {v: e for v, e in list_entries(results).items() if e is not None}
     assert kept and all(e["prompt_mode"] == "text_box" for e in kept.values())
@@ -266,7 +269,8 @@ def test_a_killed_single_worker_trial_resumes_from_its_last_checkpoint(finished_
     monkeypatch.setenv("ANGIOTUNE_FAULT_DIR", str(faults))
     space = parse_space({**TWO_TRIALS, "name": "killed", "samples": 1, "asha": None},
                         "killed.yaml")
-    outcome = search(space, data=first_results / "index.parquet", results=tmp_path / "results")
+    outcome = search(space, data=first_results / "index.parquet", results=tmp_path / "results",
+                     keep_below_zero_shot=True)
     assert outcome.trials == 1 and outcome.errors == 0 and not list(faults.iterdir())
     [history] = [[json.loads(line) for line in path.read_text().splitlines()]
                  for path in (outcome.run_dir / "tune").glob("*/result.json")]
@@ -299,3 +303,12 @@ def test_trials_are_watchable_in_tensorboard_and_optuna_dashboard(finished_searc
     [summary] = get("/api/studies")["study_summaries"]
     assert summary["study_name"] == "two"
     assert len(get(f"/api/studies/{summary['study_id']}")["trials"]) == outcome.trials
+
+
+def test_paths_inside_a_search_folder_stay_short_for_windows(finished_search):
+    """Windows refuses paths past 260 characters: a search's own folders (short trial names,
+    not Tune's ~170-character defaults) leave most of that to the user's results folder."""
+    outcome, _ = finished_search
+    longest = max((p.relative_to(outcome.run_dir).as_posix() for p in outcome.run_dir.rglob("*")),
+                  key=len)
+    assert len(longest) <= 120, longest

@@ -1,11 +1,17 @@
 """Core-lab CSV -> validated Parquet lesion index, with bad rows quarantined, never lost.
 
 Each CSV row is checked against the files it names (the cine header and the analysed frame, the
-mask, the contour JSON). A row that cannot be trusted goes to the quarantine file with its line
-number, field, file and reason; cosmetic faults (unreadable vessel text, a mask saved at another
-uniform scale, angles only in the DICOM) are repaired with a warning. Raw patient IDs are turned
-into salted keys on read and never written. Rows are numbered as lines of the CSV file (the header
-is line 1), as an editor shows them.
+mask, the contour JSON when there is one). A row that cannot be trusted goes to the quarantine file
+with its line number, field, file and reason; cosmetic faults (unreadable vessel text, a mask saved
+at another uniform scale, angles only in the DICOM) are repaired with a warning. Raw patient IDs
+are turned into salted keys on read and never written. Rows are numbered as lines of the CSV file
+(the header is line 1), as an editor shows them.
+
+Stage 1 (segmentation) needs only the frame, the mask and the segment number, so the contour JSON
+and the QCA measurements are optional: measurements come from the contour JSON, from CSV columns
+of the same names, or not at all (NaN in the index; ``missing_measurements`` tells a stage-2
+search which are absent). The accepted CSV and contour JSON are described in
+docs/contour_schema.md.
 """
 
 from __future__ import annotations
@@ -47,13 +53,26 @@ from angiotune.taxonomies import Taxonomy, load_taxonomy
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"angiotune"
-REQUIRED_COLUMNS = ("patient_id", "vessel_pattern", "phase", "frame_index", "cass_segment",
-                    "medis_mask_path", "medis_contour_path")
+# What segmentation needs: who, which frame, which segment, its mask (and a cine column below).
+REQUIRED_COLUMNS = ("patient_id", "frame_index", "cass_segment", "medis_mask_path")
 SOURCE_COLUMNS = ("dicom_path", "cine_path")
-KNOWN_COLUMNS = set(REQUIRED_COLUMNS) | set(SOURCE_COLUMNS) | {"primary_angle", "secondary_angle"}
+OPTIONAL_COLUMNS = ("vessel_pattern", "phase", "primary_angle", "secondary_angle",
+                    "medis_contour_path", "pixel_spacing_mm")
+# QCA measurements: the contour JSON's key (also the CSV column, in any case) -> index column.
+MEASUREMENTS = {"MLD_mm": "mld_mm", "diameter_stenosis_pct": "diameter_stenosis_pct",
+                "interpolated_RVD_mm": "rvd_mm", "lesion_length_mm": "lesion_length_mm",
+                "proximal_normal_diameter_mm": "proximal_diameter_mm",
+                "distal_normal_diameter_mm": "distal_diameter_mm"}
+REQUIRED_MEASUREMENTS = ("MLD_mm", "diameter_stenosis_pct", "interpolated_RVD_mm")  # all or none
+KNOWN_COLUMNS = {*REQUIRED_COLUMNS, *SOURCE_COLUMNS, *OPTIONAL_COLUMNS,
+                 *(name.lower() for name in MEASUREMENTS)}
 ANGLE_CONVENTION = ("angle_lao_deg: LAO positive, RAO negative (DICOM PositionerPrimaryAngle); "
                     "angle_cranial_deg: cranial positive, caudal negative")
-REQUIRED_MEASUREMENTS = ("MLD_mm", "diameter_stenosis_pct", "interpolated_RVD_mm")
+# The same value in the CSV and the contour JSON, both rounded by an export: (relative, absolute).
+AGREEMENT_MM = (0.02, 0.05)
+AGREEMENT_PCT = (0.0, 1.0)
+# What the stage-2 heads read: the QCA targets, and mm per pixel to turn pixels into mm.
+STAGE2_FIELDS = ("mld_mm", "diameter_stenosis_pct", "rvd_mm", "pixel_spacing_mm")
 ANGLE_AGREEMENT_DEG = 2.0
 CENTERLINE_COVERAGE = 0.8
 
@@ -163,6 +182,29 @@ def read_index(path: str | Path) -> pd.DataFrame:
     return table.to_pandas()
 
 
+def missing_measurements(index: str | Path | pd.DataFrame,
+                         split: str | None = None) -> list[str]:
+    """The index columns stage-2 heads need that this index (or one ``split`` of it) cannot
+    give them, in ``STAGE2_FIELDS`` order; empty when stage 2 can train.
+
+    ``mld_mm``, ``diameter_stenosis_pct`` and ``rvd_mm`` count as missing when no row has a
+    value: the heads' losses skip a lesion whose value is unknown, so a partly measured set
+    still trains. ``pixel_spacing_mm`` counts as missing when any row lacks it: the diameter
+    heads turn model pixels into mm with it, and one NaN in a batch makes the loss's gradients
+    NaN. (Ingest never keeps a measured lesion without a spacing.)
+    """
+    frame = index if isinstance(index, pd.DataFrame) else read_index(index)
+    if split is not None:
+        frame = frame[frame["split"] == split]
+    missing = []
+    for column in STAGE2_FIELDS:
+        known = pd.to_numeric(frame[column], errors="coerce").notna() if column in frame \
+            else pd.Series(False, index=frame.index)
+        if not known.any() or (column == "pixel_spacing_mm" and not known.all()):
+            missing.append(column)
+    return missing
+
+
 def index_metadata(schema: pa.Schema, path: Path) -> dict:
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
@@ -253,10 +295,11 @@ class _RowParser:
         if segment is None:
             raise _Rejected("cass_segment", f"{raw.get('cass_segment')!r} is not a segment of the "
                                             f"{self.taxonomy.name} taxonomy")
-        vessel_source = self._check_vessel_text(raw.get("vessel_pattern", ""), segment.vessel,
-                                                warn)
+        # Without a vessel_pattern column the segment number alone decides, without a warning.
+        vessel_source = self._check_vessel_text(raw["vessel_pattern"], segment.vessel, warn) \
+            if "vessel_pattern" in raw else "segment"
         phase = normalise_phase(raw.get("phase"))
-        if phase == "UNKNOWN":
+        if phase == "UNKNOWN" and "phase" in raw:
             warn("phase", f"unrecognised phase {raw.get('phase')!r}; stored as UNKNOWN")
         frame_index = _integer(raw.get("frame_index"), "frame_index")
 
@@ -274,16 +317,23 @@ class _RowParser:
         mask_path = self._existing(raw.get("medis_mask_path", ""), "medis_mask_path")
         mask = self._fit_mask(self._call(read_mask, mask_path, "medis_mask_path"), header,
                               raw["medis_mask_path"], warn)
-        contour_path = self._existing(raw.get("medis_contour_path", ""), "medis_contour_path")
-        contour = self._call(read_contour, contour_path, "medis_contour_path")
-        measures = self._measurements(contour, raw["medis_contour_path"])
-        self._check_mask_covers_centerline(mask, contour, raw["medis_mask_path"])
-        spacing, spacing_source = self._spacing(contour, header, raw, warn)
+        # The contour JSON is optional: stage 1 needs none, and measurements may be CSV columns.
+        contour_file = raw.get("medis_contour_path", "")
+        contour_path = self._existing(contour_file, "medis_contour_path") if contour_file \
+            else None
+        contour = self._call(read_contour, contour_path, "medis_contour_path") \
+            if contour_path else {}
+        measures = self._measurements(contour, contour_file, raw)
+        if contour_path:
+            self._check_mask_covers_centerline(mask, contour, raw["medis_mask_path"])
+        spacing, spacing_source = self._spacing(contour, contour_file, header, raw, warn,
+                                                needed=math.isfinite(measures["mld_mm"]))
         lao, cranial, angle_source = self._angles(raw, header, contour, warn)
 
-        stored_paths = {field_name: path.relative_to(self.root).as_posix() for field_name, path
-                        in ((image_field, image), ("medis_mask_path", mask_path),
-                            ("medis_contour_path", contour_path))}
+        files = ((image_field, image), ("medis_mask_path", mask_path),
+                 ("medis_contour_path", contour_path))
+        stored_paths = {field_name: path.relative_to(self.root).as_posix()
+                        for field_name, path in files if path is not None}
         for field_name, stored in stored_paths.items():
             if _redact(stored, raw) != stored:
                 raise _Rejected(field_name, "the path contains the patient ID, which the index "
@@ -303,7 +353,7 @@ class _RowParser:
             "image_path": relative, "image_format": "dicom" if is_dicom_path(image) else "npy",
             "transfer_syntax": header.transfer_syntax,
             "mask_path": stored_paths["medis_mask_path"],
-            "contour_path": stored_paths["medis_contour_path"],
+            "contour_path": stored_paths.get("medis_contour_path", ""),
             "pixel_spacing_mm": spacing, "spacing_source": spacing_source,
             "bbox_x0": int(xs.min()), "bbox_y0": int(ys.min()),
             "bbox_x1": int(xs.max()) + 1, "bbox_y1": int(ys.max()) + 1,
@@ -361,41 +411,66 @@ class _RowParser:
             raise _Rejected("medis_mask_path", "empty mask (no foreground pixels)", file)
         return mask
 
-    def _measurements(self, contour: dict, file: str) -> dict:
-        values = contour.get("measurements")
-        if not isinstance(values, dict):
-            raise _Rejected("measurements", "contour JSON has no 'measurements' object", file)
-        numbers = {}
-        for name in (*REQUIRED_MEASUREMENTS, "lesion_length_mm", "proximal_normal_diameter_mm",
-                     "distal_normal_diameter_mm"):
-            value = values.get(name)
-            if value is None and name not in REQUIRED_MEASUREMENTS:
-                numbers[name] = math.nan
-                continue
-            number = _number(value)
-            if number is None or number < 0 or (number == 0 and name != "diameter_stenosis_pct"):
-                raise _Rejected(f"measurements.{name}",
-                                f"{value!r} is not a positive finite number", file)
-            numbers[name] = number
-        mld, ds, rvd = (numbers[n] for n in REQUIRED_MEASUREMENTS)
-        if mld > rvd:
-            raise _Rejected("measurements.MLD_mm", f"MLD {mld:g} mm exceeds the reference "
-                                                   f"diameter {rvd:g} mm", file)
-        implied = 100.0 * (1.0 - mld / rvd)
-        if ds >= 100 or abs(ds - implied) > self.settings.stenosis_tolerance_pct:
-            raise _Rejected("measurements.diameter_stenosis_pct",
-                            f"{ds:g} % contradicts MLD {mld:g} mm and RVD {rvd:g} mm "
-                            f"(which give {implied:.1f} %)", file)
-        mld_xy = values.get("MLD_position_px")
+    def _measurements(self, contour: dict, contour_file: str, raw: dict) -> dict:
+        """QCA values from the contour JSON's ``measurements`` and/or the CSV's columns of the
+        same names; NaN where neither gives one (a lesion for segmentation only).
+
+        A value given in both must agree within rounding (``AGREEMENT_MM``: 2 % or 0.05 mm;
+        ``AGREEMENT_PCT``: 1 point of % DS), else the row is quarantined: one of the two belongs
+        to another analysis (a re-analysis, a swapped file), and nothing says which to train on.
+        MLD, % DS and RVD come all three or none, so that they can be checked against each other.
+        """
+        in_json = contour.get("measurements")
+        in_json = {} if in_json is None else in_json  # absent or null: none in the JSON
+        if not isinstance(in_json, dict):
+            raise _Rejected("measurements", "the contour JSON's 'measurements' is not an object",
+                            contour_file)
+        values: dict[str, float] = {}
+        blame: dict[str, tuple[str, str]] = {}  # name -> (field, file) a problem is reported on
+        for name in MEASUREMENTS:
+            json_field = f"measurements.{name}"
+            from_json = _measurement(in_json.get(name), name, json_field, contour_file)
+            from_csv = _measurement(raw.get(name.lower()), name, name, "")
+            if from_json is not None and from_csv is not None:
+                rel, tol = AGREEMENT_PCT if name.endswith("_pct") else AGREEMENT_MM
+                if not math.isclose(from_json, from_csv, rel_tol=rel, abs_tol=tol):
+                    raise _Rejected(json_field, f"the CSV's {name} {from_csv:g} and the contour "
+                                    f"JSON's {from_json:g} disagree; one of them is from "
+                                    "another analysis", contour_file)
+            if from_json is not None:
+                values[name], blame[name] = from_json, (json_field, contour_file)
+            elif from_csv is not None:
+                values[name], blame[name] = from_csv, (name, "")
+        given = [name for name in REQUIRED_MEASUREMENTS if name in values]
+        if given and len(given) < len(REQUIRED_MEASUREMENTS):
+            absent = next(name for name in REQUIRED_MEASUREMENTS if name not in values)
+            field_name, file = (f"measurements.{absent}", contour_file) if in_json \
+                else (absent, "")
+            raise _Rejected(field_name, f"{' and '.join(given)} given but no {absent} (in the "
+                            "CSV or the contour JSON): give all three of "
+                            f"{', '.join(REQUIRED_MEASUREMENTS)}, or none to index the lesion "
+                            "for segmentation only", file)
+        if given:
+            self._check_consistent(values, blame)
+        mld_xy = in_json.get("MLD_position_px")
         if not isinstance(mld_xy, (list, tuple)) or len(mld_xy) != 2:
             mld_xy = [math.nan, math.nan]
-        return {
-            "mld_mm": mld, "diameter_stenosis_pct": ds, "rvd_mm": rvd,
-            "lesion_length_mm": numbers["lesion_length_mm"],
-            "proximal_diameter_mm": numbers["proximal_normal_diameter_mm"],
-            "distal_diameter_mm": numbers["distal_normal_diameter_mm"],
-            "mld_x": _number_or_nan(mld_xy[0]), "mld_y": _number_or_nan(mld_xy[1]),
-        }
+        return {**{column: values.get(name, math.nan) for name, column in MEASUREMENTS.items()},
+                "mld_x": _number_or_nan(mld_xy[0]), "mld_y": _number_or_nan(mld_xy[1])}
+
+    def _check_consistent(self, values: dict[str, float],
+                          blame: dict[str, tuple[str, str]]) -> None:
+        """MLD below the reference, and % DS as MLD and RVD imply (within the tolerance)."""
+        mld, ds, rvd = (values[n] for n in REQUIRED_MEASUREMENTS)
+        if mld > rvd:
+            field_name, file = blame["MLD_mm"]
+            raise _Rejected(field_name, f"MLD {mld:g} mm exceeds the reference diameter "
+                                        f"{rvd:g} mm", file)
+        implied = 100.0 * (1.0 - mld / rvd)
+        if ds >= 100 or abs(ds - implied) > self.settings.stenosis_tolerance_pct:
+            field_name, file = blame["diameter_stenosis_pct"]
+            raise _Rejected(field_name, f"{ds:g} % contradicts MLD {mld:g} mm and RVD {rvd:g} mm "
+                            f"(which give {implied:.1f} %)", file)
 
     def _check_mask_covers_centerline(self, mask: np.ndarray, contour: dict, file: str) -> None:
         """A mask of another lesion (a swapped file) misses this lesion's centerline."""
@@ -415,19 +490,37 @@ class _RowParser:
             raise _Rejected("medis_mask_path", f"mask covers only {coverage:.0%} of the contour's "
                                                "centerline (a mask of another lesion?)", file)
 
-    def _spacing(self, contour: dict, header: CineHeader, raw: dict, warn) -> tuple[float, str]:
+    def _spacing(self, contour: dict, contour_file: str, header: CineHeader, raw: dict, warn,
+                 *, needed: bool) -> tuple[float, str]:
+        """mm per pixel at the vessel and its source: the contour's calibration factor (pixels
+        per mm), else the CSV's ``pixel_spacing_mm``, else the image header. Only a lesion with
+        measurements needs one (its diameters are learnt in mm); without, NaN and "none"."""
         calibration = contour.get("calibration")
         factor = _number(calibration.get("scale_factor")) if isinstance(calibration, dict) \
             else None
-        if factor is not None and factor > 0:
-            return 1.0 / factor, "calibration"
+        from_json = 1.0 / factor if factor is not None and factor > 0 else None
+        from_csv = _measurement(raw.get("pixel_spacing_mm"), "pixel_spacing_mm",
+                                "pixel_spacing_mm", "")
+        if from_json is not None and from_csv is not None and \
+                not math.isclose(from_json, from_csv, rel_tol=AGREEMENT_MM[0]):
+            raise _Rejected("calibration", f"the CSV's pixel_spacing_mm {from_csv:g} mm/px and "
+                            f"the contour JSON's calibration.scale_factor {factor:g} px/mm "
+                            f"({from_json:g} mm/px) disagree", contour_file)
+        if from_json is not None:
+            return from_json, "calibration"
+        if from_csv is not None:
+            return from_csv, "csv"
         spacing = header.vessel_spacing()
         if spacing is not None:
-            warn("calibration", f"no calibration factor; pixel spacing from the {spacing[1]}")
+            if contour_file:  # a contour without its calibration is worth a word; none is not
+                warn("calibration", f"no calibration factor; pixel spacing from the {spacing[1]}")
             return spacing[0], "dicom"
-        raise _Rejected("calibration", "missing calibration: no calibration.scale_factor in the "
-                                       "contour JSON and no pixel spacing with source distances "
-                                       "in the image file", raw.get("medis_contour_path", ""))
+        if needed:
+            raise _Rejected("calibration", "missing calibration: no calibration.scale_factor in "
+                            "the contour JSON, no pixel_spacing_mm in the CSV and no pixel "
+                            "spacing with source distances in the image file; the measurements "
+                            "in mm need one", contour_file)
+        return math.nan, "none"
 
     def _angles(self, raw: dict, header: CineHeader, contour: dict, warn):
         csv_lao = _csv_angle(raw.get("primary_angle", ""), primary=True)
@@ -480,6 +573,19 @@ def _number(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def _measurement(value, name: str, field_name: str, file: str) -> float | None:
+    """One measurement as given (a JSON value or a CSV cell): None when absent (null or blank),
+    else a positive finite number (% DS may be 0, not above 100) or the row is rejected."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    number = _number(value)
+    if number is None or number < 0 or (number == 0 and name != "diameter_stenosis_pct"):
+        raise _Rejected(field_name, f"{value!r} is not a positive finite number", file)
+    if name == "diameter_stenosis_pct" and number > 100:
+        raise _Rejected(field_name, f"{value!r} is outside 0..100 %", file)
+    return number
 
 
 def _redact(text: str, raw: dict) -> str:

@@ -243,7 +243,8 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def read_contour(path: Path) -> dict:
-    """Contour JSON as exported by QCA software; the structure is checked by the index."""
+    """Contour JSON as exported by QCA software; the structure is checked by the index
+    (the fields it reads: docs/contour_schema.md)."""
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

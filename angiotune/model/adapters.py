@@ -45,7 +45,7 @@ class AdapterSettings:
     strategy: str = "lora"
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
+    dropout: float = 0.1  # the seed plan's value
     targets: tuple[str, ...] = ("vision_qv",)
     train_decoder: bool = True
 

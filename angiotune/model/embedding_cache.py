@@ -3,9 +3,10 @@
 When a strategy leaves SAM 3's vision encoder (and its neck) frozen (``decoder_only``, or LoRA
 only on the mask decoder), every epoch and every trial would encode the same crops to the same
 embeddings; the encoder is most of the model's compute. The cache keys an embedding by the base
-model (``base_model_id``: folder and weight hash) and by a hash of the exact pixels the encoder
-sees, so any change of frame, crop, size or normalisation is a different key, never a stale
-hit. Files are written whole and renamed into place, so workers and searches can share one.
+model (``base_model_id``: its weights, wherever they live) and by a hash of the exact pixels
+the encoder sees, so any change of frame, crop, size or normalisation is a different key,
+never a stale hit. Files are written whole and renamed into place, so workers and searches can
+share one.
 """
 
 from __future__ import annotations

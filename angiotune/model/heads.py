@@ -136,17 +136,14 @@ class LesionHeads(nn.Module):
                 "mld_mm": diameters[:, 0], "rvd_mm": diameters[:, 1]}
 
 
-def feature_dim_of(model: torch.nn.Module) -> int:
-    """Width of ``pooled_features`` for a tracker."""
-    from angiotune.model.sam3 import image_size_of, to_pixel_values
-
-    size = image_size_of(model)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(pixel_values=to_pixel_values(torch.zeros(1, size, size, device=device)),
-                    input_boxes=torch.tensor([[[0.0, 0.0, size / 2, size / 2]]], device=device),
-                    multimask_output=False)
-    return 2 * sum(int(level.shape[1]) for level in out.image_embeddings) + GEOMETRY_DIM
+def feature_dim_of(config) -> int:
+    """Width of ``pooled_features`` for a tracker config, without running the model: each
+    of the three feature levels pooled two ways, plus the box geometry. The two finer levels
+    come out of the mask decoder's projections (``conv_s0``, ``conv_s1``: hidden / 8 and
+    hidden / 4 channels), the coarsest straight from the neck."""
+    hidden = int(config.mask_decoder_config.hidden_size)
+    channels = hidden // 8 + hidden // 4 + int(config.vision_config.fpn_hidden_size)
+    return 2 * channels + GEOMETRY_DIM
 
 
 def save_heads(heads: LesionHeads, folder: Path) -> None:

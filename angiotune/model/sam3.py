@@ -9,17 +9,18 @@ adapting the real model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
-from transformers import Sam3Model, Sam3TrackerConfig, Sam3TrackerModel
+import transformers
+from transformers import AutoConfig, Sam3Model, Sam3TrackerConfig, Sam3TrackerModel
 from transformers.utils import logging as transformers_logging
 
 from angiotune.errors import AngiotuneError
+from angiotune.model.fingerprint import weights_fingerprint
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 EMBEDDED_CONCEPT_DIR = Path(__file__).parent / "embedded_concept"
@@ -57,12 +58,9 @@ def embedded_dir(prompt_mode: str = "box") -> Path:
     return EMBEDDED_DIR if prompt_mode == "box" else EMBEDDED_CONCEPT_DIR
 
 
-def load_base_model(path: str | Path | None = None, prompt_mode: str = "box"):
-    """The frozen starting point: the embedded tiny model (None) or a local SAM 3 checkpoint.
-
-    ``box`` loads the tracker (``Sam3TrackerModel``), ``text_box`` the concept model
-    (``Sam3Model``); a full SAM 3 checkpoint holds both.
-    """
+def checked_folder(path: str | Path | None = None, prompt_mode: str = "box") -> Path:
+    """The model folder, refused with a message that says what to do unless it holds a SAM 3
+    config and safetensors weights."""
     folder = embedded_dir(prompt_mode) if path is None else Path(path)
     config_file = folder / "config.json"
     if not folder.is_dir():
@@ -79,13 +77,64 @@ def load_base_model(path: str | Path | None = None, prompt_mode: str = "box"):
                          f"(expected one of {', '.join(SAM3_MODEL_TYPES)})")
     if not any(folder.glob("*.safetensors")):
         raise ModelError(f"{folder} has no .safetensors weights (only safetensors are loaded)")
+    return folder
+
+
+def model_config(path: str | Path | None = None, prompt_mode: str = "box"):
+    """The config of the part a prompt mode runs (the tracker, or the concept model), read
+    without loading any weights: a hub ``sam3_video`` folder holds both."""
+    folder = checked_folder(path, prompt_mode)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{folder}/config.json: not a config this transformers "
+                         f"{transformers.__version__} reads ({error})") from None
+    part = "tracker_config" if prompt_mode == "box" else "detector_config"
+    return getattr(config, part, None) or config
+
+
+def load_base_model(path: str | Path | None = None, prompt_mode: str = "box"):
+    """The frozen starting point: the embedded tiny model (None) or a local SAM 3 checkpoint.
+
+    ``box`` loads the tracker (``Sam3TrackerModel``), ``text_box`` the concept model
+    (``Sam3Model``); a full SAM 3 checkpoint holds both. Every weight of the loaded model must
+    come from the checkpoint: transformers fills missing ones at random and only prints a table,
+    and key layouts drift between releases, so a partial load is refused here instead of
+    training on noise.
+    """
+    folder = checked_folder(path, prompt_mode)
     transformers_logging.disable_progress_bar()  # one bar per trial worker is noise
     model_class = Sam3TrackerModel if prompt_mode == "box" else Sam3Model
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # the missing-keys table: refused below instead
     try:
-        model = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        model, info = model_class.from_pretrained(folder, local_files_only=True,
+                                                  use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelError(f"cannot load SAM 3 from {folder}: {error}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    check_loading(folder, model_class.__name__, info)
     return model.eval()
+
+
+def check_loading(folder: Path, class_name: str, info: dict) -> None:
+    """Refuse a model some of whose weights the checkpoint did not fill (all of the tracker's
+    and of the concept model's modules run in angiotune), or filled with the wrong shape."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(m[0]) if isinstance(m, tuple) else str(m)
+                        for m in info.get("mismatched_keys") or ())
+    if not missing and not mismatched:
+        return
+    problem = (f"{len(missing)} weights missing from the checkpoint (first: "
+               f"{', '.join(missing[:4])})" if missing else
+               f"{len(mismatched)} weights of another shape (first: {', '.join(mismatched[:4])})")
+    raise ModelError(
+        f"{folder}: {class_name} was not filled from this checkpoint: {problem}, with "
+        f"transformers {transformers.__version__}. Its keys do not follow the layout this "
+        "transformers release maps (the hub's facebook/sam3 folder has detector_model., "
+        "tracker_model. and tracker_neck. prefixes); use the folder as downloaded, or a "
+        "transformers release that reads its layout")
 
 
 def load_prompt_tokenizer(path: str | Path | None = None):
@@ -100,18 +149,18 @@ def load_prompt_tokenizer(path: str | Path | None = None):
 
 
 def base_model_id(path: str | Path | None = None, prompt_mode: str = "box") -> str:
-    """Names the base weights an adapter needs: folder and a hash of its weight files."""
-    folder = embedded_dir(prompt_mode) if path is None else Path(path)
-    digest = hashlib.sha256()
-    for weights in sorted(folder.glob("*.safetensors")):
-        digest.update(weights.read_bytes())
-    name = f"embedded:{folder.name}" if path is None else str(folder.resolve())
-    return f"{name}@{digest.hexdigest()[:12]}"
+    """Names the base weights an adapter needs, from their content, not from where the folder
+    is (``angiotune.model.fingerprint``): a moved or copied folder keeps its id."""
+    folder = checked_folder(path, prompt_mode)
+    name = f"embedded:{folder.name}" if path is None else "sam3"
+    return f"{name}@{weights_fingerprint(folder)}"
 
 
-def image_size_of(model: torch.nn.Module) -> int:
-    """The input side in pixels (both the tracker and the concept model share the backbone)."""
-    return int(model.config.vision_config.backbone_config.image_size)
+def image_size_of(model_or_config) -> int:
+    """The input side in pixels, of a model or of its config (the tracker and the concept model
+    share the backbone). The RoPE tables are built for it: no other size runs."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return int(config.vision_config.backbone_config.image_size)
 
 
 def to_pixel_values(images: torch.Tensor) -> torch.Tensor:

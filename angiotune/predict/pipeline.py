@@ -57,6 +57,7 @@ class PredictSettings:
     max_proposals: int = 3
     overlays: bool = True
     device: str = "auto"  # "auto": the GPU when there is one
+    model: Path | None = None  # the base folder, when it has moved since the search
 
 
 @dataclass
@@ -81,8 +82,9 @@ class PredictSummary:
 class KeptModels:
     """The kept adapters per vessel, loaded on first use and then reused."""
 
-    def __init__(self, results: Path, device: str = "auto") -> None:
+    def __init__(self, results: Path, device: str = "auto", model_path: Path | None = None) -> None:
         self.results = Path(results)
+        self.model_path = model_path
         self.device = resolve_device(device)
         kept = {v: e for v, e in list_entries(self.results).items() if e is not None}
         # Concept-model (text_box) adapters segment "things like this", not "inside this box".
@@ -104,7 +106,8 @@ class KeptModels:
             raise RegistryError(f"no {vessel} adapter kept in {self.results / 'best'} "
                                 f"(kept: {', '.join(sorted(self.entries)) or 'none'})")
         if vessel not in self._models:
-            self._models[vessel] = load_best_model(self.results, vessel).to(self.device)
+            model = load_best_model(self.results, vessel, self.model_path)
+            self._models[vessel] = model.to(self.device)
         return self._models[vessel]
 
 
@@ -115,7 +118,7 @@ def predict(source: str | Path, out: str | Path, settings: PredictSettings = Pre
     if not source.exists():
         raise DataError("no such file or folder", file=str(source))
     out.mkdir(parents=True, exist_ok=True)
-    models = KeptModels(settings.results, settings.device)
+    models = KeptModels(settings.results, settings.device, settings.model)
     items = list(_items(source, settings))
     if not items:
         raise DataError(f"no DICOM or NPY cines ({', '.join(CINE_SUFFIXES)}) found",
@@ -315,7 +318,9 @@ def _predict_lesion(frame, box, box_source, proposal, route, angles, spacing, mo
                     "strategy": entry.get("strategy"), "search": entry.get("search"),
                     "trial_id": entry.get("trial_id"), "validation_metric": entry.get("metric"),
                     "validation_score": round(float(entry["score"]), 4),
-                    "base_model": entry.get("base_model"), "heads": bool(entry.get("heads"))},
+                    "base_model": entry.get("base_model"), "heads": bool(entry.get("heads")),
+                    # Kept with --keep-below-zero-shot: the base alone scored better.
+                    "below_zero_shot": bool(entry.get("below_zero_shot"))},
         "box": [round(float(v), 1) for v in box], "box_source": box_source,
         "proposal": proposal,
         "segmentation": {"confidence": round(segmentation.confidence, 3),

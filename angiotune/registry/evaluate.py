@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from angiotune.registry.store import RegistryError, list_entries, load_best_model, read_entry
+from angiotune.registry.store import (
+    RegistryError,
+    base_path_of,
+    list_entries,
+    load_best_model,
+    read_entry,
+)
 from angiotune.train.metrics import summarise
 
 log = logging.getLogger(__name__)
@@ -25,14 +31,16 @@ COLUMNS = ("n", "dice", "iou", "cass_accuracy", "cass_macro_f1", "stenosis_mae",
            "rvd_mae_mm")
 
 
-def evaluate_kept(results: Path, vessel: str | None = None, batch_size: int = 16) -> pd.DataFrame:
-    """One row per (vessel, segment group, model); also written as CSV, Markdown and JSON."""
+def evaluate_kept(results: Path, vessel: str | None = None, batch_size: int = 16,
+                  model: Path | None = None) -> pd.DataFrame:
+    """One row per (vessel, segment group, model); also written as CSV, Markdown and JSON.
+    ``model``: the base folder, when it has moved since the search."""
     entries = ({vessel: read_entry(results, vessel)} if vessel else list_entries(results))
     entries = {v: e for v, e in entries.items() if e is not None}
     if not entries:
         raise RegistryError(f"no kept adapter{' for ' + vessel if vessel else ''} in "
                             f"{Path(results) / 'best'}; run `angiotune search` first")
-    tables = [_evaluate_vessel(results, v, e, batch_size) for v, e in entries.items()]
+    tables = [_evaluate_vessel(results, v, e, batch_size, model) for v, e in entries.items()]
     tables = [t for t in tables if t is not None]
     if not tables:
         raise RegistryError("no kept adapter's vessel has test lesions in its index")
@@ -47,8 +55,8 @@ def evaluate_kept(results: Path, vessel: str | None = None, batch_size: int = 16
     return table
 
 
-def _evaluate_vessel(results: Path, vessel: str, entry: dict,
-                     batch_size: int) -> pd.DataFrame | None:
+def _evaluate_vessel(results: Path, vessel: str, entry: dict, batch_size: int,
+                     model: Path | None) -> pd.DataFrame | None:
     """The vessel's rows, or None (logged) when its index has no test lesions of it."""
     import torch
 
@@ -69,9 +77,10 @@ def _evaluate_vessel(results: Path, vessel: str, entry: dict,
     if train.empty:
         raise RegistryError(f"{index}: no training lesions, so no trivial baseline")
     mode = entry.get("prompt_mode", "box")
-    kept = load_best_model(results, vessel)
-    base = load_base_model(entry.get("base_model_path"), mode)
-    tokenizer = load_prompt_tokenizer(entry.get("base_model_path")) if mode == "text_box" else None
+    kept = load_best_model(results, vessel, model)
+    base_path = base_path_of(entry, model)
+    base = load_base_model(base_path, mode)
+    tokenizer = load_prompt_tokenizer(base_path) if mode == "text_box" else None
     batches = sample_batches(test, root, SampleSettings(image_size=image_size_of(base),
                                                         augment=False), batch_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,13 +10,14 @@ beside it and renamed into place under a lock, so a reader never sees half an en
 from __future__ import annotations
 
 import datetime
-import fcntl
 import hashlib
 import json
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock
 
 from angiotune import __version__
 from angiotune.errors import AngiotuneError
@@ -36,14 +37,12 @@ def best_dir(results: Path) -> Path:
 
 @contextmanager
 def _locked(results: Path):
+    """An exclusive lock on the registry across processes (trials promote concurrently);
+    ``filelock`` rather than ``fcntl`` so that it works on Windows too."""
     folder = best_dir(results)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield folder
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(folder / ".lock"):
+        yield folder
 
 
 def _checksums(folder: Path) -> dict[str, str]:
@@ -136,15 +135,24 @@ def list_entries(results: Path) -> dict[str, dict | None]:
     return {vessel: read_entry(results, vessel) for vessel in VESSELS}
 
 
-def load_best_model(results: Path, vessel: str):
+def load_best_model(results: Path, vessel: str, model: Path | None = None):
     """The ready model for a vessel: its base with the kept adapter applied, wrapped with its
-    heads in a ``LesionModel`` in box mode (the concept model as it is in text_box mode)."""
+    heads in a ``LesionModel`` in box mode (the concept model as it is in text_box mode).
+
+    ``model`` is the base's folder when it has moved since the search; the adapter checks the
+    weights by content, so any copy of the same checkpoint will do.
+    """
     entry = read_entry(results, vessel)
     if entry is None:
         raise RegistryError(f"no adapter kept for {vessel} in {best_dir(results)}; run "
                             "`angiotune search` first")
-    return load_ready_model(Path(entry["path"]) / ADAPTER, entry.get("base_model_path"),
+    return load_ready_model(Path(entry["path"]) / ADAPTER, base_path_of(entry, model),
                             entry.get("prompt_mode", "box"))
+
+
+def base_path_of(entry: dict, model: Path | None = None) -> str | None:
+    """The base folder to load for an entry: the one given, else where the search found it."""
+    return str(model) if model is not None else entry.get("base_model_path")
 
 
 def load_ready_model(folder: Path, base_model_path: str | None, mode: str = "box"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def zero_shot(index: Path, model_path: Path | None, image_size: int, prompt_mode
                              batch_size)
 
     tokenizer = load_prompt_tokenizer(model_path) if prompt_mode == "text_box" else None
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the full model is slow on CPU
+    # A Ray task given no GPU sees none (CUDA_VISIBLE_DEVICES is emptied for it).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     return evaluate(load_base_model(model_path, prompt_mode).to(device), batches, tokenizer)
 
 
@@ -96,29 +98,47 @@ def validation_fingerprint(index: Path) -> str:
 
 def search(space: SearchSpace, *, data: Path | None = None, model: Path | None = None,
            name: str | None = None, results: Path = Path("results"), address: str | None = None,
-           resume: bool = False, announce=None) -> SearchOutcome:
-    """Run a search space end to end and keep the best adapter per vessel."""
-    from angiotune.model.sam3 import image_size_of, load_base_model
-    from angiotune.registry.store import VESSELS, RegistryError, promote
-    from angiotune.search.run import SearchSettings, check_writable, run_search
+           resume: bool = False, announce=None,
+           keep_below_zero_shot: bool = False) -> SearchOutcome:
+    """Run a search space end to end and keep the best adapter per vessel.
 
-    check_writable(Path(results))  # before the phantoms, the model or Ray
+    An adapter that does not beat the zero-shot base on its vessel's validation lesions is not
+    kept (using no adapter would be better), unless ``keep_below_zero_shot``: then it is kept
+    marked ``below_zero_shot``, which ``best`` and ``predict`` show.
+
+    Everything a user can get wrong (paths, sizes, a checkpoint that does not fill the model) is
+    refused before Ray starts. The driver holds no weights while trials run: the checkpoint is
+    checked on the CPU and freed, and the zero-shot baseline runs where trials run.
+    """
+    from angiotune.model.sam3 import base_model_id, image_size_of, model_config
+    from angiotune.registry.store import VESSELS, RegistryError, promote
+    from angiotune.search.run import SearchSettings, check_writable, ensure_ray, run_search
+    from angiotune.search.sizing import check_image_size, describe, fit_space
+
+    # Trials run in folders of their own: every path must be absolute before they start.
+    results = Path(results).resolve()
+    model = Path(model).resolve() if model is not None else None
+    check_writable(results)  # before the phantoms, the model or Ray
     mode = space.fixed.get("prompt_mode", "box")
-    base = load_base_model(model, mode)  # fails fast on a bad --model, before Ray starts
-    if image_size_of(base) != space.image_size and model is None:
-        raise AngiotuneError(f"data.image_size {space.image_size} does not match the embedded "
-                             f"model's {image_size_of(base)}")
-    index = Path(data) if data else embedded_index(results)
+    model_size = image_size_of(model_config(model, mode))
+    check_image_size(space, model_size, model)
+    check_weights(model, mode)
+    base_id = base_model_id(model, mode)
+    index = Path(data).resolve() if data else embedded_index(results)
     name = name or space.name
-    run_dir = (Path(results) / "searches" / name).resolve()
+    run_dir = (results / "searches" / name).resolve()
     if not resume and (run_dir / "tune").exists():
         raise AngiotuneError(f"a search named {name!r} already exists in {run_dir}; use "
                              "--resume to continue it or another --name")
-    constants = stage_constants(space, index, Path(results), run_dir, resume)
-    settings = SearchSettings(index=index, name=name, results=Path(results),
+    constants = {**stage_constants(space, index, results, run_dir, resume), "base_id": base_id}
+    settings = SearchSettings(index=index, name=name, results=results,
                               model_path=model, address=address, resume=resume,
                               announce=announce, trial_constants=constants)
-    baseline = zero_shot(index, model, space.image_size, mode)
+    cluster = ensure_ray(settings)
+    space = fit_space(space, model_size, cluster.get("GPU", 0.0))
+    if announce:
+        announce(describe(space))
+    baseline = zero_shot_on_cluster(space, index, model, mode)
     grid = run_search(space, settings)
     outcome = SearchOutcome(settings.name, settings.run_dir, len(grid), grid.num_errors,
                             baseline)
@@ -145,28 +165,69 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
                   "metrics": {k: float(v) for k, v in row.items() if _is_metric(k, v)},
                   "zero_shot": {k: v for k, v in baseline.items()},
                   "config": config, "trial_id": trial_id, "epoch": int(row["epoch"]),
-                  "search": settings.name, "index": str(index.resolve()),
+                  "search": settings.name, "index": str(index),
                   "validation_split": fingerprint,
-                  "prompt_mode": mode, "base_model": _base_id(model, mode),
+                  "prompt_mode": mode, "base_model": base_id,
                   "base_model_path": str(model) if model else None,
                   "data_note": note}
+        outcome.best[vessel] = {**record, "adapter": str(adapter)}
+        refusal = below_zero_shot(record, baseline)
+        if refusal and not keep_below_zero_shot:
+            outcome.messages.append(f"{vessel}: not kept: {refusal}; its checkpoint stays in "
+                                    f"{adapter}")
+            continue
+        if refusal:
+            record["below_zero_shot"] = True
         try:
             _, message = promote(settings.results, vessel, adapter, record)
         except RegistryError as error:  # the trials' checkpoints stay in the run folder
             message = f"{vessel}: {error}"
         outcome.messages.append(message)
-        outcome.best[vessel] = {**record, "adapter": str(adapter)}
     (settings.run_dir / "summary.json").write_text(json.dumps(
         {"trials": outcome.trials, "errors": outcome.errors, "failed": outcome.failed,
          "zero_shot": baseline,
          "messages": outcome.messages, "pareto": outcome.pareto,
          "best_validation": {v: r["metrics"] for v, r in outcome.best.items()},
          # What `angiotune report` needs to redraw the best masks without the registry.
-         "index": str(index.resolve()), "base_model_path": str(model) if model else None,
+         "index": str(index), "base_model_path": str(model) if model else None,
          "prompt_mode": mode, "data_note": note,
          "best": {v: {k: r[k] for k in ("metric", "score", "trial_id", "epoch", "adapter")}
                   for v, r in outcome.best.items()}}, indent=1))
     return outcome
+
+
+def below_zero_shot(record: dict, baseline: dict[str, float]) -> str | None:
+    """Why an adapter is no better than using none: its validation score does not beat the
+    zero-shot base's on the same metric (None when it does, or the base has no such score)."""
+    metric, zero = record["metric"], baseline.get(record["metric"])
+    if zero is None or not math.isfinite(zero) or record["score"] > zero:
+        return None
+    return (f"the best trial's {metric} {record['score']:.4f} does not beat the zero-shot "
+            f"base's {zero:.4f} (the base alone would do better)")
+
+
+def check_weights(model: Path | None, mode: str) -> None:
+    """Load the checkpoint once on the CPU, so that one the model's classes cannot fill is
+    refused before Ray starts (``load_base_model`` raises), then free it."""
+    import gc
+
+    from angiotune.model.sam3 import load_base_model
+
+    base = load_base_model(model, mode)
+    del base
+    gc.collect()
+
+
+def zero_shot_on_cluster(space: SearchSpace, index: Path, model: Path | None,
+                         mode: str) -> dict[str, float]:
+    """The zero-shot baseline as a Ray task with one trial's resources (its GPU, when trials
+    have one), in a process that exits afterwards: the driver keeps no weights or CUDA memory
+    for the whole search."""
+    import ray
+
+    task = ray.remote(max_calls=1)(zero_shot).options(num_cpus=space.cpus_per_worker,
+                                                      num_gpus=space.gpus_per_worker or 0)
+    return ray.get(task.remote(index, model, space.image_size, mode, space.batch_size))
 
 
 def segment_classes(index: Path) -> tuple[tuple[str, ...], list[int]]:
@@ -196,6 +257,15 @@ def stage_constants(space: SearchSpace, index: Path, results: Path, run_dir: Pat
     if space.fixed.get("embedding_cache"):  # shared by every trial and search of this results
         constants["cache_dir"] = str((results / "cache" / "embeddings").resolve())
     if space.heads:
+        from angiotune.data.ingest import missing_measurements
+
+        missing = missing_measurements(index)
+        if missing:
+            raise AngiotuneError(f"{index}: the stage-2 heads (% diameter stenosis, MLD, "
+                                 f"reference diameter) need measurements the index lacks: "
+                                 f"{', '.join(missing)}. Index an export with the contour JSON "
+                                 "or measurement columns (docs/contour_schema.md), or run a "
+                                 "stage-1 space")
         classes, counts = segment_classes(index)
         constants.update(classes=list(classes), class_counts=counts)
     rows, _ = load_rows(index)
@@ -258,12 +328,6 @@ def _adapter_strategy(adapter: Path) -> str:
 
     record = json.loads((adapter / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
     return str(record["strategy"])
-
-
-def _base_id(model: Path | None, mode: str) -> str:
-    from angiotune.model.sam3 import base_model_id
-
-    return base_model_id(model, mode)
 
 
 def _is_metric(key: str, value) -> bool:

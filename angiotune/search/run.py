@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,11 +175,7 @@ def run_search(space: SearchSpace, settings: SearchSettings):
 
     run_dir = settings.run_dir
     check_writable(run_dir)
-    if not ray.is_initialized():
-        context = start_ray(settings.address)
-        if settings.announce and context.dashboard_url:
-            settings.announce(f"Ray dashboard: http://{context.dashboard_url} (over SSH: "
-                              "ssh -L 8265:127.0.0.1:8265 HOST, then open it locally)")
+    ensure_ray(settings)
     constants = {"epochs": space.epochs, "index": str(Path(settings.index).resolve()),
                  "model_path": str(settings.model_path) if settings.model_path else None,
                  "image_size": space.image_size, "batch_size": space.batch_size,
@@ -226,7 +223,9 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                                         max_concurrent_trials=at_once,
                                         # A trial that trains in its own process then starts
                                         # in a process that has the training stack imported.
-                                        reuse_actors=space.trains_in_trial),
+                                        reuse_actors=space.trains_in_trial,
+                                        trial_name_creator=short_trial_name,
+                                        trial_dirname_creator=short_trial_name),
             run_config=tune.RunConfig(name="tune", storage_path=str(run_dir),
                                       failure_config=tune.FailureConfig(
                                           max_failures=space.retries),
@@ -238,6 +237,26 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                                           checkpoint_score_order=_first(space.mode)),
                                       verbose=1))
     return tuner.fit()
+
+
+def short_trial_name(trial) -> str:
+    """``t-<trial id>`` for a trial's name and folder. Tune's default folder name (trainable,
+    every parameter, a date) is about 170 characters: with a checkpoint under it and a user's
+    folder in front it passes Windows' 260-character path limit. Trial ids are unique within
+    a search, and a restored search keeps its trials' folders."""
+    return f"t-{trial.trial_id}"
+
+
+def ensure_ray(settings: SearchSettings) -> dict:
+    """Ray started (or joined) once per search; returns the cluster's resources."""
+    import ray
+
+    if not ray.is_initialized():
+        context = start_ray(settings.address)
+        if settings.announce and context.dashboard_url:
+            settings.announce(f"Ray dashboard: http://{context.dashboard_url} (over SSH: "
+                              "ssh -L 8265:127.0.0.1:8265 HOST, then open it locally)")
+    return ray.cluster_resources()
 
 
 def _first(value):
@@ -280,6 +299,5 @@ def check_writable(folder: Path) -> None:
     except OSError as error:
         raise AngiotuneError(f"results folder {folder} cannot be written ({error.strerror}); "
                              "free space or choose another --results") from None
-    stats = os.statvfs(folder)
-    if stats.f_bavail * stats.f_frsize < 200 * 2**20:
+    if shutil.disk_usage(folder).free < 200 * 2**20:  # os.statvfs does not exist on Windows
         raise AngiotuneError(f"results folder {folder} has under 200 MB free")

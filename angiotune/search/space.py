@@ -6,12 +6,10 @@ A space file::
     metric: dice            # a reported metric, e.g. dice, iou, dice/LAD
     mode: max
     samples: 8              # trials
-    max_concurrent: 2
     epochs: 4
     seed: 0
     asha: {grace_period: 1, reduction_factor: 2}
-    resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, retries: 1}
-    data: {image_size: 112, batch_size: 8}
+    resources: {workers: 1, cpus_per_worker: 1, retries: 1}
     fixed: {strategy: lora}
     params:
       rank: {type: int, low: 2, high: 16, log: true}
@@ -21,6 +19,13 @@ A space file::
 
 ``when`` makes a parameter conditional on earlier parameters or fixed values. Every error names
 the file and the key, and is raised before Ray starts.
+
+A space says what it searches; sizes follow the model and the machine unless it sets them
+(``angiotune.search.sizing``): ``data.image_size`` (the model's own), ``data.batch_size``,
+``resources.gpus_per_worker`` (one per trial when the cluster has GPUs) and ``max_concurrent``
+(one trial per GPU) default to ``auto``. ``load_space(path, overrides)`` applies command-line
+overrides such as ``samples=40`` or ``data.batch_size=2`` to the YAML before it is validated,
+so they are checked exactly as the file is.
 
 Stages (``stage: 1 | 2 | 3``, default 1) share the format:
 
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +77,9 @@ TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", 
               "class_weights", "head_hidden", "head_lr_ratio", "embedding_cache"}
 # prompt_mode: one zero-shot base per search; embedding_cache: what may train depends on it.
 FIXED_ONLY = {"prompt_mode", "embedding_cache"}
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+# The repository's top-level search_spaces/ folder, installed (editable or from a wheel) as the
+# package angiotune.search_spaces: a path beside the package would be lost by a wheel install.
+SPACES_DIR = Path(str(resources.files("angiotune.search_spaces")))
 
 
 @dataclass(frozen=True)
@@ -91,18 +99,18 @@ class SearchSpace:
     metric: str | tuple[str, ...]
     mode: str | tuple[str, ...]
     samples: int
-    max_concurrent: int
+    max_concurrent: int | None  # None: auto (angiotune.search.sizing)
     epochs: int
     seed: int
     grace_period: int
     reduction_factor: int
     workers: int
     cpus_per_worker: float
-    gpus_per_worker: float
+    gpus_per_worker: float | None  # None: auto
     retries: int  # restarts of a trial whose worker or driver died, from its last checkpoint
     worker_group: bool  # a Ray Train worker group even for one worker (else it trains in-trial)
-    image_size: int
-    batch_size: int
+    image_size: int | None  # None: the model's
+    batch_size: int | None  # None: auto
     fixed: dict[str, Any]
     params: tuple[Param, ...]
     stage: int = 1
@@ -163,13 +171,49 @@ def resolve_space_path(text: str | Path) -> Path:
                       f"{', '.join(sorted(p.name for p in SPACES_DIR.glob('*.yaml')))})")
 
 
-def load_space(path: str | Path) -> SearchSpace:
+def load_space(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> SearchSpace:
+    """A space file, with ``overrides`` (``key=value`` or ``section.key=value``, the value in
+    YAML) applied before validation."""
     path = resolve_space_path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    return parse_space(raw, str(path))
+    source = str(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides, source)
+        source += f" with --set {' '.join(overrides)}"
+    return parse_space(raw, source)
+
+
+def apply_overrides(raw: Any, overrides: tuple[str, ...] | list[str], source: str) -> dict:
+    """The YAML mapping with each ``a.b=value`` set in it (a copy; sections created as needed),
+    e.g. ``samples=40``, ``data.batch_size=2`` or ``params.init.choices=[none]``."""
+    import copy
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, equals, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not equals or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE or SECTION.KEY=VALUE, e.g. "
+                              "samples=40 or data.batch_size=2")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item!r}: the value is not YAML ({error})") from None
+        block = raw
+        for depth, part in enumerate(parts[:-1]):
+            if block.get(part) is None:
+                block[part] = {}
+            block = block[part]
+            if not isinstance(block, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a "
+                                  f"section in {source}")
+        block[parts[-1]] = value
+    return raw
 
 
 def parse_space(raw: Any, source: str) -> SearchSpace:
@@ -196,6 +240,10 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         return {name: _typed(block.get(name, default), kind, f"{source}: {key}.{name}", low)
                 for name, (kind, default, low) in allowed.items()}
 
+    def auto(value: Any, kind, where: str, minimum) -> Any:
+        """None for ``auto`` (or absent): sized from the model and the machine."""
+        return None if value in (None, "auto") else _typed(value, kind, where, minimum)
+
     stage = get("stage", int, 1)
     if stage not in STAGES:
         raise ConfigError(f"{source}: stage: {stage} must be one of {STAGES}")
@@ -211,11 +259,24 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         raise ConfigError(f"{source}: asha: ASHA cannot stop trials of a multi-objective search "
                           "(metric is a list); set 'asha: off'")
     asha = section("asha", {"grace_period": (int, 1, 1), "reduction_factor": (int, 2, 2)})
+    resources_block = raw.get("resources") or {}
+    data_block = raw.get("data") or {}
+    for key, block in (("resources", resources_block), ("data", data_block)):
+        if not isinstance(block, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping")
+    gpus = auto(resources_block.get("gpus_per_worker"), float,
+                f"{source}: resources.gpus_per_worker", 0)
     resources = section("resources", {"workers": (int, 1, 1), "cpus_per_worker": (float, 1.0, 0),
-                                      "gpus_per_worker": (float, 0.0, 0),
+                                      "gpus_per_worker": (object, None, None),
                                       "retries": (int, 1, 0),
                                       "worker_group": (bool, False, None)})
-    data = section("data", {"image_size": (int, 112, 32), "batch_size": (int, 8, 1)})
+    resources["gpus_per_worker"] = gpus
+    data = section("data", {"image_size": (object, None, None),
+                            "batch_size": (object, None, None)})
+    data = {"image_size": auto(data_block.get("image_size"), int, f"{source}: data.image_size",
+                               32),
+            "batch_size": auto(data_block.get("batch_size"), int, f"{source}: data.batch_size",
+                               1)}
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"{source}: 'fixed' must be a mapping")
@@ -243,7 +304,8 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
     space = SearchSpace(
         name=get("name", str), metric=metric, mode=mode,
         samples=get("samples", int, 8, minimum=1),
-        max_concurrent=get("max_concurrent", int, 1, minimum=1), epochs=epochs,
+        max_concurrent=auto(raw.get("max_concurrent"), int, f"{source}: max_concurrent", 1),
+        epochs=epochs,
         seed=get("seed", int, 0), **asha, **resources, **data, fixed=dict(fixed),
         params=params, stage=stage, objective=objective, select=select, vessels=vessels,
         asha=use_asha, sampler=sampler)

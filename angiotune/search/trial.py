@@ -93,6 +93,7 @@ def _fit_worker_group(settings: dict, datasets: dict, use_gpu: bool) -> None:
         train_loop_config=settings,
         scaling_config=ScalingConfig(num_workers=int(settings["workers"]), use_gpu=use_gpu,
                                      resources_per_worker=resources),
+        torch_config=torch_config(use_gpu),
         datasets=datasets,
         # Every rank evaluates the whole validation split: a split one makes rank-0-only
         # evaluation hang at the next epoch (Ray 2.60).
@@ -117,6 +118,16 @@ def _fit_worker_group(settings: dict, datasets: dict, use_gpu: bool) -> None:
         if result.checkpoint is not None:
             final["checkpoint_path"] = result.checkpoint.path
         tune.report(final)
+
+
+def torch_config(use_gpu: bool):
+    """gloo for GPU workers where torch has no NCCL (Windows); otherwise None, Ray's default:
+    NCCL on GPUs, gloo on CPUs. Checked in the trial's own process: Ray runs on a single node
+    on Windows, so the workers have the same torch build."""
+    import torch.distributed as dist
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="gloo") if use_gpu and not dist.is_nccl_available() else None
 
 
 def _train_worker(config: dict) -> None:

@@ -62,7 +62,7 @@ def adapter_settings(config: dict) -> AdapterSettings:
     alpha = config.get("alpha") or rank * float(config.get("alpha_ratio", 2))
     targets = config.get("targets", "vision_qv")
     return AdapterSettings(strategy=config.get("strategy", "lora"), rank=rank, alpha=float(alpha),
-                           dropout=float(config.get("dropout", 0.0)),
+                           dropout=float(config.get("dropout", AdapterSettings.dropout)),
                            targets=tuple(str(targets).split("+")),
                            train_decoder=bool(config.get("train_decoder", True)))
 
@@ -103,6 +103,12 @@ def init_adapter(config: dict) -> Path | None:
     return Path(config["init_adapters"][name])
 
 
+def trial_base_id(config: dict) -> str:
+    """The base weights' id: named once by the search's driver, else from the checkpoint."""
+    return config.get("base_id") or base_model_id(config.get("model_path"),
+                                                  config.get("prompt_mode", "box"))
+
+
 def build_model(config: dict, checkpoint_dir: Path | None = None):
     """The trainable model and the adapter settings it saves with.
 
@@ -118,7 +124,7 @@ def build_model(config: dict, checkpoint_dir: Path | None = None):
         model = adapt(base, settings)
     else:
         model = load_adapter(base, source, trainable=True,
-                             base_id=base_model_id(config.get("model_path"), mode))
+                             base_id=trial_base_id(config))
         record = json.loads((source / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
         settings = AdapterSettings(**{**record, "targets": tuple(record["targets"])})
     if mode != "box":
@@ -128,7 +134,7 @@ def build_model(config: dict, checkpoint_dir: Path | None = None):
         heads = load_heads(source).train()
     elif config.get("heads"):
         heads = LesionHeads(HeadSettings(classes=tuple(config["classes"]),
-                                         feature_dim=feature_dim_of(base),
+                                         feature_dim=feature_dim_of(base.config),
                                          hidden=int(config.get("head_hidden", 128))))
     if heads is not None:  # unused parameters would stall DDP's gradient reduction
         heads.log_vars.requires_grad_(config.get("head_weighting", "fixed") == "uncertainty")
@@ -199,7 +205,8 @@ def _die_after_first_checkpoint(backend: TrainBackend) -> None:
     import signal
 
     backend.wait_for_checkpoints()
-    os.kill(os.getpid(), signal.SIGKILL)
+    # Windows has no SIGKILL; os.kill with SIGTERM there is TerminateProcess, as abrupt.
+    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 def _step_failure(parts: dict | None, error: Exception | None, epoch: int) -> str | None:
@@ -288,9 +295,7 @@ def embedding_cache_for(model: torch.nn.Module, config: dict) -> EmbeddingCache 
     if not encoder_is_frozen(model):
         raise ConfigError("embedding_cache needs a frozen image encoder: use strategy "
                           "decoder_only, or lora with targets decoder_attn only")
-    return EmbeddingCache(Path(config["cache_dir"]),
-                          base_model_id(config.get("model_path"), config.get("prompt_mode",
-                                                                             "box")))
+    return EmbeddingCache(Path(config["cache_dir"]), trial_base_id(config))
 
 
 def with_embeddings(batches, cache: EmbeddingCache | None, model: torch.nn.Module, device):
@@ -512,8 +517,7 @@ def run_training(config: dict, backend: TrainBackend) -> None:
             saved = None
             if rank == 0:
                 saved = Path(folder)
-                save_trained(model, settings, saved / ADAPTER_DIR,
-                             base_model_id(config.get("model_path"), mode))
+                save_trained(model, settings, saved / ADAPTER_DIR, trial_base_id(config))
                 torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                             "metrics": {k: v.item() if hasattr(v, "item") else v
                                         for k, v in metrics.items()}}, saved / STATE_FILE)
