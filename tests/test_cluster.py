@@ -130,12 +130,15 @@ def test_search_on_a_two_node_cluster_survives_a_driver_kill(two_node_cluster, p
                "--data", str(index), "--results", str(results), "--address", address]
     run_dir = results / "searches" / "resumable"
 
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=env, start_new_session=True)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as output:
+        driver = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
     deadline = time.time() + 300
     while not _finished(run_dir) and time.time() < deadline and driver.poll() is None:
         time.sleep(0.5)
-    assert driver.poll() is None, "the search ended before it could be killed"
+    assert driver.poll() is None, ("the search ended before it could be killed:\n"
+                                   + log.read_text()[-3000:])
     before = {t.number: t.value for t in _finished(run_dir)}
     assert before, "no trial finished within five minutes"
     os.killpg(driver.pid, signal.SIGKILL)

@@ -157,3 +157,35 @@ def test_trials_at_once_leave_the_data_tasks_a_cpu():
     assert concurrent_trials(group, 4) == 1
     with pytest.raises(ConfigError, match="cpus_per_worker"):
         concurrent_trials(space(workers=1, cpus_per_worker=2), 2)
+
+
+def _open_study_in_a_loop(path: str, stop) -> None:
+    import contextlib
+    import os
+
+    while not stop.is_set():
+        if os.path.exists(path):
+            with contextlib.suppress(Exception):  # the reader only has to get in the way
+                optuna.load_study(study_name="s", storage=f"sqlite:///{path}")
+
+
+def test_a_reader_opening_the_study_meanwhile_does_not_end_the_search(tmp_path):
+    """optuna-dashboard (or any load_study) opening optuna.db while the search creates its
+    tables made SQLite fail the search at its start ("table already exists", a UNIQUE
+    constraint) in about two starts of three; the storage is opened again instead."""
+    import multiprocessing
+
+    from angiotune.search.run import study_storage
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    context = multiprocessing.get_context("fork")  # reading at once, as a dashboard already open
+    for attempt in range(6):
+        path = tmp_path / f"optuna-{attempt}.db"
+        stop = context.Event()
+        reader = context.Process(target=_open_study_in_a_loop, args=(str(path), stop))
+        reader.start()
+        try:
+            optuna.create_study(study_name="s", storage=study_storage(path), load_if_exists=True)
+        finally:
+            stop.set()
+            reader.join()

@@ -102,7 +102,7 @@ def _optuna_search(space: SearchSpace, run_dir: Path, study_name: str | None = N
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
             self._ot_trials.pop(trial_id)
 
-    storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'optuna.db'}")
+    storage = study_storage(run_dir / "optuna.db")
     metric, mode = ((list(space.metric), list(space.mode)) if space.multi_objective
                     else (space.metric, space.mode))
     seed = space.seed + seed_offset
@@ -112,6 +112,25 @@ def _optuna_search(space: SearchSpace, run_dir: Path, study_name: str | None = N
     return PrunedAwareOptunaSearch(
         space=space.define_by_run, metric=metric, mode=mode, sampler=sampler, storage=storage,
         study_name=study_name or space.name)
+
+
+def study_storage(path: Path, attempts: int = 5):
+    """The run's Optuna storage (SQLite). Creating its tables races with anyone who opens the
+    file meanwhile (optuna-dashboard, ``optuna.load_study``): SQLite then fails the creator
+    with "table already exists" or a UNIQUE constraint, which would end the search at its
+    start. The tables are whole once either side has made them, so open it again."""
+    import time
+
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(f"sqlite:///{path}")
+        except SQLAlchemyError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.2 * attempt)
 
 
 def _per_vessel_search(space: SearchSpace, run_dir: Path):
