@@ -114,7 +114,8 @@ def test_base_id_follows_the_weights_not_the_folder(tmp_path):
 def test_a_weight_file_is_hashed_once_while_unchanged(tmp_path):
     import os
 
-    from angiotune.model.fingerprint import CACHE_NAME, angiotune_home, content_hash
+    from angiotune import angiotune_home
+    from angiotune.model.fingerprint import CACHE_NAME, content_hash
 
     path = tmp_path / "w.safetensors"
     path.write_bytes(b"weights")

@@ -13,12 +13,14 @@ import os
 import secrets
 from pathlib import Path
 
+from angiotune import angiotune_home
+
 SALT_ENV = "ANGIOTUNE_SALT"
 KEY_LENGTH = 16
 
 
 def salt_file() -> Path:
-    return Path(os.environ.get("ANGIOTUNE_HOME", Path.home() / ".angiotune")) / "salt"
+    return angiotune_home() / "salt"
 
 
 def resolve_salt(explicit: str | None = None) -> str:

@@ -19,12 +19,10 @@ import struct
 import uuid
 from pathlib import Path
 
+from angiotune import angiotune_home
+
 HASH_CHUNK = 16 * 2**20
 CACHE_NAME = "weight-hashes.json"
-
-
-def angiotune_home() -> Path:
-    return Path(os.environ.get("ANGIOTUNE_HOME", Path.home() / ".angiotune"))
 
 
 def weights_fingerprint(folder: Path) -> str:

@@ -64,6 +64,7 @@ TOP_KEYS = {"name", "stage", "metric", "mode", "samples", "max_concurrent", "epo
             "asha", "resources", "data", "fixed", "params", "objective", "select", "vessels",
             "sampler"}
 SAMPLERS = ("tpe", "random")
+AUTO = "auto"  # a size left to the model and the machine (angiotune.search.sizing)
 STAGES = (1, 2, 3)
 REGISTRY_VESSELS = ("RCA", "LAD", "LCX")
 INIT_CHOICES = ("none", "best", "vessel", *REGISTRY_VESSELS)
@@ -229,6 +230,10 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
             raise ConfigError(f"{source}: '{key}' is required")
         return _typed(value, kind, f"{source}: {key}", minimum)
 
+    def auto(value: Any, kind, where: str, minimum) -> Any:
+        """None for ``auto`` (or absent): sized from the model and the machine."""
+        return None if value in (None, AUTO) else _typed(value, kind, where, minimum)
+
     def section(key: str, allowed: dict[str, tuple]) -> dict:
         block = raw.get(key) or {}
         if not isinstance(block, dict):
@@ -237,12 +242,10 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         if extra:
             raise ConfigError(f"{source}: {key}: unknown key(s) {extra}; allowed: "
                               f"{sorted(allowed)}")
-        return {name: _typed(block.get(name, default), kind, f"{source}: {key}.{name}", low)
+        return {name: auto(block.get(name), kind, f"{source}: {key}.{name}", low)
+                if default == AUTO else
+                _typed(block.get(name, default), kind, f"{source}: {key}.{name}", low)
                 for name, (kind, default, low) in allowed.items()}
-
-    def auto(value: Any, kind, where: str, minimum) -> Any:
-        """None for ``auto`` (or absent): sized from the model and the machine."""
-        return None if value in (None, "auto") else _typed(value, kind, where, minimum)
 
     stage = get("stage", int, 1)
     if stage not in STAGES:
@@ -259,24 +262,11 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         raise ConfigError(f"{source}: asha: ASHA cannot stop trials of a multi-objective search "
                           "(metric is a list); set 'asha: off'")
     asha = section("asha", {"grace_period": (int, 1, 1), "reduction_factor": (int, 2, 2)})
-    resources_block = raw.get("resources") or {}
-    data_block = raw.get("data") or {}
-    for key, block in (("resources", resources_block), ("data", data_block)):
-        if not isinstance(block, dict):
-            raise ConfigError(f"{source}: '{key}' must be a mapping")
-    gpus = auto(resources_block.get("gpus_per_worker"), float,
-                f"{source}: resources.gpus_per_worker", 0)
     resources = section("resources", {"workers": (int, 1, 1), "cpus_per_worker": (float, 1.0, 0),
-                                      "gpus_per_worker": (object, None, None),
+                                      "gpus_per_worker": (float, AUTO, 0),
                                       "retries": (int, 1, 0),
                                       "worker_group": (bool, False, None)})
-    resources["gpus_per_worker"] = gpus
-    data = section("data", {"image_size": (object, None, None),
-                            "batch_size": (object, None, None)})
-    data = {"image_size": auto(data_block.get("image_size"), int, f"{source}: data.image_size",
-                               32),
-            "batch_size": auto(data_block.get("batch_size"), int, f"{source}: data.batch_size",
-                               1)}
+    data = section("data", {"image_size": (int, AUTO, 32), "batch_size": (int, AUTO, 1)})
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"{source}: 'fixed' must be a mapping")
