@@ -104,11 +104,12 @@ def test_hub_layout_through_the_cli_with_a_relative_model_path(workspace, ray_cl
     args = ["predict", str(cine), "--vessel", vessel, "--box", "90,90,170,170", "--frame", "0",
             "--out", "predictions"]
     assert main(args) == 0
-    report = json.loads(next(Path("predictions").glob("*.json")).read_text())
+    [lesion] = Path("predictions").glob("*_lesion*.json")  # beside predictions.json
+    report = json.loads(lesion.read_text())
     assert report["adapter"]["vessel"] == vessel and report["segmentation"]["area_px"] >= 0
 
     # Moved, the folder is the same checkpoint: the kept adapters still load.
     shutil.move("models", "moved")
     assert main([*args[:-1], "predictions-moved", "--model", "moved/sam3"]) == 0
-    assert list(Path("predictions-moved").glob("*.json"))
+    assert list(Path("predictions-moved").glob("*_lesion*.json"))
     print(f"real-layout CLI path: {time.perf_counter() - started:.0f} s")
