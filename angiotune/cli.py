@@ -62,33 +62,91 @@ def phantoms(out_dir: Path, lesions: int, size: int, frames: int, seed: int, tid
 
 
 @cli.command()
-@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("manifest", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Parquet index to write; the quarantine CSV goes beside it.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path),
               help="Folder the CSV's paths are relative to (default: the CSV's folder). "
                    "Paths outside it are refused.")
 @click.option("--taxonomy", default="CASS", show_default=True,
-              help="CASS, SYNTAX, or a taxonomy YAML file.")
+              help="CASS, SYNTAX, or a taxonomy YAML file (CSV manifests).")
+@click.option("--coco", "coco_files", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="A COCO annotation file instead of a CSV (repeatable); its images are split "
+                   "by image with --fractions.")
+@click.option("--coco-val", "coco_val", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="A COCO file whose every image goes to the validation split (repeatable).")
+@click.option("--coco-test", "coco_test", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="A COCO file whose every image goes to the test split (repeatable).")
+@click.option("--images", "images_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder the COCO file_names are relative to (default: images/ beside the "
+                   "file's annotations/ folder, or the file's folder).")
+@click.option("--categories", default="ARCADE", show_default=True,
+              help="COCO category map: ARCADE, or a YAML file (name, taxonomy, categories).")
+@click.option("--fractions", help="Train,val,test fractions for images split by image "
+              "(default 0.7,0.15,0.15; 0.85,0.15,0 when a --coco-test file is given).")
 @click.option("--strict", is_flag=True, help="Fail on the first bad row instead of quarantining.")
 @click.option("--seed", "split_seed", default=0, show_default=True, help="Split seed.")
-def index(manifest: Path, out_path: Path, data_root: Path | None, taxonomy: str, strict: bool,
-          split_seed: int) -> None:
-    """Validate a core-lab CSV MANIFEST into a Parquet lesion index with patient-level splits.
+def index(manifest: Path | None, out_path: Path, data_root: Path | None, taxonomy: str,
+          coco_files: tuple[Path, ...], coco_val: tuple[Path, ...],
+          coco_test: tuple[Path, ...], images_dir: Path | None, categories: str,
+          fractions: str | None, strict: bool, split_seed: int) -> None:
+    """Validate a core-lab CSV MANIFEST (or COCO files: --coco) into a Parquet lesion index.
 
-    Patient IDs become salted keys (salt from ANGIOTUNE_SALT or ~/.angiotune/salt).
+    A CSV is split by patient; patient IDs become salted keys (salt from ANGIOTUNE_SALT or
+    ~/.angiotune/salt). COCO files carry no patients and no calibration: they are split by
+    image, and the millimetre fields stay empty.
     """
-    from angiotune.data.ingest import IndexSettings, build_index
-
-    settings = IndexSettings(data_root=data_root, taxonomy=taxonomy, strict=strict,
-                             split_seed=split_seed)
+    coco = [*((p, None) for p in coco_files), *((p, "val") for p in coco_val),
+            *((p, "test") for p in coco_test)]
+    if bool(manifest) == bool(coco):
+        raise AngiotuneError("give either a CSV MANIFEST or COCO files (--coco, --coco-val, "
+                             "--coco-test), not both or neither")
+    if coco and data_root:
+        raise AngiotuneError("--data-root is for CSV manifests; COCO images are found beside "
+                             "their file, or give --images DIR")
+    if manifest and images_dir:
+        raise AngiotuneError("--images is for COCO files; a CSV's paths are relative to its "
+                             "folder or --data-root")
+    split_fractions = _fractions(fractions) if fractions else None
     with _progress() as progress:
-        task = progress.add_task("checking rows", total=None)
-        report = build_index(manifest, out_path, settings, on_row=lambda done, total:
-                             progress.update(task, completed=done, total=total))
+        task = progress.add_task("checking rows" if manifest else "checking annotations",
+                                 total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        if manifest:
+            from angiotune.data.ingest import IndexSettings, build_index
+
+            settings = IndexSettings(data_root=data_root, taxonomy=taxonomy, strict=strict,
+                                     split_seed=split_seed,
+                                     **({"split_fractions": split_fractions}
+                                        if split_fractions else {}))
+            report = build_index(manifest, out_path, settings, on_row=advance)
+        else:
+            from angiotune.data.coco import CocoSettings, CocoSource, build_coco_index
+
+            sources = [CocoSource(path, split, images_dir) for path, split in coco]
+            report = build_coco_index(sources, out_path, CocoSettings(
+                categories=categories, strict=strict, split_fractions=split_fractions,
+                split_seed=split_seed), on_row=advance)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     _print_index_summary(report)
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1) > 1e-6:
+        raise AngiotuneError(f"--fractions {text!r}: give three non-negative numbers that sum "
+                             "to 1, e.g. 0.85,0.15,0")
+    return values  # type: ignore[return-value]
 
 
 def _print_index_summary(report) -> None:
@@ -103,8 +161,9 @@ def _print_index_summary(report) -> None:
         table.add_row(vessel, *(str(counts.get(s, 0)) for s in ("train", "val", "test")),
                       str(len(group)))
     out.print(table)
-    out.print(f"rows read {report.rows_read}, indexed {len(frame)} "
-              f"({frame['patient_key'].nunique()} patients), quarantined "
+    read = "rows" if report.unit == "patient" else "annotations"
+    out.print(f"{read} read {report.rows_read}, indexed {len(frame)} "
+              f"({frame['patient_key'].nunique()} {report.unit}s), quarantined "
               f"{len(report.quarantined)}, warnings {len(report.warnings)}")
     if report.quarantined:
         reasons = Counter(f"{p.field}: {p.reason.split(' (')[0]}" for p in report.quarantined)
@@ -183,9 +242,19 @@ def _print_pareto(front: list[dict], path: Path) -> None:
     out.print(table)
 
 
+def _entry_key(_ctx, _param, value: str | None) -> str | None:
+    """RCA/LAD/LCX in capitals, ``general`` as the registry spells it."""
+    if value is None:
+        return None
+    return "general" if value.lower() == "general" else value.upper()
+
+
 @cli.command()
-@click.option("--vessel", type=click.Choice(["RCA", "LAD", "LCX"], case_sensitive=False))
-@click.option("--all", "show_all", is_flag=True, help="A table of every vessel.")
+@click.option("--vessel", type=click.Choice(["RCA", "LAD", "LCX", "general"],
+                                            case_sensitive=False), callback=_entry_key,
+              help="A vessel's adapter, or general: the best over every vessel (the one "
+                   "data without vessels, such as ARCADE stenosis, keeps).")
+@click.option("--all", "show_all", is_flag=True, help="A table of every entry.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True)
@@ -196,16 +265,21 @@ def best(vessel: str | None, show_all: bool, as_json: bool, results: Path) -> No
     from angiotune.registry.store import list_entries, read_entry
 
     if not vessel and not show_all:
-        raise AngiotuneError("give --vessel RCA|LAD|LCX or --all")
-    entries = list_entries(results) if show_all else {vessel.upper():
-                                                      read_entry(results, vessel.upper())}
+        raise AngiotuneError("give --vessel RCA|LAD|LCX|general or --all")
+    entries = list_entries(results) if show_all else {vessel: read_entry(results, vessel)}
     if as_json:
-        out.print_json(json.dumps(entries if show_all else entries[vessel.upper()]))
+        out.print_json(json.dumps(entries if show_all else entries[vessel]))
         return
-    if not show_all and entries[vessel.upper()] is None:
-        raise AngiotuneError(f"no adapter kept for {vessel.upper()} in {results}/best; run "
+    if not show_all and entries[vessel] is None:
+        raise AngiotuneError(f"no {vessel} adapter kept in {results}/best; run "
                              "`angiotune search` first")
     _print_best_table(results, entries)
+
+
+def _iou_key(entry: dict) -> str:
+    """The IoU beside an entry's registry metric: iou/LAD for dice/LAD, iou for dice."""
+    _, slash, group = entry["metric"].partition("/")
+    return f"iou{slash}{group}"
 
 
 def _print_best_table(results: Path, entries: dict | None = None) -> None:
@@ -226,7 +300,7 @@ def _print_best_table(results: Path, entries: dict | None = None) -> None:
         table.add_row(vessel, str(entry.get("stage", 1)),
                       str(entry.get("strategy", config.get("strategy"))), f"{entry['score']:.3f}",
                       f"{entry['zero_shot'].get(entry['metric'], nan):.3f}",
-                      f"{metrics.get(f'iou/{vessel}', nan):.3f}",
+                      f"{metrics.get(_iou_key(entry), nan):.3f}",
                       "yes" if entry.get("heads") else "no",
                       str(entry.get("prompt_mode", "box")), str(config.get("rank", "-")),
                       str(config.get("targets", "-")), f"{config.get('lr', nan):.2g}",
@@ -266,23 +340,49 @@ def report(name: str, results: Path, out_path: Path | None) -> None:
 
 
 @cli.command()
-@click.option("--vessel", type=click.Choice(["RCA", "LAD", "LCX"], case_sensitive=False),
-              help="One vessel (default: every kept adapter).")
+@click.option("--vessel", type=click.Choice(["RCA", "LAD", "LCX", "general"],
+                                            case_sensitive=False), callback=_entry_key,
+              help="One registry entry: a vessel's, or general (scored on every test lesion). "
+                   "Default: every kept adapter.")
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True)
 @click.option("--model", type=click.Path(path_type=Path),
               help="The SAM 3 folder the adapters were trained on, when it has moved since the "
                    "search (checked by its weights, not its path).")
-def evaluate(vessel: str | None, results: Path, model: Path | None) -> None:
+@click.option("--max-proposals", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Lesion proposals per test frame for the detection score.")
+@click.option("--match-iou", type=click.FloatRange(0, 1, min_open=True),
+              help="Box IoU at which a proposal matches an annotated lesion (default 0.25).")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
+              help="Score on this index's test split instead of the one each adapter was "
+                   "searched on (transfer, e.g. phantom-trained adapters on ARCADE).")
+def evaluate(vessel: str | None, results: Path, model: Path | None, max_proposals: int,
+             match_iou: float | None, data: Path | None) -> None:
     """Score the kept adapters on the held-out test split, beside zero-shot and trivial
-    baselines, per vessel and per CASS segment."""
-    from angiotune.registry.evaluate import COLUMNS, evaluate_kept, format_cell, model_label
+    baselines, per vessel and per CASS segment; and how well the model-free lesion proposals
+    find the annotated lesions of the test frames."""
+    from angiotune.predict.detection import DEFAULT_IOU_THRESHOLD, RULE
+    from angiotune.registry.detect import (
+        ARCADE_NOTE,
+        DETECTION_COLUMNS,
+        detection_cell,
+        evaluate_detection,
+    )
+    from angiotune.registry.evaluate import (
+        COLUMNS,
+        evaluate_kept,
+        format_cell,
+        model_label,
+        output_name,
+    )
     from angiotune.registry.store import list_entries
 
-    vessel = vessel.upper() if vessel else None
+    match_iou = DEFAULT_IOU_THRESHOLD if match_iou is None else match_iou
     with _progress() as progress:
         progress.add_task("scoring the test split", total=None)
-        frame = evaluate_kept(results, vessel, model=model)
+        frame = evaluate_kept(results, vessel, model=model, data=data)
+        progress.add_task("proposing lesions on the test frames", total=None)
+        detection = evaluate_detection(results, vessel, max_proposals, match_iou, data)
     table = Table(title="Test split (never used for selection)")
     for column in ("vessel", "segment", "model", *COLUMNS):
         table.add_column(column, no_wrap=True, justify="left" if column in
@@ -295,8 +395,23 @@ def evaluate(vessel: str | None, results: Path, model: Path | None) -> None:
         table.add_row(row["vessel"], row["segment"], model_label(row),
                       *(format_cell(row[c], c) for c in COLUMNS))
     out.print(table)
-    name = f"test_metrics{'_' + vessel if vessel else ''}"
-    out.print(f"Written to {results / 'evaluation' / name}.csv (and .md, .json)")
+    for note in frame.attrs.get("notes", []):
+        out.print(f"note: {note}", soft_wrap=True, highlight=False)
+    out.print(f"Written to {results / 'evaluation' / output_name('test_metrics', vessel, data)}"
+              ".csv (and .md, .json)")
+    found = Table(title="Lesion detection on the test frames: model-free proposals against the "
+                  "annotated boxes (no adapter involved)")
+    for column in ("index", "vessels", *DETECTION_COLUMNS):
+        found.add_column(column, no_wrap=True, justify="left" if column in
+                         ("index", "vessels") else "right")
+    for row in detection.to_dict("records"):
+        found.add_row(str(row["index"]), str(row["vessels"]),
+                      *(detection_cell(row[c], c) for c in DETECTION_COLUMNS))
+    out.print(found)
+    out.print(f"Matching: {RULE.format(threshold=match_iou)}.", soft_wrap=True, highlight=False)
+    out.print(ARCADE_NOTE, soft_wrap=True, highlight=False)
+    out.print(f"Written to {results / 'evaluation' / output_name('detection', vessel, data)}"
+              ".json (and .md)")
     notes = {e.get("data_note") for e in list_entries(results).values() if e}
     if any(note and "phantoms" in note for note in notes):
         out.print("These are scores on synthetic phantoms with the embedded tiny model: they "
@@ -338,12 +453,14 @@ def _angles_option(_ctx, _param, value: str | None):
               "(default: proposals where the segmented vessel narrows).")
 @click.option("--frame", type=int, help="Frame to analyse (default: the frame with the most "
               "contrast in the arteries).")
-@click.option("--vessel", type=click.Choice(["RCA", "LAD", "LCX"], case_sensitive=False),
-              help="Use this vessel's adapter (default: chosen from the view angles).")
+@click.option("--vessel", type=click.Choice(["RCA", "LAD", "LCX", "general"],
+                                            case_sensitive=False), callback=_entry_key,
+              help="Use this vessel's adapter, or the general one (default: chosen from the "
+                   "view angles).")
 @click.option("--angles", callback=_angles_option, help="View angles when the file has none "
               "or they are wrong, labelled: 'LAO 45, CRANIAL 20', 'RAO 30, CAUDAL 25'.")
 @click.option("--pixel-spacing", type=float, help="mm per pixel at the vessel (overrides "
-              "the DICOM header).")
+              "the DICOM header). Without any spacing, lesions are measured in pixels.")
 @click.option("--calibration", type=float, help="Catheter calibration in pixels per mm "
               "(overrides everything else).")
 @click.option("--max-proposals", default=3, show_default=True, type=click.IntRange(min=1),
@@ -367,7 +484,8 @@ def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | N
     for name, value in (("--pixel-spacing", pixel_spacing), ("--calibration", calibration)):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise AngiotuneError(f"{name} must be a positive number, got {value}")
-    settings = PredictSettings(results=results, vessel=vessel.upper() if vessel else None,
+
+    settings = PredictSettings(results=results, vessel=vessel,
                                frame=frame, box=box, angles=angles,
                                pixel_spacing_mm=pixel_spacing,
                                calibration_px_per_mm=calibration, max_proposals=max_proposals,
@@ -376,19 +494,31 @@ def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | N
         task = progress.add_task("predicting", total=None)
         summary = run_predict(source, out_dir, settings, on_item=lambda done, total:
                               progress.update(task, completed=done, total=total))
-    table = Table(title=f"Lesions measured (QCA from the mask; heads beside it) in {out_dir}")
-    for column in ("lesion", "vessel", "box", "MLD mm", "RVD mm", "DS %", "length mm",
-                   "heads DS %", "heads MLD mm"):
+    table = Table(title=f"Lesions measured (QCA from the mask; heads beside it; mm where "
+                  f"calibrated, else px) in {out_dir}")
+    for column in ("lesion", "adapter", "box", "MLD", "RVD", "DS %", "length", "heads DS %",
+                   "heads MLD"):
         table.add_column(column, no_wrap=True)
+
+    def size(value, unit: str) -> str:
+        return "-" if value is None else f"{_cell(value)} {unit}"
+
     for lesion in summary.lesions:
         report, heads = lesion.report, lesion.report.get("heads") or {}
-        qca = report["qca"]
+        qca, unit = report["qca"], report.get("units", "mm")
         table.add_row(lesion.key, report["adapter"]["vessel"], report["box_source"].split()[0],
-                      *(_cell(qca.get(k)) for k in ("MLD_mm", "interpolated_RVD_mm",
-                                                    "diameter_stenosis_pct", "lesion_length_mm")),
-                      _cell(heads.get("diameter_stenosis_pct")), _cell(heads.get("MLD_mm")))
+                      size(qca.get(f"MLD_{unit}"), unit),
+                      size(qca.get(f"interpolated_RVD_{unit}"), unit),
+                      _cell(qca.get("diameter_stenosis_pct")),
+                      size(qca.get(f"lesion_length_{unit}"), unit),
+                      _cell(heads.get("diameter_stenosis_pct")),
+                      size(heads.get(f"MLD_{unit}"), unit))
     if summary.lesions:
         out.print(table)
+    uncalibrated = {lesion.report["input"]["key"]: lesion.report["input"]["calibration"]
+                    for lesion in summary.lesions if lesion.report.get("units") == "px"}
+    for key, why in uncalibrated.items():
+        out.print(f"{key}: {why}", soft_wrap=True, highlight=False)
     for key, given in summary.inputs.items():  # the terminal only: paths may carry IDs
         out.print(f"{key} = {given}", soft_wrap=True, highlight=False)
     if len(summary.lesions) <= 3:

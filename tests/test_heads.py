@@ -189,3 +189,40 @@ def test_feature_width_from_the_config_matches_a_forward_pass(decoder_width):
                     input_boxes=boxes[:, None], multimask_output=False)
     features = pooled_features(out.image_embeddings, out.pred_masks[:, 0, 0], boxes, 112)
     assert features.shape[-1] == feature_dim_of(config)
+
+
+def test_segment_head_trains_without_calibration_or_measurements(phantom_index):
+    """COCO data (ARCADE's SYNTAX segments): no mm per pixel and no QCA values. The mm heads
+    give NaN, and no NaN reaches a gradient, so the segment head and the adapter still learn."""
+    torch.manual_seed(0)
+    batch, classes = _batch(phantom_index.out)
+    batch["pixel_spacing_mm"] = np.full_like(batch["pixel_spacing_mm"], np.nan)
+    for column in ("diameter_stenosis_pct", "mld_mm", "rvd_mm"):
+        batch[column] = np.full(len(batch[column]), np.nan)
+    base = load_base_model()
+    heads = LesionHeads(HeadSettings(classes=classes, feature_dim=feature_dim_of(base.config)))
+    model = LesionModel(adapt(base, AdapterSettings(rank=4, alpha=8)), heads)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=3e-3)
+    weights = HeadLossWeights(stenosis=0.0, mld=0.0, rvd=0.0)
+    first = train_step(model, batch, optimizer, LossWeights(), head_weights=weights)
+    for _ in range(15):
+        last = train_step(model, batch, optimizer, LossWeights(), head_weights=weights)
+        assert all(torch.isfinite(p).all() for p in trainable)
+    assert last["segment_loss"] < first["segment_loss"]
+    metrics = evaluate(model, [batch])
+    assert 0 <= metrics["cass_accuracy"] <= 1 and math.isnan(metrics["mld_mae_mm"])
+
+
+def test_a_space_needs_only_the_measurements_its_heads_train_on(tmp_path):
+    from angiotune.search import load_space
+
+    full = load_space("stage2_multitask.yaml")
+    assert set(full.measurements_needed()) == {"diameter_stenosis_pct", "mld_mm", "rvd_mm",
+                                               "pixel_spacing_mm"}
+    assert load_space("stage2_segment.yaml").measurements_needed() == ()
+    ratio_only = load_space("stage2_segment.yaml", ["fixed.stenosis_weight=0.5"])
+    assert ratio_only.measurements_needed() == ("diameter_stenosis_pct",)
+    learned = load_space("stage2_segment.yaml", ["fixed.head_weighting=uncertainty"])
+    assert len(learned.measurements_needed()) == 4
+    assert load_space("lora_rank.yaml").measurements_needed() == ()

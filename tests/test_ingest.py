@@ -982,7 +982,7 @@ def test_stage_two_refuses_an_index_without_measurements_naming_them(phantom_dir
     data = corrupt_copy(phantom_dir, tmp_path, "dicom")
     write_minimal_csv(data, "manifest.csv")
     minimal = index(data, tmp_path, "manifest.csv").out
-    with pytest.raises(AngiotuneError, match=r"need measurements the index lacks: mld_mm, "
-                                             r"diameter_stenosis_pct, rvd_mm"):
+    with pytest.raises(AngiotuneError, match=r"need mld_mm, which the index lacks \(missing: "
+                                             r"mld_mm, diameter_stenosis_pct, rvd_mm"):
         search(load_space("stage2_multitask.yaml"), data=minimal, results=tmp_path / "results")
     assert not (tmp_path / "results" / "searches").exists()

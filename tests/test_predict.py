@@ -116,8 +116,9 @@ def test_cli_user_errors_are_one_clear_line(phantom_dir, kept_results, tmp_path,
     assert main(["predict", str(cine), "--box", "1,2,3"] + base) == 2
     assert main(["predict", str(cine), "--box", "10,10,900,40"] + base) == 2
     assert "not inside" in capsys.readouterr().err
-    assert main(["predict", str(npy), "--box", "100,100,160,150"] + base) == 2
-    assert "no pixel spacing" in capsys.readouterr().err
+    # No spacing anywhere: measured in pixels and said so, not refused.
+    assert main(["predict", str(npy), "--box", "100,100,160,150"] + base) == 0
+    assert "no calibration: mm values not reported" in " ".join(capsys.readouterr().out.split())
     assert main(["predict", str(npy), "--box", "100,100,160,150", "--pixel-spacing", "0.3",
                  "--vessel", "RCA"] + base) == 0
     assert main(["predict", str(npy), "--angles", "RAO 25"] + base) == 2

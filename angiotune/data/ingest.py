@@ -41,7 +41,7 @@ from angiotune.data.pseudonym import patient_key, resolve_salt, salt_fingerprint
 from angiotune.data.readers import (
     CineHeader,
     check_complete,
-    is_dicom_path,
+    cine_format,
     read_contour,
     read_frame,
     read_header,
@@ -110,6 +110,7 @@ class IndexReport:
     quarantined: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unit: str = "patient"  # what the splits group by: patient (CSV) or image (COCO)
 
 
 class _Rejected(Exception):
@@ -350,7 +351,7 @@ class _RowParser:
             "segment_position": segment.position, "taxonomy": self.taxonomy.name,
             "phase": phase, "frame_index": frame_index, "frames": header.frames,
             "frame_height": header.height, "frame_width": header.width,
-            "image_path": relative, "image_format": "dicom" if is_dicom_path(image) else "npy",
+            "image_path": relative, "image_format": cine_format(image),
             "transfer_syntax": header.transfer_syntax,
             "mask_path": stored_paths["medis_mask_path"],
             "contour_path": stored_paths.get("medis_contour_path", ""),
@@ -627,32 +628,46 @@ _FLOAT_COLUMNS = ("pixel_spacing_mm", "mld_mm", "diameter_stenosis_pct", "rvd_mm
                   "mld_y", "angle_lao_deg", "angle_cranial_deg")
 
 
-def _to_frame(records: list[dict], settings: IndexSettings) -> pd.DataFrame:
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    """Index records as a typed frame without splits, so that even an index whose rows were all
+    quarantined has the right schema."""
     frame = pd.DataFrame(records, columns=[c for c in _COLUMNS if c != "split"])
-    # Fixed types, so even an index whose rows were all quarantined has the right schema.
-    frame = frame.astype({**{c: "int64" for c in _INTEGER_COLUMNS},
-                          **{c: "float64" for c in _FLOAT_COLUMNS},
-                          **{c: "str" for c in _COLUMNS if c not in _INTEGER_COLUMNS
-                             and c not in _FLOAT_COLUMNS and c != "split"}})
-    splits = assign_splits(list(frame["patient_key"]), list(frame["vessel"]),
-                           settings.split_fractions, settings.split_seed)
+    return frame.astype({**{c: "int64" for c in _INTEGER_COLUMNS},
+                         **{c: "float64" for c in _FLOAT_COLUMNS},
+                         **{c: "str" for c in _COLUMNS if c not in _INTEGER_COLUMNS
+                            and c not in _FLOAT_COLUMNS and c != "split"}})
+
+
+def with_splits(frame: pd.DataFrame, splits: list[str]) -> pd.DataFrame:
     frame.insert(2, "split", pd.Series(splits, index=frame.index, dtype="str"))
     return frame
 
 
+def _to_frame(records: list[dict], settings: IndexSettings) -> pd.DataFrame:
+    frame = records_frame(records)
+    return with_splits(frame, assign_splits(list(frame["patient_key"]), list(frame["vessel"]),
+                                            settings.split_fractions, settings.split_seed))
+
+
 def _write_parquet(index: pd.DataFrame, out: Path, manifest: Path, root: Path,
                    parser: _RowParser, settings: IndexSettings) -> None:
-    table = pa.Table.from_pandas(index, preserve_index=False)
-    metadata = {
-        "schema_version": SCHEMA_VERSION, "angiotune_version": __version__,
+    write_index(index, out, {
         "taxonomy": parser.taxonomy.name, "angle_convention": ANGLE_CONVENTION,
         "data_root": str(root), "manifest": manifest.name,
         "salt_fingerprint": salt_fingerprint(parser.salt),
         "split_fractions": list(settings.split_fractions), "split_seed": settings.split_seed,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+        "split_unit": "patient"})
+
+
+def write_index(index: pd.DataFrame, out: Path, metadata: dict) -> None:
+    """Write ``index`` with its metadata (``data_root`` at least) in one rename, so that a
+    reader never sees a half-written index."""
+    table = pa.Table.from_pandas(index, preserve_index=False)
+    metadata = {"schema_version": SCHEMA_VERSION, "angiotune_version": __version__, **metadata,
+                "created": datetime.datetime.now(datetime.timezone.utc)
+                .isoformat(timespec="seconds")}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            METADATA_KEY: json.dumps(metadata).encode()})
     partial = out.with_name(out.name + ".partial")
     pq.write_table(table, partial)
-    partial.replace(out)  # a reader never sees a half-written index
+    partial.replace(out)

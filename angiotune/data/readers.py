@@ -1,4 +1,5 @@
-"""Readers for cine frames (multi-frame DICOM, NPY), masks and QCA contour JSON.
+"""Readers for cine frames (multi-frame DICOM, NPY, single PNG/JPEG frames), masks and QCA
+contour JSON.
 
 Each reader raises ``DataError`` naming the file; none returns half-read data. Frames come back as
 float32 in [0, 1], whatever the storage, and only the requested frame of a cine is decoded.
@@ -21,6 +22,8 @@ from pydicom.multival import MultiValue
 from angiotune.errors import DataError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
+# Frames extracted from a cine (COCO datasets such as ARCADE): read as a cine of one frame.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 MAGNIFICATION_RANGE = (1.0, 3.0)
 
 
@@ -59,16 +62,34 @@ class CineHeader:
 
 
 def is_dicom_path(path: Path) -> bool:
-    return path.suffix.lower() != ".npy"
+    return path.suffix.lower() != ".npy" and not is_image_path(path)
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def cine_format(path: Path) -> str:
+    """How a cine is stored, for the index: dicom, npy, or the image format (png, jpeg, ...)."""
+    if is_image_path(path):
+        suffix = path.suffix.lower().lstrip(".")
+        return {"jpg": "jpeg", "tif": "tiff"}.get(suffix, suffix)
+    return "dicom" if is_dicom_path(path) else "npy"
 
 
 def read_header(path: Path) -> CineHeader:
+    if is_image_path(path):
+        height, width = _image_pixels(path).shape
+        return CineHeader(frames=1, height=height, width=width, transfer_syntax=cine_format(path))
     return _dicom_header(path) if is_dicom_path(path) else _npy_header(path)
 
 
 def read_frame(path: Path, index: int) -> np.ndarray:
     """Frame ``index`` of a cine as float32 H x W in [0, 1]; decodes that frame only."""
-    frame = _dicom_frame(path, index) if is_dicom_path(path) else _npy_frame(path, index)
+    if is_image_path(path):
+        frame = _image_frame(path, index)
+    else:
+        frame = _dicom_frame(path, index) if is_dicom_path(path) else _npy_frame(path, index)
     if not np.isfinite(frame).all():
         raise DataError(f"frame {index} contains NaN or infinite values", file=str(path))
     return frame
@@ -76,6 +97,8 @@ def read_frame(path: Path, index: int) -> np.ndarray:
 
 def read_cine(path: Path) -> np.ndarray:
     """Every frame, frames x H x W float32: for comparison and benchmarks, not the hot path."""
+    if is_image_path(path):
+        return _image_frame(path, 0)[None]
     if not is_dicom_path(path):
         return np.array(_load_npy(path), dtype=np.float32)  # a copy: reads every frame
     try:
@@ -105,7 +128,7 @@ def _dicom_meta(path: Path):
 def check_complete(path: Path, header: CineHeader) -> None:
     """Refuse a cine cut short (an interrupted copy) even when the analysed frame survived."""
     if not is_dicom_path(path):
-        return  # np.load refuses an NPY file shorter than its header says
+        return  # np.load refuses an NPY file shorter than its header says; PIL a cut image
     try:
         ds = pydicom.dcmread(path, defer_size=1024)
         element = ds.get_item("PixelData")
@@ -189,6 +212,34 @@ def _normalise(pixels: np.ndarray, ds) -> np.ndarray:
     return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
 
+def _image_pixels(path: Path) -> np.ndarray:
+    """A PNG/JPEG/TIFF frame as stored (grey, 8 or 16 bit); colour is turned to grey."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                return np.asarray(image, dtype=np.int32)
+            if image.mode == "F":
+                return np.asarray(image, dtype=np.float32)
+            return np.asarray(image.convert("L"))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"not a readable image ({error})", file=str(path)) from None
+
+
+def _image_frame(path: Path, index: int) -> np.ndarray:
+    if index != 0:
+        raise DataError(f"frame {index} out of range: an image file is a cine of one frame",
+                        file=str(path), field="frame_index")
+    pixels = _image_pixels(path)
+    if pixels.dtype == np.uint8:
+        return (pixels / np.float32(255)).astype(np.float32)
+    if pixels.dtype == np.int32:  # 16-bit grey
+        return (np.clip(pixels, 0, 65535) / np.float32(65535)).astype(np.float32)
+    if pixels.min() < -1e-6 or pixels.max() > 1 + 1e-6:
+        raise DataError(f"floating-point image with values outside 0..1 "
+                        f"({pixels.min():.3g}..{pixels.max():.3g})", file=str(path))
+    return pixels.astype(np.float32)
+
+
 def _load_npy(path: Path) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -245,6 +296,11 @@ def read_mask(path: Path) -> np.ndarray:
 def read_contour(path: Path) -> dict:
     """Contour JSON as exported by QCA software; the structure is checked by the index
     (the fields it reads: docs/contour_schema.md)."""
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A UTF-8 JSON file whose top level is an object (contour JSON, COCO annotations)."""
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -16,6 +16,7 @@ Saved beside the adapter as ``heads.safetensors`` + ``heads.json``.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -130,7 +131,13 @@ class LesionHeads(nn.Module):
                 mm_per_pixel: torch.Tensor) -> dict[str, torch.Tensor]:
         hidden = self.trunk(torch.cat([self.image(features.float()),
                                        self.context(context.float())], dim=1))
-        diameters = F.softplus(self.diameters_px(hidden)) * mm_per_pixel.float()[:, None]
+        # Without calibration (COCO data) there are no mm: NaN out, with no NaN in the
+        # gradients (a product with NaN would poison them even where the loss skips it).
+        scale = mm_per_pixel.float()[:, None]
+        calibrated = torch.isfinite(scale)
+        diameters = F.softplus(self.diameters_px(hidden)) * torch.where(
+            calibrated, scale, torch.zeros_like(scale))
+        diameters = torch.where(calibrated, diameters, torch.full_like(diameters, math.nan))
         return {"segment_logits": self.segment(hidden),
                 "stenosis_pct": 100 * torch.sigmoid(self.stenosis(hidden)[:, 0]),
                 "mld_mm": diameters[:, 0], "rvd_mm": diameters[:, 1]}

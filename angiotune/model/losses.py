@@ -133,8 +133,8 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor,
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, unit: float) -> torch.Tensor:
     """Huber loss in ``unit``s over samples whose target is known (not NaN)."""
     known = torch.isfinite(target)
-    if not known.any():
-        return pred.sum() * 0
+    if not known.any():  # zero, still tied to the graph; NaN predictions (no mm) stay out
+        return torch.nan_to_num(pred, nan=0.0).sum() * 0
     return F.smooth_l1_loss(pred[known].float() / unit, target[known].float() / unit, beta=1.0)
 
 

@@ -21,7 +21,9 @@ import numpy as np
 from angiotune.data.angles import format_primary, format_secondary
 from angiotune.data.pseudonym import resolve_salt
 from angiotune.data.readers import (
+    IMAGE_SUFFIXES,
     CineHeader,
+    cine_format,
     finite_number,
     read_cine,
     read_frame,
@@ -33,11 +35,15 @@ from angiotune.predict.proposals import propose_boxes
 from angiotune.predict.routing import Route, route_by_angles, second_opinion
 from angiotune.predict.segment import Segmentation, segment_box
 from angiotune.qca import QCAError, measure
-from angiotune.registry.store import RegistryError, list_entries, load_best_model
+from angiotune.qca.pixels import PIXEL_ONLY_NOTE, in_pixels
+from angiotune.registry.store import GENERAL, RegistryError, list_entries, load_best_model
+from angiotune.taxonomies.views import load_views
 
 log = logging.getLogger(__name__)
-CINE_SUFFIXES = (".dcm", ".dicom", ".npy")
-ADAPTER_ORDER = ("RCA", "LAD", "LCX")
+# Cine runs, and single frames such as ARCADE's PNGs (a cine of one frame).
+CINE_SUFFIXES = (".dcm", ".dicom", ".npy", *sorted(IMAGE_SUFFIXES))
+# Registry keys in the order a fallback tries them: the general adapter covers every vessel.
+ADAPTER_ORDER = (GENERAL, "RCA", "LAD", "LCX")
 COORDINATES = ("x, y in frame pixels; boxes are pixel edges, x0 <= x < x1 (pixel column c spans "
                "c to c + 1); points (centerline, edges, MLD position) are pixel centres, pixel "
                "(row r, column c) at (c, r)")
@@ -80,7 +86,8 @@ class PredictSummary:
 
 
 class KeptModels:
-    """The kept adapters per vessel, loaded on first use and then reused."""
+    """The kept adapters per registry key (the vessels and ``general``), loaded on first use
+    and then reused."""
 
     def __init__(self, results: Path, device: str = "auto", model_path: Path | None = None) -> None:
         self.results = Path(results)
@@ -121,7 +128,7 @@ def predict(source: str | Path, out: str | Path, settings: PredictSettings = Pre
     models = KeptModels(settings.results, settings.device, settings.model)
     items = list(_items(source, settings))
     if not items:
-        raise DataError(f"no DICOM or NPY cines ({', '.join(CINE_SUFFIXES)}) found",
+        raise DataError(f"no DICOM, NPY or image cines ({', '.join(CINE_SUFFIXES)}) found",
                         file=str(source))
     summary = PredictSummary()
     salt = resolve_salt()
@@ -217,9 +224,9 @@ def _items(source: Path, settings: PredictSettings) -> Iterator[dict]:
         for path in sorted(source.rglob("*")):
             if path.is_file() and (path.suffix.lower() in CINE_SUFFIXES or _has_dicom_preamble(
                     path)):
-                yield {"path": path, "kind": "npy" if path.suffix.lower() == ".npy" else "dicom"}
+                yield {"path": path, "kind": cine_format(path)}
     else:
-        yield {"path": source, "kind": "npy" if source.suffix.lower() == ".npy" else "dicom"}
+        yield {"path": source, "kind": cine_format(source)}
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -254,6 +261,8 @@ def _predict_item(item: dict, key: str, models: KeptModels,
     if frame is None:
         frame = read_frame(path, frame_index)
     spacing, spacing_source = _pixel_spacing(header, row, settings)
+    calibration = {} if spacing is not None else {
+        "calibration": f"{PIXEL_ONLY_NOTE} ({spacing_source})"}
     timings["decode"] = _lap(clock)
 
     clock = time.perf_counter()
@@ -262,11 +271,14 @@ def _predict_item(item: dict, key: str, models: KeptModels,
     boxes = _boxes(frame, row, settings)
     timings["route_and_propose"] = _lap(clock)
 
-    context = {"input": {"key": key, "kind": item["kind"], "frame": frame_index,
+    # "px": no calibration, so lengths are in frame pixels and named so (*_px, not *_mm).
+    context = {"units": "mm" if spacing is not None else "px",
+               "input": {"key": key, "kind": item["kind"], "frame": frame_index,
                          "frames": header.frames, "frame_choice": frame_reason,
                          "frame_size": [header.width, header.height],
-                         "pixel_spacing_mm": round(spacing, 5), "spacing_source": spacing_source,
-                         "angles": _angles_text(angles)}}
+                         "pixel_spacing_mm": None if spacing is None else round(spacing, 5),
+                         "spacing_source": "none" if spacing is None else spacing_source,
+                         **calibration, "angles": _angles_text(angles)}}
     lesions, failures = [], []
     for number, (box, box_source, proposal) in enumerate(boxes, start=1):
         lesion_key = f"{key}_lesion{number}"
@@ -282,32 +294,39 @@ def _predict_item(item: dict, key: str, models: KeptModels,
 def _predict_lesion(frame, box, box_source, proposal, route, angles, spacing, models,
                     settings, key, report, timings, row) -> LesionPrediction:
     clock = time.perf_counter()
-    if route.vessel is None:  # no angles: start from a fallback and let the CASS head decide
-        fallback, why = _fallback_vessel(models)
-        route = Route(fallback, f"{route.reason}; started from the {fallback} adapter ({why})",
-                      ambiguous=True)
+    # Without a calibration everything is measured in frame pixels (1 "mm" per pixel), then
+    # renamed to _px, so that no pixel count is reported as millimetres.
+    scale = 1.0 if spacing is None else spacing
+    route, fallback = _start_route(route, models, settings)
     vessel = route.vessel
-    if vessel not in models.available:
-        raise RegistryError(f"the route chose {vessel} but no {vessel} adapter is kept "
-                            f"(kept: {', '.join(sorted(models.available))}); pass --vessel")
-    segmentation = segment_box(models.get(vessel), frame, box, spacing, angles)
+    segmentation = segment_box(models.get(vessel), frame, box, scale, angles)
     if not settings.vessel and segmentation.heads is not None:
         heads = segmentation.heads
         route = second_opinion(route, heads["vessel"], f"{heads['segment_name']} "
                                f"(CASS {heads['cass_segment']})", heads["vessel_probability"],
                                models.available)
+        if (fallback and route.vessel == vessel != GENERAL and GENERAL in models.available
+                and not _head_confirms(heads, vessel)):
+            route = Route(GENERAL, f"{route.reason}; the head did not settle the vessel, so the "
+                          "general adapter (chosen over every vessel) was used", route.view,
+                          route.ambiguous, route.alternative)
         if route.vessel != vessel:
             vessel = route.vessel
-            segmentation = segment_box(models.get(vessel), frame, box, spacing, angles)
+            segmentation = segment_box(models.get(vessel), frame, box, scale, angles)
     timings["segment"] = _lap(clock)
 
     clock = time.perf_counter()
     try:
-        qca = measure(segmentation.mask, spacing, probability=segmentation.probability)
+        qca = measure(segmentation.mask, scale, probability=segmentation.probability)
         qca_report = {**qca.measurements(), "notes": qca.notes}
     except QCAError as error:
         qca, qca_report = None, {"error": str(error)}
     timings["measure"] = _lap(clock)
+    contours = None if qca is None else {k: v for k, v in qca.to_json().items()
+                                         if k != "measurements" and k != "notes"}
+    heads = segmentation.heads
+    if spacing is None:
+        qca_report, contours, heads = in_pixels(qca_report), in_pixels(contours), in_pixels(heads)
 
     entry = models.entries[vessel]
     report.update({
@@ -326,9 +345,8 @@ def _predict_lesion(frame, box, box_source, proposal, route, angles, spacing, mo
         "segmentation": {"confidence": round(segmentation.confidence, 3),
                          "area_px": int(segmentation.mask.sum())},
         "qca": qca_report,
-        "heads": segmentation.heads,
-        "contours": None if qca is None else {k: v for k, v in qca.to_json().items()
-                                              if k != "measurements" and k != "notes"},
+        "heads": heads,
+        "contours": contours,
         "timings_ms": timings,
     })
     if row is not None:
@@ -356,8 +374,10 @@ def _choose_frame(path: Path, header: CineHeader,
 
 
 def _pixel_spacing(header: CineHeader, row: dict | None,
-                   settings: PredictSettings) -> tuple[float, str]:
-    """mm per pixel at the vessel: user calibration first, then the index, then DICOM."""
+                   settings: PredictSettings) -> tuple[float | None, str]:
+    """mm per pixel at the vessel and where it came from: user calibration first, then the
+    index, then DICOM. None (and why) when nothing says: the lesion is then measured in pixels,
+    which is all an uncalibrated input (NPY, a COCO frame, DICOM without magnification) allows."""
     if settings.calibration_px_per_mm:
         return 1.0 / settings.calibration_px_per_mm, "calibration factor given by the user"
     if settings.pixel_spacing_mm:
@@ -367,13 +387,14 @@ def _pixel_spacing(header: CineHeader, row: dict | None,
     spacing = header.vessel_spacing()
     if spacing is not None:
         return spacing
+    ask = "pass --pixel-spacing MM or --calibration PX_PER_MM for mm"
     if header.imager_pixel_spacing_mm:
-        raise DataError("the DICOM gives ImagerPixelSpacing but no usable magnification "
-                        "(DistanceSourceToDetector / DistanceSourceToPatient): the spacing at "
-                        "the vessel is unknown; pass --calibration (catheter) or "
-                        "--pixel-spacing", field="ImagerPixelSpacing")
-    raise DataError("no pixel spacing in the file (NPY cines carry none); pass --pixel-spacing "
-                    "MM or --calibration PX_PER_MM", field="pixel_spacing")
+        return None, ("the DICOM gives ImagerPixelSpacing but no usable magnification "
+                      "(DistanceSourceToDetector / DistanceSourceToPatient), so the spacing at "
+                      f"the vessel is unknown; {ask} (--calibration from the catheter)")
+    if row is not None:
+        return None, f"the index has no pixel spacing for this lesion; {ask}"
+    return None, f"the file carries no pixel spacing; {ask}"
 
 
 def _boxes(frame: np.ndarray, row: dict | None, settings: PredictSettings):
@@ -402,15 +423,43 @@ def _check_box(box, shape: tuple[int, int]) -> None:
                         "x0 < x1 and y0 < y1", field="box")
 
 
+def _start_route(route: Route, models: KeptModels,
+                 settings: PredictSettings) -> tuple[Route, bool]:
+    """The adapter to segment with first, and whether it is a fallback (the CASS head may then
+    move it): the route's vessel when kept, else ``general`` when kept, else a fallback."""
+    if route.vessel is None:  # no angles: start from a fallback and let a CASS head decide
+        fallback, why = _fallback_vessel(models)
+        return Route(fallback, f"{route.reason}; started from the {fallback} adapter ({why})",
+                     ambiguous=True), True
+    if route.vessel in models.available:
+        return route, False
+    if not settings.vessel and GENERAL in models.available:
+        return Route(GENERAL, f"{route.reason}; no {route.vessel} adapter is kept, so the "
+                     "general adapter (chosen over every vessel) was used", route.view,
+                     route.ambiguous, route.alternative), False
+    raise RegistryError(f"the route chose {route.vessel} but no {route.vessel} adapter is kept "
+                        f"(kept: {', '.join(sorted(models.available))}); pass --vessel")
+
+
 def _fallback_vessel(models: KeptModels) -> tuple[str, str]:
-    """Without angles: an adapter with heads (its CASS head can route), else the only one."""
+    """Without angles: an adapter with heads (its CASS head can route; the general one first),
+    else the general adapter, else the only one."""
     with_heads = [v for v in ADAPTER_ORDER if models.entries.get(v, {}).get("heads")]
     if with_heads:
         return with_heads[0], "it has a CASS head to route by"
+    if GENERAL in models.available:
+        return GENERAL, "no CASS head to route by; it was chosen over every vessel"
     if len(models.available) == 1:
         return next(iter(models.available)), "the only adapter kept"
     raise DataError("no positioner angles and no CASS head to route by; pass --vessel or "
                     "--angles", field="vessel")
+
+
+def _head_confirms(heads: dict, vessel: str) -> bool:
+    """Whether the CASS head names ``vessel`` as surely as it must to overrule a view."""
+    views = load_views()
+    return (views.adapter_for.get(heads["vessel"], heads["vessel"]) == vessel
+            and heads["vessel_probability"] >= views.head_override_probability)
 
 
 def _what(entry: dict) -> str:

@@ -69,7 +69,7 @@ def write_overlay(lesion, path: Path) -> Path:
     _footer_text(draw, report, (8, PANEL + 8), font)
     if qca is not None:
         _diameter_plot(draw, qca, (PANEL + 24, PANEL + 12, 2 * PANEL + 14, PANEL + FOOTER - 14),
-                       font)
+                       font, report.get("units", "mm"))
     canvas.save(path)
     return path
 
@@ -105,21 +105,25 @@ def _zoom_region(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def _footer_text(draw: ImageDraw.ImageDraw, report: dict, at: tuple[int, int], font) -> None:
     q, adapter, heads = report["qca"], report["adapter"], report.get("heads")
+    u = report.get("units", "mm")  # "px" without a calibration: the keys say so too
     lines = [f"{adapter['vessel']} adapter (stage {adapter['stage']}, {adapter['strategy']}, "
              f"validation {adapter['validation_metric']} {adapter['validation_score']:.3f})"]
     lines += _wrapped("why: " + report["routing"]["reason"], 74)
     if "error" in q:
         lines.append("QCA: " + q["error"])
     else:
-        lines.append(f"QCA   MLD {q['MLD_mm']:.2f} mm   RVD {q['interpolated_RVD_mm']:.2f} mm   "
-                     f"DS {q['diameter_stenosis_pct']:.0f} %   length "
-                     f"{q['lesion_length_mm']:.1f} mm")
+        lines.append(f"QCA   MLD {q[f'MLD_{u}']:.2f} {u}   RVD {q[f'interpolated_RVD_{u}']:.2f} "
+                     f"{u}   DS {q['diameter_stenosis_pct']:.0f} %   length "
+                     f"{q[f'lesion_length_{u}']:.1f} {u}")
     if heads:
-        lines.append(f"heads MLD {heads['MLD_mm']:.2f} mm   RVD {heads['RVD_mm']:.2f} mm   "
+        lines.append(f"heads MLD {heads[f'MLD_{u}']:.2f} {u}   RVD {heads[f'RVD_{u}']:.2f} {u}   "
                      f"DS {heads['diameter_stenosis_pct']:.0f} %   "
                      f"{heads['segment_name']} (p {heads['probability']:.2f})")
-    lines.append(f"{report['input']['pixel_spacing_mm']:.4f} mm/px from "
-                 f"{report['input']['spacing_source']}")
+    if u == "px":
+        lines += _wrapped(report["input"]["calibration"], 74)
+    else:
+        lines.append(f"{report['input']['pixel_spacing_mm']:.4f} mm/px from "
+                     f"{report['input']['spacing_source']}")
     lines += _wrapped(report["what"], 74)
     x, y = at
     for line in lines[:12]:
@@ -127,7 +131,9 @@ def _footer_text(draw: ImageDraw.ImageDraw, report: dict, at: tuple[int, int], f
         y += 19
 
 
-def _diameter_plot(draw: ImageDraw.ImageDraw, qca, area, font) -> None:
+def _diameter_plot(draw: ImageDraw.ImageDraw, qca, area, font, unit: str = "mm") -> None:
+    """Diameter and reference along the segment; ``unit`` is "px" when measured uncalibrated
+    (the QCA's "mm" arrays then hold pixels)."""
     x0, y0, x1, y1 = area
     s, d, ref = qca.arclength_mm, qca.diameter_mm, qca.reference_mm
     top = max(float(d.max()), float(ref.max())) * 1.1
@@ -144,9 +150,9 @@ def _diameter_plot(draw: ImageDraw.ImageDraw, qca, area, font) -> None:
     draw.line([xy(a, b) for a, b in zip(s, d, strict=True)], fill="#f0f0f0", width=2)
     mx, my = xy(s[qca.mld_index], d[qca.mld_index])
     draw.ellipse([mx - 4, my - 4, mx + 4, my + 4], fill=MLD)
-    _label(draw, (x0, y0), "diameter (mm) along the segment; green: reference", font)
+    _label(draw, (x0, y0), f"diameter ({unit}) along the segment; green: reference", font)
     _label(draw, (x0 + 4, xy(0, top * 0.9)[1]), f"{top * 0.9:.1f}", font, "#a0a0a0")
-    _label(draw, (x1 - 60, y1 - 18), f"{s[-1]:.1f} mm", font, "#a0a0a0")
+    _label(draw, (x1 - 60, y1 - 18), f"{s[-1]:.1f} {unit}", font, "#a0a0a0")
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:

@@ -1,11 +1,16 @@
 """Held-out scores of the kept adapters: the test split, never used for selection.
 
 Each vessel's kept model is scored on that vessel's test lesions of the index it was searched
-on, beside the zero-shot base and the trivial baselines a measurement head has to beat: the
+on; the ``general`` entry, chosen over every vessel, on all of them (any vessel, UNKNOWN too).
+Beside them: the zero-shot base and the trivial baselines a measurement head has to beat, the
 training split's most common segment and its mean stenosis, MLD and reference diameter. These
 are taken over all vessels, because the heads are not told the vessel either (a per-vessel
-majority would know the answer's vessel from the label). Rows per vessel and per CASS segment,
+majority would know the answer's vessel from the label). Rows per entry and per CASS segment,
 written to ``results/evaluation/``.
+
+An index without calibration (COCO sets such as ARCADE, NPY exports without a spacing) has no
+millimetres: its mm columns stay empty ("-"), and what needs none (Dice, IoU, % stenosis where
+the truth has it) is reported as usual; ``table.attrs["notes"]`` says which index that was.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from pathlib import Path
 import pandas as pd
 
 from angiotune.registry.store import (
+    GENERAL,
     RegistryError,
     base_path_of,
     list_entries,
     load_best_model,
     read_entry,
 )
+from angiotune.taxonomies import UNKNOWN_VESSEL
 from angiotune.train.metrics import summarise
 
 log = logging.getLogger(__name__)
@@ -32,44 +39,84 @@ COLUMNS = ("n", "dice", "iou", "cass_accuracy", "cass_macro_f1", "stenosis_mae",
 
 
 def evaluate_kept(results: Path, vessel: str | None = None, batch_size: int = 16,
-                  model: Path | None = None) -> pd.DataFrame:
-    """One row per (vessel, segment group, model); also written as CSV, Markdown and JSON.
-    ``model``: the base folder, when it has moved since the search."""
+                  model: Path | None = None, data: Path | None = None) -> pd.DataFrame:
+    """One row per (entry, segment group, model); also written as CSV, Markdown and JSON.
+    ``vessel``: one registry key (RCA, LAD, LCX or general). ``model``: the base folder, when it
+    has moved since the search. ``data``: score on this index's test split instead of each
+    entry's own (transfer: phantom-trained adapters on ARCADE), written as ``..._on_<index>``.
+    Notes on uncalibrated indexes are in ``attrs["notes"]``."""
     entries = ({vessel: read_entry(results, vessel)} if vessel else list_entries(results))
     entries = {v: e for v, e in entries.items() if e is not None}
     if not entries:
         raise RegistryError(f"no kept adapter{' for ' + vessel if vessel else ''} in "
                             f"{Path(results) / 'best'}; run `angiotune search` first")
-    tables = [_evaluate_vessel(results, v, e, batch_size, model) for v, e in entries.items()]
-    tables = [t for t in tables if t is not None]
-    if not tables:
+    scored = [_evaluate_vessel(results, v, e, batch_size, model, data)
+              for v, e in entries.items()]
+    scored = [s for s in scored if s is not None]
+    if not scored:
         raise RegistryError("no kept adapter's vessel has test lesions in its index")
-    table = pd.concat(tables, ignore_index=True)
+    table = pd.concat([t for t, _ in scored], ignore_index=True)
+    # A trivial baseline with nothing to predict (no heads' targets in the index) is no row.
+    empty = (table["model"] == "trivial") & table[list(COLUMNS[1:])].isna().all(axis=1)
+    table = table[~empty].reset_index(drop=True)
+    notes = list(dict.fromkeys(note for _, note in scored if note))
+    table.attrs["notes"] = notes
     out = Path(results) / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
-    name = f"test_metrics{'_' + vessel if vessel else ''}"
+    name = output_name("test_metrics", vessel, data)
     table.to_csv(out / f"{name}.csv", index=False)
-    (out / f"{name}.md").write_text(to_markdown(table))
-    (out / f"{name}.json").write_text(json.dumps(table.to_dict("records"), indent=1,
-                                                 default=_json_number))
+    (out / f"{name}.md").write_text(to_markdown(table) + "".join(f"\n{n}\n" for n in notes))
+    records = [{k: json_value(v) for k, v in row.items()} for row in table.to_dict("records")]
+    (out / f"{name}.json").write_text(json.dumps(records, indent=1, allow_nan=False))
     return table
 
 
+def output_name(kind: str, vessel: str | None, data: Path | None) -> str:
+    """test_metrics, test_metrics_LAD, test_metrics_on_stenosis (another index's test split)."""
+    return f"{kind}{'_' + vessel if vessel else ''}{'_on_' + Path(data).stem if data else ''}"
+
+
+def scored_rows(rows: pd.DataFrame, vessel: str, unnamed_too: bool = False) -> pd.DataFrame:
+    """The test lesions an entry is scored on: every one for ``general``, else its vessel's;
+    ``unnamed_too`` (another index, for transfer) adds those whose vessel nobody named, which
+    any vessel's adapter may meet."""
+    test = rows[rows["split"] == "test"]
+    if vessel == GENERAL:
+        return test
+    return test[test["vessel"].isin([vessel, UNKNOWN_VESSEL] if unnamed_too else [vessel])]
+
+
+def calibration_note(index: Path, test: pd.DataFrame) -> str | None:
+    """Why mm columns are empty, when the test lesions lack a pixel spacing; else None."""
+    missing = int(pd.to_numeric(test["pixel_spacing_mm"], errors="coerce").isna().sum())
+    if not missing:
+        return None
+    if missing == len(test):
+        return (f"{index.name}: no calibration (no pixel spacing): mm columns not reported; "
+                "Dice, IoU and % stenosis need none")
+    return (f"{index.name}: {missing} of {len(test)} test lesions have no calibration: the mm "
+            "columns are over the others")
+
+
 def _evaluate_vessel(results: Path, vessel: str, entry: dict, batch_size: int,
-                     model: Path | None) -> pd.DataFrame | None:
-    """The vessel's rows, or None (logged) when its index has no test lesions of it."""
+                     model: Path | None,
+                     data: Path | None = None) -> tuple[pd.DataFrame, str | None] | None:
+    """The entry's rows and a calibration note, or None (logged) when its index has no test
+    lesions for it."""
     import torch
 
     from angiotune.data.stream import SampleSettings, load_rows, sample_batches
     from angiotune.model.sam3 import image_size_of, load_base_model, load_prompt_tokenizer
     from angiotune.train.step import evaluate_samples
 
-    index = Path(entry["index"])
+    index = Path(data) if data is not None else Path(entry["index"])
+    if data is not None and not index.exists():
+        raise RegistryError(f"no such index {index}")
     if not index.exists():
         raise RegistryError(f"the {vessel} adapter was searched on {index}, which no longer "
                             "exists; its test split cannot be scored")
     rows, root = load_rows(index)
-    test = rows[(rows["split"] == "test") & (rows["vessel"] == vessel)]
+    test = scored_rows(rows, vessel, unnamed_too=data is not None)
     train = rows[rows["split"] == "train"]
     if test.empty:
         log.warning("angiotune: %s has no test lesions of %s; not scored", index, vessel)
@@ -91,24 +138,30 @@ def _evaluate_vessel(results: Path, vessel: str, entry: dict, batch_size: int,
     table = []
     for model, frame in records.items():
         frame = frame.assign(segment=frame["segment"].astype(str))
+        known = frame[frame["segment"].str.strip() != ""]  # no segment: in "all" only
         groups = [("all", frame)] + [(f"{code} {names.get(code, '')}".strip(), part)
-                                     for code, part in frame.groupby("segment", sort=False)]
+                                     for code, part in known.groupby("segment", sort=False)]
         for group, part in groups:
             metrics = summarise(part)
             table.append({"vessel": vessel, "segment": group, "model": model,
                           "stage": entry.get("stage", 1) if model == "kept" else None,
                           **{c: metrics.get(c, math.nan) for c in COLUMNS}})
-    return pd.DataFrame(table)
+    return pd.DataFrame(table), calibration_note(index, test)
 
 
 def trivial_predictions(test: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
-    """The training split's majority segment and mean values, predicted for every test lesion."""
+    """The training split's majority segment and mean values, predicted for every test lesion
+    (NaN where the training split has no value, as in an index without calibration)."""
     frame = test[["sample_id", "vessel", "segment", "diameter_stenosis_pct", "mld_mm",
                   "rvd_mm"]].copy()
-    frame["segment_pred"] = str(train["segment"].astype(str).mode().iloc[0])
-    frame["stenosis_pct_pred"] = float(train["diameter_stenosis_pct"].mean())
-    frame["mld_mm_pred"] = float(train["mld_mm"].mean())
-    frame["rvd_mm_pred"] = float(train["rvd_mm"].mean())
+    segments = train["segment"].astype(str)
+    segments = segments[segments.str.strip() != ""]  # a lesion without a segment votes for none
+    frame["segment_pred"] = str(segments.mode().iloc[0]) if len(segments) else ""
+    for name in ("diameter_stenosis_pct", "mld_mm", "rvd_mm"):
+        frame[name] = pd.to_numeric(frame[name], errors="coerce")
+        mean = pd.to_numeric(train[name], errors="coerce").mean()
+        frame["stenosis_pct_pred" if name.startswith("diameter") else f"{name}_pred"] = \
+            float(mean) if pd.notna(mean) else math.nan
     return frame
 
 
@@ -132,5 +185,7 @@ def format_cell(value, column: str) -> str:
     return str(int(value)) if column == "n" else f"{value:.3f}"
 
 
-def _json_number(value):
+def json_value(value):
+    """Strict JSON: numpy scalars as Python ones, a metric that has no value as null."""
+    value = value.item() if hasattr(value, "item") else value
     return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -1,4 +1,8 @@
-"""The best adapter per vessel, kept under ``results/best/<VESSEL>/``.
+"""The best adapter per vessel, kept under ``results/best/<VESSEL>/``, and a general one.
+
+``results/best/general/`` holds the stage-1/2 adapter that scored best over every validation
+lesion, whatever its vessel: the one to use where no vessel is named (ARCADE's stenosis outlines,
+an export without segment numbers, a view no vessel adapter covers).
 
 An entry holds the adapter (as saved by ``angiotune.model.adapters``), ``manifest.json`` (metrics,
 the zero-shot base beside them, the trial's configuration, the base model it needs, the
@@ -25,6 +29,13 @@ from angiotune.errors import AngiotuneError
 MANIFEST = "manifest.json"
 ADAPTER = "adapter"
 VESSELS = ("RCA", "LAD", "LCX")
+GENERAL = "general"
+ENTRY_KEYS = (*VESSELS, GENERAL)
+
+
+def registry_metric(select: str, key: str) -> str:
+    """The validation metric an entry is compared on: dice/LAD for LAD, dice for general."""
+    return select if key == GENERAL else f"{select}/{key}"
 
 
 class RegistryError(AngiotuneError):
@@ -112,7 +123,9 @@ def model_card(manifest: dict) -> str:
     zero = manifest.get("zero_shot", {})
     heads = ("; heads for CASS segment, % diameter stenosis, MLD and reference diameter (mm)"
              if manifest.get("heads") else "")
-    return f"""# angiotune adapter: {manifest['vessel']} lesion segmentation
+    scope = ("every vessel (general)" if manifest["vessel"] == GENERAL
+             else manifest["vessel"])
+    return f"""# angiotune adapter: {scope} lesion segmentation
 
 - Task: segment the analysed coronary segment inside a box prompt (SAM 3 tracker){heads}.
 - Stage: {STAGE_NAMES.get(manifest.get('stage', 1))}
@@ -132,7 +145,8 @@ Validation scores are on the validation split used for selection; held-out test 
 
 
 def list_entries(results: Path) -> dict[str, dict | None]:
-    return {vessel: read_entry(results, vessel) for vessel in VESSELS}
+    """Every registry key (the vessels, then ``general``) -> its entry or None."""
+    return {key: read_entry(results, key) for key in ENTRY_KEYS}
 
 
 def load_best_model(results: Path, vessel: str, model: Path | None = None):

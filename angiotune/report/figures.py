@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from angiotune.registry.store import ENTRY_KEYS, registry_metric
 from angiotune.report.records import SearchRecord
 
 log = logging.getLogger(__name__)
-VESSELS = ("RCA", "LAD", "LCX")
 CURVES_SHOWN = 5  # best trials drawn in colour; the rest stay grey for context
 
 
@@ -92,10 +92,11 @@ def learning_curves(record: SearchRecord) -> Figure:
 
 
 def leaderboard(record: SearchRecord, rows_per_vessel: int = 5) -> dict[str, pd.DataFrame]:
-    """Per vessel, the trials ranked by their best epoch on the registry's metric."""
+    """Per registry entry (vessel, general), the trials ranked by their best epoch on the
+    registry's metric."""
     boards = {}
-    for vessel in VESSELS:
-        metric = f"{record.select}/{vessel}"
+    for vessel in ENTRY_KEYS:
+        metric = registry_metric(record.select, vessel)
         if metric not in record.history:
             continue
         history = record.history.dropna(subset=[metric])

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from angiotune.registry.store import GENERAL
 from angiotune.report.records import SearchRecord
 
 PANEL = 224
@@ -46,7 +47,9 @@ def best_mask_overlays(record: SearchRecord, vessel: str,
         if not path.exists():
             return f"the {what} {path} no longer exists"
     rows, root = load_rows(index, "val")
-    rows = rows[rows["vessel"] == vessel].sort_values("sample_id").head(count)
+    if vessel != GENERAL:  # the general adapter was chosen on every vessel's lesions
+        rows = rows[rows["vessel"] == vessel]
+    rows = rows.sort_values("sample_id").head(count)
     if rows.empty:
         return f"no validation lesions of {vessel}"
     mode, base_path = summary.get("prompt_mode", "box"), summary.get("base_model_path")

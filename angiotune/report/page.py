@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from angiotune.registry.store import registry_metric
 from angiotune.report.figures import Figure, leaderboard, learning_curves, study_figures
 from angiotune.report.overlays import COLOURS, best_mask_overlays
 from angiotune.report.records import SearchRecord, read_search
@@ -92,7 +93,7 @@ def _leaderboards(record: SearchRecord) -> str:
     kept = record.summary.get("best", {})
     zero = record.summary.get("zero_shot", {})
     for vessel, table in boards.items():
-        metric = f"{record.select}/{vessel}"
+        metric = registry_metric(record.select, vessel)
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
         body = []
         for row in table.to_dict("records"):

@@ -89,6 +89,13 @@ def zero_shot(index: Path, model_path: Path | None, image_size: int, prompt_mode
     return evaluate(load_base_model(model_path, prompt_mode).to(device), batches, tokenizer)
 
 
+def validation_vessels(index: Path) -> set[str]:
+    from angiotune.data.stream import load_rows
+
+    rows, _ = load_rows(index, "val")
+    return set(rows["vessel"].astype(str))
+
+
 def validation_fingerprint(index: Path) -> str:
     from angiotune.data.stream import load_rows
 
@@ -111,7 +118,7 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
     checked on the CPU and freed, and the zero-shot baseline runs where trials run.
     """
     from angiotune.model.sam3 import base_model_id, image_size_of, model_config
-    from angiotune.registry.store import VESSELS, RegistryError, promote
+    from angiotune.registry.store import GENERAL, RegistryError, promote, registry_metric
     from angiotune.search.run import SearchSettings, check_writable, ensure_ray, run_search
     from angiotune.search.sizing import check_image_size, describe, fit_space
 
@@ -150,12 +157,14 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
     if space.multi_objective:
         outcome.pareto = pareto_front(space, settings.run_dir)
     fingerprint = validation_fingerprint(index)
+    validated = {GENERAL, *validation_vessels(index)}
     note = data_note(index, model)
-    for vessel in space.vessels or VESSELS:
-        metric = f"{space.select}/{vessel}"
+    for vessel in registry_keys(space):
+        metric = registry_metric(space.select, vessel)
         candidate = _best_checkpoint(grid, metric, "max")
         if candidate is None:
-            outcome.messages.append(f"{vessel}: no trial reported {metric}")
+            if vessel in validated:  # else the data names no such vessel: nothing to say
+                outcome.messages.append(f"{vessel}: no trial reported {metric}")
             continue
         row, config, trial_id = candidate
         adapter = Path(row["checkpoint_path"]) / "adapter"
@@ -194,6 +203,17 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
          "best": {v: {k: r[k] for k in ("metric", "score", "trial_id", "epoch", "adapter")}
                   for v, r in outcome.best.items()}}, indent=1))
     return outcome
+
+
+def registry_keys(space: SearchSpace) -> tuple[str, ...]:
+    """The registry entries a search competes for: each vessel on its own validation lesions,
+    and (stages 1 and 2) the general entry on all of them, which is the only one data without
+    vessels (ARCADE stenosis) can fill. Stage 3's specialists compete for their vessel only."""
+    from angiotune.registry.store import GENERAL, VESSELS
+
+    if space.stage == 3:
+        return space.vessels
+    return (*VESSELS, GENERAL)
 
 
 def below_zero_shot(record: dict, baseline: dict[str, float]) -> str | None:
@@ -259,13 +279,14 @@ def stage_constants(space: SearchSpace, index: Path, results: Path, run_dir: Pat
     if space.heads:
         from angiotune.data.ingest import missing_measurements
 
-        missing = missing_measurements(index)
+        needed = space.measurements_needed()
+        missing = [c for c in missing_measurements(index) if c in needed]
         if missing:
-            raise AngiotuneError(f"{index}: the stage-2 heads (% diameter stenosis, MLD, "
-                                 f"reference diameter) need measurements the index lacks: "
-                                 f"{', '.join(missing)}. Index an export with the contour JSON "
-                                 "or measurement columns (docs/contour_schema.md), or run a "
-                                 "stage-1 space")
+            raise AngiotuneError(f"{index}: the stage-2 heads of this space need {missing[0]}, "
+                                 f"which the index lacks (missing: {', '.join(missing)}); index "
+                                 "an export with measurements and calibration "
+                                 "(docs/contour_schema.md), train the segment head alone "
+                                 "(stage2_segment.yaml), or run a stage-1 space")
         classes, counts = segment_classes(index)
         constants.update(classes=list(classes), class_counts=counts)
     rows, _ = load_rows(index)

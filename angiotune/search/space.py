@@ -67,6 +67,7 @@ SAMPLERS = ("tpe", "random")
 AUTO = "auto"  # a size left to the model and the machine (angiotune.search.sizing)
 STAGES = (1, 2, 3)
 REGISTRY_VESSELS = ("RCA", "LAD", "LCX")
+DEFAULT_HEAD_WEIGHT = 1.0  # a head's loss weight when the space does not set it (train.loop)
 INIT_CHOICES = ("none", "best", "vessel", *REGISTRY_VESSELS)
 PARAM_TYPES = {"float", "int", "categorical"}
 # What a trial understands; anything else in params or fixed is a typo.
@@ -142,6 +143,28 @@ class SearchSpace:
             if param.name == "init":
                 return set(param.choices)
         return {self.fixed.get("init", "none")}
+
+    def can_take(self, key: str, default: Any) -> list[Any]:
+        """Every value of ``key`` a trial can get: its choices or range ends when searched."""
+        for param in self.params:
+            if param.name == key:
+                return list(param.choices) if param.choices else [param.low, param.high]
+        return [self.fixed.get(key, default)]
+
+    def measurements_needed(self) -> tuple[str, ...]:
+        """The index columns this space's heads train on. A head whose weight is fixed at 0
+        needs none, so a segment-only stage 2 trains on labels alone (ARCADE's SYNTAX
+        segments); learned (uncertainty) weighting trains every head."""
+        if not self.heads:
+            return ()
+        every = "uncertainty" in self.can_take("head_weighting", "fixed")
+        needed: list[str] = []
+        for weight, columns in (("stenosis_weight", ("diameter_stenosis_pct",)),
+                                ("mld_weight", ("mld_mm", "pixel_spacing_mm")),
+                                ("rvd_weight", ("rvd_mm", "pixel_spacing_mm"))):
+            if every or any(float(v) > 0 for v in self.can_take(weight, DEFAULT_HEAD_WEIGHT)):
+                needed += [c for c in columns if c not in needed]
+        return tuple(needed)
 
     def define_by_run(self, trial) -> dict[str, Any]:
         """Suggest this space's parameters on an Optuna trial; returns the fixed values."""

@@ -1,4 +1,5 @@
-"""Coronary segment taxonomies (CASS, SYNTAX) loaded from YAML and validated on load."""
+"""Coronary segment taxonomies (CASS, SYNTAX), and maps from a dataset's label categories to
+them (ARCADE's), loaded from YAML and validated on load."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ VESSELS = ("RCA", "LAD", "LCX", "LM", "RAMUS")
 POSITIONS = ("proximal", "mid", "distal", "branch")
 _BUILTIN = Path(__file__).parent
 BUILTIN_NAMES = ("CASS", "SYNTAX")
+BUILTIN_CATEGORY_MAPS = ("ARCADE",)
+UNKNOWN_VESSEL = "UNKNOWN"  # a lesion label that names no segment (ARCADE's "stenosis")
 
-__all__ = ["VESSELS", "POSITIONS", "Segment", "Taxonomy", "load_taxonomy"]
+__all__ = ["VESSELS", "POSITIONS", "UNKNOWN_VESSEL", "Segment", "Taxonomy", "CategoryMap",
+           "load_taxonomy", "load_category_map"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +85,59 @@ def _parse(raw: object, source: str) -> Taxonomy:
         segments[normalised] = Segment(normalised, str(entry["name"]), entry["vessel"],
                                        entry["position"])
     return Taxonomy(str(raw["name"]), segments)
+
+
+@dataclass(frozen=True)
+class CategoryMap:
+    """A dataset's label categories (by name) -> segments of a taxonomy; a category mapped to
+    None labels a lesion whose segment and vessel are not given."""
+
+    name: str
+    taxonomy: Taxonomy
+    categories: dict[str, Segment | None]
+
+    def lookup(self, category_name: object) -> tuple[bool, Segment | None]:
+        """(known, segment): unknown categories are (False, None)."""
+        key = str(category_name).strip()
+        if key in self.categories:
+            return True, self.categories[key]
+        return False, None
+
+
+@cache
+def load_category_map(name_or_path: str = "ARCADE") -> CategoryMap:
+    """Load the built-in ARCADE map by name, or a YAML file with the same schema:
+    ``name``, ``taxonomy`` (CASS, SYNTAX or a taxonomy file) and ``categories`` (category
+    name -> segment code, or null)."""
+    builtin = name_or_path.upper() in BUILTIN_CATEGORY_MAPS
+    path = _BUILTIN / f"{name_or_path.lower()}.yaml" if builtin else Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"category map {name_or_path!r}: not a built-in name "
+                          f"({', '.join(BUILTIN_CATEGORY_MAPS)}) and no such file")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            raw = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    source = str(path)
+    if not isinstance(raw, dict) or set(raw) != {"name", "taxonomy", "categories"}:
+        raise ConfigError(f"{source}: expected exactly the keys 'name', 'taxonomy' and "
+                          "'categories'")
+    taxonomy_name = str(raw["taxonomy"])
+    if taxonomy_name.upper() not in BUILTIN_NAMES:  # a file, relative to the map's folder
+        taxonomy_name = str((path.parent / taxonomy_name).resolve())
+    taxonomy = load_taxonomy(taxonomy_name)
+    if not isinstance(raw["categories"], dict) or not raw["categories"]:
+        raise ConfigError(f"{source}: 'categories' must be a non-empty mapping of category "
+                          "name -> segment code (or null)")
+    categories: dict[str, Segment | None] = {}
+    for category, code in raw["categories"].items():
+        if code is None:
+            categories[str(category).strip()] = None
+            continue
+        segment = taxonomy.lookup(code)
+        if segment is None:
+            raise ConfigError(f"{source}: categories.{category}: {code!r} is not a segment of "
+                              f"the {taxonomy.name} taxonomy")
+        categories[str(category).strip()] = segment
+    return CategoryMap(str(raw["name"]), taxonomy, categories)

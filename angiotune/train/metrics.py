@@ -53,8 +53,10 @@ def summarise(records: pd.DataFrame) -> dict[str, float]:
         if name in records:
             metrics[name] = float(records[name].mean())
     if "segment_pred" in records:
-        metrics["cass_accuracy"] = accuracy(records["segment"], records["segment_pred"])
-        metrics["cass_macro_f1"] = macro_f1(records["segment"], records["segment_pred"])
+        # Over lesions whose segment is known: a stenosis outline without one (ARCADE) has "".
+        known = records[records["segment"].astype(str).str.strip() != ""]
+        metrics["cass_accuracy"] = accuracy(known["segment"], known["segment_pred"])
+        metrics["cass_macro_f1"] = macro_f1(known["segment"], known["segment_pred"])
     for name, true, pred in (("stenosis_mae", "diameter_stenosis_pct", "stenosis_pct_pred"),
                              ("mld_mae_mm", "mld_mm", "mld_mm_pred"),
                              ("rvd_mae_mm", "rvd_mm", "rvd_mm_pred")):
