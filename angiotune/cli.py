@@ -110,6 +110,12 @@ def index(manifest: Path | None, out_path: Path, data_root: Path | None, taxonom
     if manifest and images_dir:
         raise AngiotuneError("--images is for COCO files; a CSV's paths are relative to its "
                              "folder or --data-root")
+    if manifest and categories.upper() != "ARCADE":
+        raise AngiotuneError("--categories maps COCO categories; a CSV names its segments in "
+                             "--taxonomy")
+    if coco and taxonomy.upper() != "CASS":
+        raise AngiotuneError("--taxonomy is for CSV manifests; a COCO file's segments follow "
+                             "its category map (--categories), which names the taxonomy")
     split_fractions = _fractions(fractions) if fractions else None
     with _progress() as progress:
         task = progress.add_task("checking rows" if manifest else "checking annotations",

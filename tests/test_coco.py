@@ -193,8 +193,8 @@ def test_a_copy_of_a_held_out_frame_in_the_training_file_is_left_out(tmp_path: P
     report = build_coco_index([CocoSource(train_file), CocoSource(test_file, split="test")],
                               tmp_path / "i.parquet", CocoSettings(salt=TEST_SALT))
     [leak] = report.quarantined
-    assert (leak.row, leak.field, leak.file) == (2, "file_name", "labels.json")
-    assert "test/images/3.png of labels.json in the test split" in leak.reason
+    assert (leak.row, leak.field, leak.file) == (2, "file_name", "train/annotations/labels.json")
+    assert "test/images/3.png of test/annotations/labels.json in the test split" in leak.reason
     assert sorted(report.index["row"]) == [1, 7]
     assert len(list((tmp_path / "i.masks").glob("*.png"))) == 2  # no orphan mask
 
@@ -324,3 +324,76 @@ def test_stage_two_on_segment_labels_without_calibration(tmp_path: Path) -> None
                         resume=False)
     message = str(refused.value)
     assert "need mld_mm, which the index lacks" in message and "\n" not in message
+    # Stenosis outlines name no segment: no class to learn, refused before Ray starts.
+    outlines = [annotation(n, image_id=1 + n % 6, bbox=None,
+                           segmentation=[_square(2 + 3 * (n // 6), 2, 2)]) for n in range(1, 13)]
+    stenosis = tmp_path / "stenosis.parquet"
+    build_coco_index([CocoSource(write_coco(tmp_path / "sten", outlines, images=6))], stenosis,
+                     CocoSettings(salt=TEST_SALT, split_fractions=(0.5, 0.5, 0.0)))
+    with pytest.raises(AngiotuneError, match="at least two named segments; the index has 0"):
+        stage_constants(segment_only, stenosis, tmp_path, tmp_path, resume=False)
+
+
+def test_what_exporters_vary_is_accepted_and_what_is_ambiguous_is_refused(tmp_path: Path
+                                                                          ) -> None:
+    """String ids, [[x, y], ...] polygons; a nameless category; the same file twice."""
+    path = write_coco(tmp_path / "coco", [
+        annotation("a1", image_id=1, bbox=None),
+        annotation("a2", image_id=2, bbox=None,
+                   segmentation=[[[5, 5], [15, 5], [15, 15], [5, 15]]]),
+        annotation(3, image_id=3, category_id=40),
+        annotation(4, image_id=3, segmentation=[_square(30, 30, 5)], bbox=None, id=[4])])
+    payload = json.loads(path.read_text())
+    for image in payload["images"]:
+        image["id"] = str(image["id"])
+    for item in payload["annotations"]:
+        item["image_id"] = str(item["image_id"])
+    payload["categories"].append({"id": 40})
+    path.write_text(json.dumps(payload))
+    report = build_coco_index([CocoSource(path)], tmp_path / "i.parquet",
+                              CocoSettings(salt=TEST_SALT))
+    assert len(report.index) == 2
+    assert sorted(report.index["mask_area_px"]) == [64, 100]
+    reasons = {p.row: p.reason for p in report.quarantined}
+    assert "category 40 has no name" in reasons[3]
+    assert "unusable annotation id [4] (annotation 4 of the file)" in reasons[4]
+    with pytest.raises(DataError, match="the same COCO file is given twice"):
+        build_coco_index([CocoSource(path), CocoSource(path, split="test")],
+                         tmp_path / "j.parquet", CocoSettings(salt=TEST_SALT))
+
+
+def test_split_files_and_by_image_copies(tmp_path: Path) -> None:
+    """Val and test files given: the rest all trains. A by-image copy of a training file's
+    frame trains with it (never lands in val or test)."""
+    train = write_coco(tmp_path / "a", [annotation(1)], images=1, seed=5)
+    loose = write_coco(tmp_path / "b", [annotation(n, image_id=n, bbox=None) for n in (1, 2, 3)],
+                       seed=6)
+    (tmp_path / "b" / "images" / "1.png").write_bytes(
+        (tmp_path / "a" / "images" / "1.png").read_bytes())
+    val = write_coco(tmp_path / "v", [annotation(1)], images=1, seed=7)
+    test = write_coco(tmp_path / "t", [annotation(1)], images=1, seed=8)
+    index = build_coco_index(
+        [CocoSource(train, split="train"), CocoSource(loose), CocoSource(val, split="val"),
+         CocoSource(test, split="test")], tmp_path / "i.parquet",
+        CocoSettings(salt=TEST_SALT, split_fractions=(0.0, 0.0, 1.0))).index
+    copy = index[index["image_path"] == "b/images/1.png"]
+    assert list(copy["split"]) == ["train"]  # the fractions would have sent it to test
+    assert set(index.loc[index["image_path"].str.startswith("b/"), "split"]) == {"train",
+                                                                                  "test"}
+    defaults = build_coco_index([CocoSource(loose), CocoSource(val, split="val"),
+                                 CocoSource(test, split="test")], tmp_path / "k.parquet",
+                                CocoSettings(salt=TEST_SALT)).index
+    assert list(defaults.sort_values("image_path")["split"]) == ["train"] * 3 + ["test", "val"]
+
+
+def test_a_failed_rebuild_keeps_the_previous_index_and_its_masks(messy_coco: Path,
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "index.parquet"
+    build_coco_index([CocoSource(messy_coco)], out, CocoSettings(salt=TEST_SALT))
+    before = sorted(p.name for p in (tmp_path / "index.masks").iterdir())
+    with pytest.raises(DataError):
+        build_coco_index([CocoSource(messy_coco)], out, CocoSettings(salt=TEST_SALT,
+                                                                     strict=True))
+    assert sorted(p.name for p in (tmp_path / "index.masks").iterdir()) == before
+    rows, root = load_rows(out)
+    assert all((root / path).is_file() for path in rows["mask_path"])

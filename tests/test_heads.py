@@ -10,6 +10,7 @@ import torch
 from angiotune.data.stream import SampleSettings, load_rows, prepare_sample
 from angiotune.model.adapters import AdapterSettings, adapt
 from angiotune.model.heads import (
+    TASKS,
     HeadSettings,
     LesionHeads,
     feature_dim_of,
@@ -226,3 +227,26 @@ def test_a_space_needs_only_the_measurements_its_heads_train_on(tmp_path):
     learned = load_space("stage2_segment.yaml", ["fixed.head_weighting=uncertainty"])
     assert len(learned.measurements_needed()) == 4
     assert load_space("lora_rank.yaml").measurements_needed() == ()
+
+
+def test_heads_remember_their_taxonomy_and_report_only_trained_tasks(tmp_path):
+    """A segment-only head on SYNTAX labels: predict reads its codes as SYNTAX (5 is the left
+    main there, an RCA branch in CASS) and reports no untrained stenosis or MLD."""
+    from angiotune.predict.segment import _head_outputs
+    from angiotune.train.loop import trained_tasks
+
+    tasks = trained_tasks({"stenosis_weight": 0, "mld_weight": 0, "rvd_weight": 0})
+    assert tasks == ("segment",)
+    assert trained_tasks({"head_weighting": "uncertainty", "mld_weight": 0}) == TASKS
+    heads = LesionHeads(HeadSettings(classes=("5", "6"), feature_dim=10, taxonomy="SYNTAX",
+                                     tasks=tasks))
+    save_heads(heads, tmp_path)
+    again = load_heads(tmp_path)
+    assert again.settings.taxonomy == "SYNTAX" and again.settings.tasks == ("segment",)
+    model = LesionModel(adapt(load_base_model(), AdapterSettings(rank=2)), again)
+    out = {"segment_logits": torch.tensor([[3.0, 0.0]]), "stenosis_pct": torch.tensor([40.0]),
+           "mld_mm": torch.tensor([1.0]), "rvd_mm": torch.tensor([3.0])}
+    report = _head_outputs(model, out)
+    assert (report["cass_segment"], report["segment_name"]) == ("5", "left main")
+    assert report["taxonomy"] == "SYNTAX"
+    assert not {"diameter_stenosis_pct", "MLD_mm", "RVD_mm"} & set(report)

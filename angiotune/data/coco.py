@@ -69,8 +69,11 @@ class CocoSettings:
 
 def default_fractions(sources: list[CocoSource]) -> tuple[float, float, float]:
     """Train/val/test for the images given without a split: no test share when a file is the
-    test split already."""
-    if any(source.split == "test" for source in sources):
+    test split already, all to training when files are the val and test splits."""
+    given = {source.split for source in sources}
+    if {"val", "test"} <= given:
+        return (1.0, 0.0, 0.0)
+    if "test" in given:
         return FRACTIONS_WITH_TEST_FILE
     return DEFAULT_FRACTIONS
 
@@ -92,26 +95,34 @@ def build_coco_index(sources: list[CocoSource], out: str | Path,
         if source.split is not None and source.split not in SPLITS:
             raise DataError(f"split {source.split!r} is not one of {', '.join(SPLITS)}",
                             file=str(source.annotations))
+    paths = [Path(source.annotations).resolve() for source in sources]
+    if len(set(paths)) < len(paths):
+        twice = next(path for path in paths if paths.count(path) > 1)
+        raise DataError("the same COCO file is given twice (once per split at most)",
+                        file=str(twice))
     out = Path(out)
     categories = load_category_map(settings.categories)
     salt = resolve_salt(settings.salt)
-    loaded = [_load_file(source) for source in sources]
-    roots = [folder for _, folder, _ in loaded]
-    root = Path(os.path.commonpath([str(folder) for folder in roots]))
+    labels = _labels(paths)
+    loaded = [_load_file(source, label) for source, label in zip(sources, labels, strict=True)]
+    root = _common_root([folder for _, folder, _ in loaded])
+    # Masks are written beside the index under a temporary name and swapped in at the end, so
+    # that a failure midway leaves the previous index and its masks as they were.
     masks = out.with_name(out.stem + ".masks")
-    if masks.exists():
-        shutil.rmtree(masks)  # ours alone (named after the index): stale masks must not linger
-    masks.mkdir(parents=True)
+    building = out.with_name(out.stem + ".masks.partial")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
     total = sum(len(payload["annotations"]) for payload, _, _ in loaded)
     records, fixed_splits, quarantined, warnings = [], [], [], []
     done = 0
     for source, (payload, images_dir, file_label) in zip(sources, loaded, strict=True):
-        reader = _FileReader(payload, images_dir, file_label, root, masks, categories, salt)
-        for annotation in payload["annotations"]:
+        reader = _FileReader(payload, images_dir, file_label, root, (building, masks),
+                             categories, salt)
+        for position, annotation in enumerate(payload["annotations"], start=1):
             done += 1
-            number = _annotation_id(annotation)
+            number = _annotation_id(annotation, position)
             try:
-                record, annotation_warnings = reader.parse(annotation)
+                record, annotation_warnings = reader.parse(annotation, number)
             except Exception as error:  # noqa: BLE001 - one odd annotation must not stop the rest
                 rejected = error if isinstance(error, _Rejected) else _Rejected(
                     "annotation", f"unexpected {type(error).__name__}: {error}")
@@ -125,16 +136,17 @@ def build_coco_index(sources: list[CocoSource], out: str | Path,
                 warnings += annotation_warnings
             if on_row:
                 on_row(done, total)
-    records, fixed_splits, leaked = _without_held_out_copies(records, fixed_splits, masks)
+    records, fixed_splits, leaked = _without_held_out_copies(records, fixed_splits, building)
     quarantined += leaked
     fractions = settings.split_fractions or default_fractions(sources)
     index = with_splits(records_frame(records),
                         _splits(records, fixed_splits, fractions, settings.split_seed))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(masks, ignore_errors=True)  # ours alone (named after the index)
+    building.rename(masks)
     write_index(index, out, {
         "source": "coco", "taxonomy": categories.taxonomy.name,
         "category_map": categories.name, "data_root": str(root),
-        "manifest": ", ".join(label for _, _, label in loaded),
+        "manifest": ", ".join(labels),
         "annotation_files": [{"file": label, "split": source.split or "by image"}
                              for source, (_, _, label) in zip(sources, loaded, strict=True)],
         "salt_fingerprint": salt_fingerprint(salt), "split_unit": "image",
@@ -150,21 +162,24 @@ def build_coco_index(sources: list[CocoSource], out: str | Path,
                        quarantined, warnings, notes, unit="image")
 
 
-HELD_OUT = {None: 0, "train": 0, "val": 1, "test": 2}  # by image (None) counts as training
+HELD_OUT = {None: -1, "train": 0, "val": 1, "test": 2}  # None: split by image
 
 
 def _without_held_out_copies(records: list[dict], fixed: list[str | None], masks: Path):
-    """Rows whose image (byte for byte) is also in a more held-out file, quarantined: a frame
-    of the test file must not be trained or selected on, even as another file's copy (two
-    ARCADE frames are one: stenosis_train's 218.png is stenosis_val's 58.png)."""
+    """An image (byte for byte) in several files goes where its most held-out file puts it.
+    A copy in a training or by-image file of a val or test frame is quarantined: that frame must
+    not be trained or selected on (two ARCADE frames are one: stenosis_train's 218.png is
+    stenosis_val's 58.png). A by-image copy of a training file's frame trains with it."""
     strictest: dict[str, tuple[int, dict, str | None]] = {}
     for record, split in zip(records, fixed, strict=True):
-        if HELD_OUT[split] > strictest.get(record["patient_key"], (-1, {}, None))[0]:
+        if HELD_OUT[split] > strictest.get(record["patient_key"], (-2, {}, None))[0]:
             strictest[record["patient_key"]] = (HELD_OUT[split], record, split)
     kept, kept_splits, leaked = [], [], []
     for record, split in zip(records, fixed, strict=True):
         rank, holder, holder_split = strictest[record["patient_key"]]
-        if HELD_OUT[split] < rank:
+        if split is None and holder_split == "train":
+            split = "train"
+        elif HELD_OUT[split] < rank:
             leaked.append(Problem(record["row"], "file_name", record["source_file"],
                                   f"the same frame, byte for byte, as {holder['image_path']} "
                                   f"of {holder['source_file']} in the {holder_split} split: "
@@ -188,7 +203,27 @@ def _splits(records: list[dict], fixed: list[str | None],
     return [str(split) for split in splits]
 
 
-def _load_file(source: CocoSource) -> tuple[dict, Path, str]:
+def _labels(paths: list[Path]) -> list[str]:
+    """How each annotation file is named in messages and ids: its path from the folder all of
+    them share (just its name when it is alone)."""
+    if len(paths) == 1:
+        return [paths[0].name]
+    try:
+        common = Path(os.path.commonpath([str(path.parent) for path in paths]))
+    except ValueError:  # different drives
+        return [path.as_posix() for path in paths]
+    return [path.relative_to(common).as_posix() for path in paths]
+
+
+def _common_root(folders: list[Path]) -> Path:
+    try:
+        return Path(os.path.commonpath([str(folder) for folder in folders]))
+    except ValueError:
+        raise DataError("the COCO files' image folders are on different drives; copy them onto "
+                        "one", file=", ".join(str(folder) for folder in folders)) from None
+
+
+def _load_file(source: CocoSource, label: str) -> tuple[dict, Path, str]:
     """The file's JSON, the folder its images are in, and its name for messages."""
     path = Path(source.annotations)
     if not path.is_file():
@@ -201,7 +236,7 @@ def _load_file(source: CocoSource) -> tuple[dict, Path, str]:
     images = Path(source.images) if source.images is not None else _images_folder(path, payload)
     if not images.is_dir():
         raise DataError("no such image folder", file=str(images))
-    return payload, images.resolve(), path.name
+    return payload, images.resolve(), label
 
 
 def _images_folder(path: Path, payload: dict) -> Path:
@@ -216,52 +251,68 @@ def _images_folder(path: Path, payload: dict) -> Path:
     return next((folder for folder in candidates if folder.is_dir()), path.parent)
 
 
-def _annotation_id(annotation) -> int:
+def _annotation_id(annotation, position: int) -> int:
+    """The annotation's id for the quarantine's ``row``; its 1-based position in the file's
+    ``annotations`` when the id is not an integer (the reason then quotes the id as given)."""
     value = annotation.get("id") if isinstance(annotation, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+    return value if isinstance(value, int) and not isinstance(value, bool) else position
+
+
+def _id(value) -> int | str | None:
+    """A COCO id as given: integers, or strings, which some exporters write."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    return value
 
 
 class _FileReader:
     """Turns the annotations of one COCO file into index records, or rejects them."""
 
-    def __init__(self, payload: dict, images_dir: Path, label: str, root: Path, masks: Path,
-                 categories: CategoryMap, salt: str) -> None:
-        self.images_dir, self.label, self.root, self.masks = images_dir, label, root, masks
+    def __init__(self, payload: dict, images_dir: Path, label: str, root: Path,
+                 masks: tuple[Path, Path], categories: CategoryMap, salt: str) -> None:
+        self.images_dir, self.label, self.root = images_dir, label, root
+        self.masks_written, self.masks_final = masks  # written to the first, indexed as the second
         self.categories, self.salt = categories, salt
-        self.category_names: dict[int, str] = {}
+        self.category_names: dict[int | str, str | None] = {}  # None: the category has no name
         for category in payload["categories"]:
-            if isinstance(category, dict) and isinstance(category.get("id"), int):
-                self.category_names.setdefault(category["id"], str(category.get("name", "")))
-        self.images: dict[int, dict | str] = {}  # id -> entry, or why it cannot be used
+            number = _id(category.get("id")) if isinstance(category, dict) else None
+            if number is not None:
+                name = category.get("name")
+                self.category_names.setdefault(number, str(name).strip() if name else None)
+        self.images: dict[int | str, dict | str] = {}  # id -> entry, or why it cannot be used
         for image in payload["images"]:
-            if not isinstance(image, dict) or not isinstance(image.get("id"), int):
+            number = _id(image.get("id")) if isinstance(image, dict) else None
+            if number is None:
                 continue
-            previous = self.images.get(image["id"])
+            previous = self.images.get(number)
             if previous is not None and previous != image:
-                self.images[image["id"]] = (f"image_id {image['id']} is listed twice in images "
-                                            "with different files")
+                self.images[number] = (f"image_id {number!r} is listed twice in images with "
+                                       "different files")
             else:
-                self.images[image["id"]] = image
-        self.frames: dict[int, tuple | str] = {}  # id -> (relative path, header), or why not
-        self.seen_ids: dict[int, int] = {}
-        self.outlines: dict[tuple[int, str], int] = {}
+                self.images[number] = image
+        self.frames: dict[int | str, tuple | str] = {}  # id -> (path, header, key) or why not
+        self.seen_ids: set[int | str] = set()
+        self.outlines: dict[tuple[int | str, str], int] = {}
 
-    def parse(self, annotation) -> tuple[dict, list[Problem]]:
+    def parse(self, annotation, number: int) -> tuple[dict, list[Problem]]:
+        """``number``: the annotation's id, or its position in the file when the id is no
+        integer; the quarantine's and the index's ``row``."""
         if not isinstance(annotation, dict):
             raise _Rejected("annotation", "not a JSON object")
-        number = _annotation_id(annotation)
-        if number < 0:
-            raise _Rejected("id", f"missing or non-integer annotation id {annotation.get('id')!r}")
-        if number in self.seen_ids:
-            raise _Rejected("id", f"duplicate annotation id {number} (the first is kept)")
-        self.seen_ids[number] = number
+        given_id = _id(annotation.get("id"))
+        if given_id is None:
+            raise _Rejected("id", f"missing or unusable annotation id {annotation.get('id')!r} "
+                                  f"(annotation {number} of the file)")
+        if given_id in self.seen_ids:
+            raise _Rejected("id", f"duplicate annotation id {given_id!r} (the first is kept)")
+        self.seen_ids.add(given_id)
         warnings: list[Problem] = []
         segment = self._segment(annotation)
         if annotation.get("iscrowd") in (1, True):
             raise _Rejected("iscrowd", "crowd annotation (a group of objects, not one lesion): "
                                        "not supported")
-        image_id = annotation.get("image_id")
-        relative, header, key = self._image(image_id)
+        image_id = _id(annotation.get("image_id"))
+        relative, header, key = self._image(image_id, annotation.get("image_id"))
         height, width = header.height, header.width
         given = _given_box(annotation.get("bbox"), width, height)
         mask = _mask(annotation.get("segmentation"), height, width)
@@ -278,8 +329,9 @@ class _FileReader:
                                     "outline's"))
         identity = f"{key}|{relative}|{self.label}|{number}"
         sample_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        mask_file = self.masks / f"{sample_id}.png"
-        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_file, optimize=True)
+        mask_name = f"{sample_id}.png"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(self.masks_written / mask_name,
+                                                           optimize=True)
         nan = math.nan
         record = {
             "sample_id": sample_id, "patient_key": key, "row": number,
@@ -292,7 +344,7 @@ class _FileReader:
             "frame_index": 0, "frames": 1, "frame_height": height, "frame_width": width,
             "image_path": relative, "image_format": cine_format(self.images_dir / relative),
             "transfer_syntax": header.transfer_syntax,
-            "mask_path": _relative(mask_file, self.root), "contour_path": "",
+            "mask_path": _relative(self.masks_final / mask_name, self.root), "contour_path": "",
             "pixel_spacing_mm": nan, "spacing_source": "none",
             "bbox_x0": box[0], "bbox_y0": box[1], "bbox_x1": box[2], "bbox_y1": box[3],
             "mask_area_px": int(mask.sum()),
@@ -305,11 +357,14 @@ class _FileReader:
         return record, warnings
 
     def _segment(self, annotation: dict):
-        category_id = annotation.get("category_id")
+        category_id = _id(annotation.get("category_id"))
         if category_id not in self.category_names:
-            raise _Rejected("category_id", f"category_id {category_id!r} is not in the file's "
-                                           "categories")
+            raise _Rejected("category_id", f"category_id {annotation.get('category_id')!r} is "
+                                           "not in the file's categories")
         name = self.category_names[category_id]
+        if name is None:
+            raise _Rejected("category_id", f"category {category_id!r} has no name in the file's "
+                                           "categories (the category map reads names)")
         known, segment = self.categories.lookup(name)
         if not known:
             raise _Rejected("category_id", f"category {name!r} is not in the "
@@ -317,11 +372,11 @@ class _FileReader:
                             "--categories FILE")
         return segment
 
-    def _image(self, image_id) -> tuple[str, object, str]:
+    def _image(self, image_id: int | str | None, as_given) -> tuple[str, object, str]:
         """The image's path relative to the data root, its header and its key; read once."""
-        entry = self.images.get(image_id) if isinstance(image_id, int) else None
+        entry = self.images.get(image_id) if image_id is not None else None
         if entry is None:
-            raise _Rejected("image_id", f"image_id {image_id!r} is not in the file's images")
+            raise _Rejected("image_id", f"image_id {as_given!r} is not in the file's images")
         if isinstance(entry, str):
             raise _Rejected("image_id", entry)
         if image_id not in self.frames:
@@ -418,6 +473,8 @@ def _polygon(polygon, width: int, height: int) -> np.ndarray:
         points = np.asarray(polygon, dtype=float)
     except (TypeError, ValueError):
         raise _Rejected("segmentation", "a polygon is not a list of numbers") from None
+    if points.ndim == 2 and points.shape[1] == 2:  # [[x, y], ...], as some exporters write
+        points = points.reshape(-1)
     if points.ndim != 1 or len(points) % 2:
         raise _Rejected("segmentation", "a polygon is not a flat list of x, y pairs")
     points = points.reshape(-1, 2)

@@ -79,7 +79,11 @@ def cine_format(path: Path) -> str:
 
 def read_header(path: Path) -> CineHeader:
     if is_image_path(path):
-        height, width = _image_pixels(path).shape
+        try:
+            with Image.open(path) as image:  # the size only: the pixels stay undecoded
+                width, height = image.size
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise DataError(f"not a readable image ({error})", file=str(path)) from None
         return CineHeader(frames=1, height=height, width=width, transfer_syntax=cine_format(path))
     return _dicom_header(path) if is_dicom_path(path) else _npy_header(path)
 

@@ -35,15 +35,23 @@ TASKS = ("segment", "stenosis", "mld", "rvd")
 
 @dataclass(frozen=True)
 class HeadSettings:
+    """``taxonomy``: what the segment classes' codes are (CASS, SYNTAX); ``tasks``: the heads
+    that were trained (a loss weight above 0): the others' outputs are not reported."""
+
     classes: tuple[str, ...]
     feature_dim: int
     hidden: int = 128
     dropout: float = 0.1
+    taxonomy: str = "CASS"
+    tasks: tuple[str, ...] = TASKS
 
     def __post_init__(self) -> None:
         if len(self.classes) < 2:
             raise ConfigError(f"the CASS head needs at least two segment classes, got "
                               f"{list(self.classes)}")
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown:
+            raise ConfigError(f"unknown head task(s) {sorted(unknown)}; known: {TASKS}")
 
 
 GEOMETRY_DIM = 7
@@ -157,7 +165,8 @@ def save_heads(heads: LesionHeads, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()},
               folder / HEADS_WEIGHTS)
-    record = {**asdict(heads.settings), "classes": list(heads.settings.classes), "format": 1,
+    record = {**asdict(heads.settings), "classes": list(heads.settings.classes),
+              "tasks": list(heads.settings.tasks), "format": 1,
               "class_mapping": {str(i): code for i, code in enumerate(heads.settings.classes)}}
     (folder / HEADS_CONFIG).write_text(json.dumps(record, indent=1) + "\n")
 
@@ -170,7 +179,10 @@ def load_heads(folder: Path) -> LesionHeads:
     record = json.loads((Path(folder) / HEADS_CONFIG).read_text(encoding="utf-8"))
     settings = HeadSettings(classes=tuple(record["classes"]),
                             feature_dim=int(record["feature_dim"]),
-                            hidden=int(record["hidden"]), dropout=float(record["dropout"]))
+                            hidden=int(record["hidden"]), dropout=float(record["dropout"]),
+                            # Heads saved before these were recorded: CASS, every task.
+                            taxonomy=str(record.get("taxonomy", "CASS")),
+                            tasks=tuple(record.get("tasks", TASKS)))
     heads = LesionHeads(settings)
     heads.load_state_dict(load_file(Path(folder) / HEADS_WEIGHTS))
     return heads.eval()

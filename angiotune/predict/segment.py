@@ -15,6 +15,7 @@ import torch
 
 from angiotune.data.stream import SampleSettings, view_context
 from angiotune.data.transforms import box_to_square, normalise_intensity, warp
+from angiotune.errors import ConfigError
 from angiotune.model.lesion import LesionModel
 from angiotune.model.sam3 import image_size_of
 from angiotune.qca.centerline import largest_component
@@ -34,8 +35,7 @@ class Segmentation:
 
 @torch.no_grad()
 def segment_box(model: LesionModel, frame: np.ndarray, box: np.ndarray, mm_per_pixel: float,
-                angles: tuple[float | None, float | None] = (None, None),
-                taxonomy: str = "CASS") -> Segmentation:
+                angles: tuple[float | None, float | None] = (None, None)) -> Segmentation:
     """Segment inside ``box`` (x0, y0, x1, y1 frame pixels) on ``frame`` (H x W in [0, 1])."""
     size = image_size_of(model.segmenter)
     settings = SampleSettings(image_size=size, augment=False)
@@ -56,15 +56,21 @@ def segment_box(model: LesionModel, frame: np.ndarray, box: np.ndarray, mm_per_p
     probability = 1.0 / (1.0 + np.exp(-frame_logits))
     mask = largest_component(probability >= 0.5)
     return Segmentation(probability.astype(np.float32), mask, float(out["confidence"][0]),
-                        _head_outputs(model, out, taxonomy))
+                        _head_outputs(model, out))
 
 
-def _head_outputs(model: LesionModel, out: dict, taxonomy: str) -> dict | None:
+def _head_outputs(model: LesionModel, out: dict) -> dict | None:
+    """The heads' answers, their segment codes read in the taxonomy they were trained on; the
+    measurements only of heads that were trained."""
     if model.heads is None:
         return None
     probabilities = torch.softmax(out["segment_logits"][0].float(), dim=0).cpu().numpy()
     best = int(np.argmax(probabilities))
-    codes = load_taxonomy(taxonomy).segments
+    settings = model.heads.settings
+    try:
+        codes = load_taxonomy(settings.taxonomy).segments
+    except ConfigError:  # a user's taxonomy file not at hand: codes without names or vessels
+        codes = {}
     adapter_for = load_views().adapter_for
     by_vessel: dict[str, float] = {}
     for code, p in zip(model.heads.settings.classes, probabilities, strict=True):
@@ -73,10 +79,11 @@ def _head_outputs(model: LesionModel, out: dict, taxonomy: str) -> dict | None:
             by_vessel[vessel] = by_vessel.get(vessel, 0.0) + float(p)
     vessel = max(by_vessel, key=by_vessel.get) if by_vessel else None
     segment = codes.get(model.heads.settings.classes[best])
-    return {"cass_segment": model.heads.settings.classes[best],
+    measured = {"diameter_stenosis_pct": ("stenosis", "stenosis_pct", 2),
+                "MLD_mm": ("mld", "mld_mm", 3), "RVD_mm": ("rvd", "rvd_mm", 3)}
+    return {"cass_segment": settings.classes[best], "taxonomy": settings.taxonomy,
             "segment_name": segment.name if segment else None,
             "probability": round(float(probabilities[best]), 3),
             "vessel": vessel, "vessel_probability": round(by_vessel.get(vessel, 0.0), 3),
-            "diameter_stenosis_pct": round(float(out["stenosis_pct"][0]), 2),
-            "MLD_mm": round(float(out["mld_mm"][0]), 3),
-            "RVD_mm": round(float(out["rvd_mm"][0]), 3)}
+            **{key: round(float(out[name][0]), places)
+               for key, (task, name, places) in measured.items() if task in settings.tasks}}

@@ -10,11 +10,13 @@ lesions the chosen entries are scored on (all of them for ``general``).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from angiotune.errors import DataError
 from angiotune.predict.detection import (
     DEFAULT_IOU_THRESHOLD,
     RULE,
@@ -25,6 +27,7 @@ from angiotune.predict.detection import (
 from angiotune.registry.evaluate import format_cell, json_value, output_name
 from angiotune.registry.store import GENERAL, RegistryError, list_entries, read_entry
 
+log = logging.getLogger(__name__)
 BOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 DETECTION_COLUMNS = ("frames", "truths", "proposals", "true_positives", "precision", "recall",
                      "f1", "mean_image_f1")
@@ -41,18 +44,28 @@ def detect_test_frames(index: Path, vessels: set[str] | None = None, max_proposa
     from angiotune.predict.proposals import propose_boxes
 
     rows, root = load_rows(index)
+    # A COCO category that names a segment outlines a stretch of vessel, not a lesion
+    # (ARCADE's SYNTAX file): nothing for a lesion detector to find.
+    rows = rows[rows["vessel_source"] != "category"]
     test = rows[rows["split"] == "test"]
     if vessels is not None:
         test = test[test["vessel"].isin(vessels)]
     truth = rows.groupby(["image_path", "frame_index"])[list(BOX_COLUMNS)]
-    matches = []
+    matches, skipped = [], 0
     for (image, frame_index), _ in test.groupby(["image_path", "frame_index"], sort=True):
-        frame = read_frame(root / image, int(frame_index))
+        try:
+            frame = read_frame(root / image, int(frame_index))
+        except DataError:  # as in training: a file that broke after indexing (not named:
+            skipped += 1     # export paths may carry IDs)
+            continue
         height, width = frame.shape
         proposed = [np.clip(p.box, 0, [width, height, width, height]).tolist()  # as predict
                     for p in propose_boxes(frame, max_proposals)]
         boxes = truth.get_group((image, frame_index)).to_numpy(dtype=float).tolist()
         matches.append(match_boxes(proposed, boxes, iou_threshold))
+    if skipped:
+        log.warning("angiotune: detection skipped %d unreadable test frame(s) of %s", skipped,
+                    Path(index).name)
     return score_frames(matches)
 
 

@@ -256,9 +256,20 @@ def segment_classes(index: Path) -> tuple[tuple[str, ...], list[int]]:
     from angiotune.data.stream import load_rows
 
     rows, _ = load_rows(index)
+    named = rows["segment"].astype(str).str.strip() != ""  # a lesion of no named segment
+    rows = rows[named]  # trains no class (its target is "unknown", -1)
     classes = tuple(sorted(rows["segment"].astype(str).unique(), key=_code_order))
     counts = rows[rows["split"] == "train"]["segment"].astype(str).value_counts()
     return classes, [int(counts.get(code, 0)) for code in classes]
+
+
+def index_taxonomy(index: Path) -> str:
+    """The taxonomy the index's segment codes are in (CASS, SYNTAX or a file)."""
+    import pyarrow.parquet as pq
+
+    from angiotune.data.ingest import index_metadata
+
+    return str(index_metadata(pq.read_schema(index), Path(index)).get("taxonomy", "CASS"))
 
 
 def _code_order(code: str) -> tuple:
@@ -288,7 +299,12 @@ def stage_constants(space: SearchSpace, index: Path, results: Path, run_dir: Pat
                                  "(docs/contour_schema.md), train the segment head alone "
                                  "(stage2_segment.yaml), or run a stage-1 space")
         classes, counts = segment_classes(index)
-        constants.update(classes=list(classes), class_counts=counts)
+        if len(classes) < 2:
+            raise AngiotuneError(f"{index}: the segment head needs lesions of at least two "
+                                 f"named segments; the index has {len(classes)} "
+                                 "(ARCADE's stenosis outlines name none): run a stage-1 space")
+        constants.update(classes=list(classes), class_counts=counts,
+                         taxonomy=index_taxonomy(index))
     rows, _ = load_rows(index)
     for vessel in space.vessels:
         for split in ("train", "val"):

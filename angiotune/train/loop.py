@@ -34,6 +34,7 @@ from angiotune.model.adapters import (
 )
 from angiotune.model.embedding_cache import EmbeddingCache, encoder_is_frozen
 from angiotune.model.heads import (
+    TASKS,
     HeadSettings,
     LesionHeads,
     feature_dim_of,
@@ -93,6 +94,16 @@ def head_loss_weights(config: dict) -> HeadLossWeights:
                            class_weights=class_weights)
 
 
+def trained_tasks(config: dict) -> tuple[str, ...]:
+    """The heads a trial trains: all with learned (uncertainty) weighting, else those whose
+    loss weight is above 0 (the segment head always)."""
+    if config.get("head_weighting", "fixed") == "uncertainty":
+        return TASKS
+    weights = head_loss_weights(config)
+    return tuple(task for task, weight in zip(TASKS, weights.fixed(), strict=True)
+                 if task == "segment" or weight > 0)
+
+
 def init_adapter(config: dict) -> Path | None:
     """The kept adapter a trial starts from, or None to start from the base."""
     name = config.get("init", "none")
@@ -135,7 +146,9 @@ def build_model(config: dict, checkpoint_dir: Path | None = None):
     elif config.get("heads"):
         heads = LesionHeads(HeadSettings(classes=tuple(config["classes"]),
                                          feature_dim=feature_dim_of(base.config),
-                                         hidden=int(config.get("head_hidden", 128))))
+                                         hidden=int(config.get("head_hidden", 128)),
+                                         taxonomy=str(config.get("taxonomy", "CASS")),
+                                         tasks=trained_tasks(config)))
     if heads is not None:  # unused parameters would stall DDP's gradient reduction
         heads.log_vars.requires_grad_(config.get("head_weighting", "fixed") == "uncertainty")
     return LesionModel(model, heads), settings

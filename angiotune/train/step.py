@@ -171,8 +171,10 @@ def evaluate_samples(model: torch.nn.Module, batches: Iterable[dict],
         if heads is not None:
             classes = heads.settings.classes
             part["segment_pred"] = [classes[i] for i in out["segment_logits"].argmax(1).tolist()]
-            for name in ("stenosis_pct", "mld_mm", "rvd_mm"):
-                part[f"{name}_pred"] = out[name].float().cpu().numpy().astype(float)
+            for task, name in (("stenosis", "stenosis_pct"), ("mld", "mld_mm"),
+                               ("rvd", "rvd_mm")):
+                if task in heads.settings.tasks:  # an untrained head is not scored
+                    part[f"{name}_pred"] = out[name].float().cpu().numpy().astype(float)
         rows.append(pd.DataFrame(part))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
