@@ -35,6 +35,7 @@ from angiotune.data.ingest import (
 from angiotune.data.pseudonym import patient_key, resolve_salt, salt_fingerprint
 from angiotune.data.readers import cine_format, read_frame, read_header, read_json_object
 from angiotune.data.splits import SPLITS, assign_splits
+from angiotune.data.transforms import box_iou
 from angiotune.errors import DataError
 from angiotune.taxonomies import UNKNOWN_VESSEL, CategoryMap, load_category_map
 
@@ -323,7 +324,7 @@ class _FileReader:
                                             f"{first} (a duplicate)")
         ys, xs = np.nonzero(mask)
         box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        if given is not None and _iou(given, box) < BOX_AGREEMENT_IOU:
+        if given is not None and box_iou(given, box) < BOX_AGREEMENT_IOU:
             warnings.append(Problem(number, "bbox", self.label, f"bbox {list(given)} disagrees "
                                     f"with the outline's extent {list(box)}; the index uses the "
                                     "outline's"))
@@ -437,15 +438,6 @@ def _given_box(bbox, width: int, height: int) -> tuple[float, float, float, floa
         raise _Rejected("bbox", f"bbox {[round(v, 2) for v in (x, y, w, h)]} is outside the "
                                 f"{width}x{height} image")
     return x, y, x + w, y + h
-
-
-def _iou(a, b) -> float:
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    inter = width * height
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def _mask(segmentation, height: int, width: int) -> np.ndarray:

@@ -138,3 +138,16 @@ def jitter_box(box: np.ndarray, rng: np.random.Generator, size: int,
     y0, y1 = sorted((y0, y1))
     return np.clip(np.array([x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]), 0, size) \
         .astype(np.float32)
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two x0, y0, x1, y1 boxes; 0 when either has no area."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    overlap = max(width, 0.0) * max(height, 0.0)
+    union = _area(a) + _area(b) - overlap
+    return float(overlap / union) if union > 0 and overlap > 0 else 0.0
+
+
+def _area(box) -> float:
+    return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)

@@ -23,21 +23,14 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from angiotune.data.transforms import box_iou
+
 DEFAULT_IOU_THRESHOLD = 0.25
 RULE = ("one-to-one greedy matching of proposal and annotated boxes by box IoU (highest first), "
         "a match counts at IoU >= {threshold:g}; a box-matching rule, not the mask-based F1 of "
         "the ARCADE challenge, so not like-for-like with its leaderboard")
 
 Box = Sequence[float]  # x0, y0, x1, y1 pixel edges, half-open
-
-
-def box_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two boxes; 0 when either has no area."""
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    overlap = max(width, 0.0) * max(height, 0.0)
-    union = _area(a) + _area(b) - overlap
-    return float(overlap / union) if union > 0 and overlap > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +98,3 @@ def score_frames(matches: Iterable[FrameMatch]) -> DetectionScore:
         f1=2 * hits / (proposals + truths) if proposals + truths else math.nan,
         mean_image_f1=sum(m.f1 for m in matches) / len(matches) if matches else math.nan)
 
-
-def _area(box: Box) -> float:
-    return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
