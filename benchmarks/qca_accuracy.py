@@ -59,6 +59,76 @@ def true_mask_errors(rows: pd.DataFrame, root: Path) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
+def frame_true_mask_errors(rows: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """Errors of frame-guided QCA on the exported masks: the mask gives the segment, the frame
+    the edges (a half-size mask is scaled up to the frame by ``measure``)."""
+    records = []
+    for row in rows.to_dict("records"):
+        frame = read_frame(root / row["image_path"], int(row["frame_index"]))
+        mask = read_mask(root / row["mask_path"])
+        scale = row["frame_width"] / mask.shape[1]
+        started = time.perf_counter()
+        try:
+            result = measure(mask, row["pixel_spacing_mm"] * scale, frame=frame).measurements()
+        except QCAError as error:
+            records.append({"sample_id": row["sample_id"], "error": str(error)})
+            continue
+        records.append({"sample_id": row["sample_id"], "split": row["split"],
+                        "seconds": time.perf_counter() - started, **_errors(result, row)})
+    return pd.DataFrame(records)
+
+
+def coarse_mask(mask: np.ndarray, shape: tuple[int, int], dilation: int,
+                grid_px: float = 3.5) -> np.ndarray:
+    """A mask like a coarse model's: the true mask at the frame's size, dilated by ``dilation``
+    px, then down to a ``grid_px`` grid and back up with bilinear interpolation, thresholded."""
+    from scipy import ndimage
+
+    full = np.asarray(mask, dtype=np.float32)
+    if full.shape != tuple(shape):
+        full = ndimage.zoom(full, (shape[0] / full.shape[0], shape[1] / full.shape[1]), order=1,
+                            grid_mode=True, mode="nearest")
+    grown = ndimage.binary_dilation(full >= 0.5, iterations=dilation) if dilation else full >= 0.5
+    small = ndimage.zoom(grown.astype(np.float32), 1 / grid_px, order=1, grid_mode=True,
+                         mode="nearest")
+    back = ndimage.zoom(small, (shape[0] / small.shape[0], shape[1] / small.shape[1]), order=1,
+                        grid_mode=True, mode="nearest")
+    return back >= 0.5
+
+
+def degraded_mask_errors(rows: pd.DataFrame, root: Path,
+                         dilations: tuple[int, ...] = (1, 2, 3)) -> pd.DataFrame:
+    """Mask-only against frame-guided QCA on coarse masks (``coarse_mask``), lesion by lesion."""
+    records = []
+    for row in rows.to_dict("records"):
+        frame = read_frame(root / row["image_path"], int(row["frame_index"]))
+        true = read_mask(root / row["mask_path"])
+        for dilation in dilations:
+            mask = coarse_mask(true, frame.shape[:2], dilation)
+            width = 2 * float(np.percentile(_half_widths(mask), 50))
+            for method, given in (("mask", None), ("frame", frame)):
+                record = {"sample_id": row["sample_id"], "split": row["split"],
+                          "dilation": dilation, "edges": method,
+                          "mask width / true": width / (row["rvd_mm"] / row["pixel_spacing_mm"])}
+                try:
+                    result = measure(mask, row["pixel_spacing_mm"], frame=given).measurements()
+                    record.update(_errors(result, row))
+                except QCAError as error:
+                    record["error"] = str(error)
+                records.append(record)
+    return pd.DataFrame(records)
+
+
+def _half_widths(mask: np.ndarray) -> np.ndarray:
+    """Distance to the wall along the mask's skeleton: its local half-widths."""
+    from scipy import ndimage
+    from skimage.morphology import skeletonize
+
+    distance = ndimage.distance_transform_edt(mask)
+    values = distance[skeletonize(mask)]
+    return values if values.size else np.array([0.0])
+
+
 def predicted_errors(index: Path, split: str, results: Path, out: Path) -> pd.DataFrame:
     rows, _ = load_rows(index, split)
     subset = out / "subset.parquet"
@@ -76,6 +146,8 @@ def predicted_errors(index: Path, split: str, results: Path, out: Path) -> pd.Da
                                                    row["angle_cranial_deg"]).vessel,
                   "ambiguous": report["routing"]["ambiguous"],
                   **_errors(report["qca"], row),
+                  **{f"mask-only {label}": value for label, value in
+                     _errors(report.get("qca_mask_only") or {}, row).items()},
                   **{f"heads {label}": heads.get(name, np.nan) - row[column]
                      for name, column, label in (("MLD_mm", "mld_mm", "MLD (mm)"),
                                                  ("diameter_stenosis_pct",
@@ -136,12 +208,18 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--lesions", type=int, default=60,
                         help="phantom lesions for (a) when there are no kept adapters")
+    parser.add_argument("--index", type=Path,
+                        help="an existing index to measure (a), (a') and (c) on, instead of "
+                             "the kept adapters' index or a fresh phantom export")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     started = time.perf_counter()
     entries = {v: e for v, e in list_entries(args.results).items() if e is not None}
     scratch = Path(tempfile.mkdtemp(prefix="angiotune-qca-"))
-    if entries:
+    if args.index:
+        index = args.index
+        print(f"Index {index}")
+    elif entries:
         index = Path(next(iter(entries.values()))["index"])
         print(f"Kept adapters in {args.results}: {', '.join(entries)}; index {index}")
     else:
@@ -164,6 +242,25 @@ def main() -> None:
     failures = true[true[labels[0]].isna()] if labels[0] in true else true
     print(f"not measurable: {len(failures)}")
 
+    guided = frame_true_mask_errors(rows, root)
+    measured = guided.dropna(subset=[labels[0]])
+    print(f"\n(a') frame-guided QCA on the true masks ({len(measured)} lesions; "
+          f"{1000 * measured['seconds'].median():.0f} ms per lesion, median)")
+    table = summarise(measured, labels)
+    print(table.round(3).to_string())
+    figures["true masks, frame-guided"] = table.round(4).to_dict("index")
+
+    degraded = degraded_mask_errors(rows, root)
+    print(f"\n(c) coarse masks (true mask dilated, through a 3.5 px grid), all {len(rows)} "
+          "lesions: mask-only against frame-guided edges")
+    for (dilation, method), group in degraded.groupby(["dilation", "edges"]):
+        table = summarise(group, labels)
+        print(f"\ndilated {dilation} px, edges from the {method} (mask width / true width "
+              f"{group['mask width / true'].median():.2f}, median)\n"
+              f"{table.round(3).to_string()}")
+        figures[f"coarse masks +{dilation} px, edges: {method}"] = table.round(4).to_dict(
+            "index")
+
     recall = proposal_recall(rows[rows["split"] == args.split] if entries else rows, root)
     print(f"\nNo-box proposals (3 per frame): {json.dumps(recall)}")
     figures["proposals"] = recall
@@ -172,7 +269,9 @@ def main() -> None:
         predicted = predicted_errors(index, args.split, args.results, scratch)
         print(f"\n(b) predict on the {args.split} split ({len(predicted)} lesions, the index's "
               "box and frame, the kept adapters)")
-        table = summarise(predicted, labels + [f"heads {label}" for label in labels[:3]])
+        # QCA edges from the frame (what predict reports), from the mask alone, and the heads.
+        table = summarise(predicted, labels + [f"mask-only {label}" for label in labels]
+                          + [f"heads {label}" for label in labels[:3]])
         print(table.round(3).to_string())
         truth = predicted["vessel"].map(lambda v: load_views().adapter_for.get(v, v))
         routed, by_angle = predicted["routed"] == truth, predicted["by_angle_only"] == truth

@@ -190,6 +190,30 @@ def test_an_adapter_for_other_weights_or_another_version_is_refused(tmp_path):
         load_adapter(load_base_model(), folder)
 
 
+def test_the_crop_an_adapter_learned_travels_with_it(tmp_path):
+    from angiotune.model.adapters import crop_context_of
+    from angiotune.registry.store import load_ready_model
+    from angiotune.train.loop import trial_crop_context
+
+    settings = AdapterSettings(rank=2, crop_context=2.25)
+    folder = tmp_path / "adapter"
+    save_adapter(adapt(load_base_model(), settings), settings, folder, base_model_id())
+    assert crop_context_of(folder) == 2.25
+    assert load_ready_model(folder, None).crop_context == 2.25
+    # A trial started from it trains on its crop, whatever the space says.
+    assert trial_crop_context({"init": "best", "init_adapters": {"best": str(folder)},
+                               "crop_context": 1.2}) == 2.25
+    assert trial_crop_context({"crop_context": 1.2}) == 1.2
+    # Adapters saved before the crop was recorded were all trained on 3 boxes.
+    record_file = folder / "angiotune_adapter.json"
+    record = json.loads(record_file.read_text())
+    del record["settings"]["crop_context"]
+    record_file.write_text(json.dumps({**record, "format": 1}))
+    assert crop_context_of(folder) == 3.0
+    with pytest.raises(ConfigError, match="crop_context"):
+        AdapterSettings(crop_context=0.5)
+
+
 def test_train_step_fits_a_batch(batch):
     torch.manual_seed(0)
     model = adapt(load_base_model(), AdapterSettings(rank=8, targets=("vision_attn",)))

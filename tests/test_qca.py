@@ -102,3 +102,90 @@ def test_unmeasurable_masks_are_refused_clearly():
         measure(speck, SPACING_MM)
     with pytest.raises(QCAError, match="pixel spacing"):
         measure(speck, 0.0)
+
+
+# --- edges from the frame ----------------------------------------------------------------------
+
+def _render(path_mm: np.ndarray, diameter_mm: np.ndarray, shape=(200, 200),
+            crossing: bool = False) -> np.ndarray:
+    """An X-ray-like frame: a dark tube (transmission falls with the chord through the lumen) on
+    a textured background, blurred and noisy; ``crossing`` adds a dark vessel across it."""
+    from scipy.spatial import cKDTree
+
+    ys, xs = np.mgrid[0:shape[0], 0:shape[1]]
+    pixels = np.stack([xs.ravel(), ys.ravel()], axis=1)
+    distance, nearest = cKDTree(path_mm / SPACING_MM).query(pixels)
+    radius = (diameter_mm / SPACING_MM / 2)[nearest]
+    inner = ((nearest > 0) & (nearest < len(path_mm) - 1)).reshape(shape)
+    chord = np.where(inner, 2 * np.sqrt(np.clip(radius**2 - distance**2, 0, None))
+                     .reshape(shape), 0.0)
+    rng = np.random.default_rng(3)
+    texture = ndimage.gaussian_filter(rng.normal(size=shape), 6)
+    background = np.exp(0.15 * texture / texture.std() - 0.4 * (ys / shape[0]))
+    attenuation = 0.06 * chord
+    if crossing:  # a 1.6 mm vessel crossing at 70 degrees, a third of the way along
+        point = path_mm[len(path_mm) // 3] / SPACING_MM
+        direction = np.array([np.cos(np.deg2rad(110)), np.sin(np.deg2rad(110))])
+        offset = np.stack([xs - point[0], ys - point[1]], axis=-1)
+        across = np.abs(offset @ np.array([-direction[1], direction[0]]))
+        attenuation = attenuation + 0.06 * 2 * np.sqrt(np.clip(16 - across**2, 0, None))
+    frame = ndimage.gaussian_filter(background * np.exp(-attenuation), 0.8)
+    return np.clip(0.1 + 0.5 * frame + rng.normal(0, 0.008, shape), 0, 1).astype(np.float32)
+
+
+def test_frame_edges_recover_a_stenosis_that_a_mask_twice_too_wide_hides():
+    path = straight()
+    diameters, _ = narrowing(path, 3.0, 50.0, plateau_mm=4.0)
+    frame = _render(path, diameters)
+    coarse = tube(path, np.full(len(path), 6.0))  # twice the vessel, blind to the lesion
+    mask_only = measure(coarse, SPACING_MM)
+    guided = measure(coarse, SPACING_MM, frame=frame)
+    assert mask_only.edge_source == "mask" and guided.edge_source == "frame"
+    assert guided.measurements()["edges"] == "frame"
+    assert mask_only.mld_mm > 4.5 and mask_only.diameter_stenosis_pct < 20  # what it cannot see
+    # weight 0 (first derivative alone) reads this renderer's light blur ~1 px narrow
+    assert guided.mld_mm == pytest.approx(1.5, abs=0.35)
+    assert guided.rvd_mm == pytest.approx(3.0, abs=0.35)
+    assert guided.diameter_stenosis_pct == pytest.approx(50.0, abs=7.0)
+    middle = path[len(path) // 2] / SPACING_MM
+    assert np.linalg.norm(guided.centerline_px[guided.mld_index] - middle) <= 4.0 / SPACING_MM
+
+
+def test_frame_edges_agree_with_a_true_mask_and_do_not_depend_on_the_dtype():
+    path = arc()
+    diameters, _ = narrowing(path, 3.0, 40.0, plateau_mm=4.0)
+    frame = _render(path, diameters)
+    mask = tube(path, diameters)
+    as_float = measure(mask, SPACING_MM, frame=frame)
+    assert as_float.mld_mm == pytest.approx(1.8, abs=0.35)  # one pixel
+    assert as_float.rvd_mm == pytest.approx(3.0, abs=0.35)
+    for dtype, peak in ((np.uint8, 255), (np.uint16, 4095)):
+        other = measure(mask, SPACING_MM, frame=(frame * peak).round().astype(dtype))
+        assert other.mld_mm == pytest.approx(as_float.mld_mm, abs=0.05)
+        assert other.rvd_mm == pytest.approx(as_float.rvd_mm, abs=0.05)
+
+
+def test_a_crossing_vessel_does_not_capture_the_edge():
+    path = straight()
+    diameters, _ = narrowing(path, 3.0, 50.0, plateau_mm=4.0)
+    frame = _render(path, diameters, crossing=True)
+    coarse = tube(path, np.full(len(path), 6.0))
+    guided = measure(coarse, SPACING_MM, frame=frame)
+    crossing = path[len(path) // 3] / SPACING_MM
+    near = np.linalg.norm(guided.centerline_px - crossing, axis=1) < 1.5 / SPACING_MM
+    assert near.sum() > 10
+    # Around the crossing the lumen stays 3 mm: the walls do not follow the crossing vessel.
+    assert np.abs(guided.diameter_mm[near] - 3.0).max() < 0.45
+    assert guided.mld_mm == pytest.approx(1.5, abs=0.35)
+    assert guided.rvd_mm == pytest.approx(3.0, abs=0.35)
+
+
+def test_without_a_frame_the_mask_edges_are_used_as_before():
+    path = straight()
+    diameters, _ = narrowing(path, 3.0, 50.0, plateau_mm=4.0)
+    mask = tube(path, diameters)
+    default = measure(mask, SPACING_MM)
+    explicit = measure(mask, SPACING_MM, frame=None)
+    assert default.edge_source == explicit.edge_source == "mask"
+    np.testing.assert_array_equal(default.diameter_mm, explicit.diameter_mm)
+    assert default.mld_mm == pytest.approx(1.5, abs=0.1)

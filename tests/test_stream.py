@@ -33,8 +33,13 @@ def test_prepare_sample_without_ray(stream_index):
     x0, y0, x1, y1 = sample["box"].astype(int)
     assert sample["mask"].sum() > 0
     assert sample["mask"][y0:y1, x0:x1].sum() == sample["mask"].sum()
-    # Pixel spacing follows the crop scale: a model pixel covers more millimetres than a frame one.
-    assert sample["pixel_spacing_mm"] > rows.iloc[0]["pixel_spacing_mm"]
+    # Pixel spacing follows the crop scale: the crop's side (context times the box's longer
+    # side, at least 48 px) spread over the model's 64 pixels.
+    row = rows.iloc[0]
+    side = max(SETTINGS.context * max(row["bbox_x1"] - row["bbox_x0"],
+                                      row["bbox_y1"] - row["bbox_y0"]), 48.0)
+    assert sample["pixel_spacing_mm"] == pytest.approx(row["pixel_spacing_mm"] * side / 64,
+                                                       rel=1e-4)
 
 
 def test_box_only_augmentation_keeps_the_pixels(stream_index):

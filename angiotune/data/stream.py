@@ -23,6 +23,7 @@ from angiotune.data.ingest import index_metadata, read_index
 from angiotune.data.prompts import lesion_prompt, neighbour_prompt
 from angiotune.data.readers import read_frame, read_mask
 from angiotune.data.transforms import (
+    DEFAULT_CROP_CONTEXT,
     box_to_square,
     frame_to_square,
     jitter_box,
@@ -48,8 +49,9 @@ ROWS_PER_BLOCK = 8  # enough rows per task to amortise its start, few enough to 
 class SampleSettings:
     """How rows become model inputs.
 
-    ``fit``: "crop" takes a square of ``context`` times the lesion box around it (lesions are
-    under 1 % of a frame), "frame" letterboxes the whole frame as SAM does at full size.
+    ``fit``: "crop" takes a square of ``context`` times the lesion box's longer side around it
+    (lesions are under 1 % of a frame; an adapter records the context it was trained with),
+    "frame" letterboxes the whole frame as SAM does at full size.
     ``augment``: train-only randomness; None means "when the split is train".
     ``augment_pixels``: with ``augment``, also warp and re-light the image (off: only the box
     prompt is jittered, so the encoder sees the same pixels every epoch and its embeddings can
@@ -58,7 +60,7 @@ class SampleSettings:
 
     image_size: int = 224
     fit: str = "crop"
-    context: float = 3.0
+    context: float = DEFAULT_CROP_CONTEXT
     augment: bool | None = None
     seed: int = 0
     augment_pixels: bool = True

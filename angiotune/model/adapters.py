@@ -16,6 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+from angiotune.data.transforms import DEFAULT_CROP_CONTEXT
 from angiotune.errors import ConfigError
 
 STRATEGIES = ("lora", "decoder_only", "full")
@@ -35,12 +36,15 @@ DECODER_MODULES = ("mask_decoder", "prompt_encoder", "detr_decoder", "geometry_e
 FROZEN_MODULES = ("text_encoder", "text_projection")  # text stays as pre-trained
 WEIGHTS_FILE = "trained_weights.safetensors"
 SETTINGS_FILE = "angiotune_adapter.json"
-ADAPTER_FORMAT = 1  # of SETTINGS_FILE; raise it when the saved layout changes
+ADAPTER_FORMAT = 2  # of SETTINGS_FILE; raise it when the saved layout changes
+FORMAT_1_CROP_CONTEXT = 3.0  # format 1 did not record the crop: it was always 3 boxes
 
 
 @dataclass(frozen=True)
 class AdapterSettings:
-    """Which weights train. ``train_decoder`` also trains the whole mask decoder under LoRA."""
+    """Which weights train, and the crop they learn to see. ``train_decoder`` also trains the
+    whole mask decoder under LoRA; ``crop_context`` is the lesion crop's side in boxes, which
+    every later use of the adapter (evaluate, predict, reports) must crop alike."""
 
     strategy: str = "lora"
     rank: int = 8
@@ -48,6 +52,7 @@ class AdapterSettings:
     dropout: float = 0.1  # the seed plan's value
     targets: tuple[str, ...] = ("vision_qv",)
     train_decoder: bool = True
+    crop_context: float = DEFAULT_CROP_CONTEXT
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -60,6 +65,9 @@ class AdapterSettings:
             raise ConfigError("lora needs rank >= 1 and at least one target group")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout: {self.dropout} is not in [0, 1)")
+        if not 1.0 <= self.crop_context <= 8.0:
+            raise ConfigError(f"crop_context: {self.crop_context} is not in [1, 8] (the crop's "
+                              "side in lesion boxes)")
 
     def target_regex(self) -> str:
         return r".*(" + "|".join(TARGET_GROUPS[t] for t in self.targets) + r")"
@@ -124,6 +132,21 @@ def read_adapter_record(folder: Path) -> dict:
     return record
 
 
+def settings_of(record: dict) -> AdapterSettings:
+    """The settings a checked record (``read_adapter_record``) was saved with."""
+    saved = record["settings"]
+    crop = saved.get("crop_context", FORMAT_1_CROP_CONTEXT if record["format"] == 1
+                     else DEFAULT_CROP_CONTEXT)
+    return AdapterSettings(**{**saved, "targets": tuple(saved["targets"]),
+                              "crop_context": float(crop)})
+
+
+def crop_context_of(folder: Path) -> float:
+    """The crop an adapter folder was trained on (3 boxes for adapters saved before it was
+    recorded)."""
+    return settings_of(read_adapter_record(Path(folder))).crop_context
+
+
 def load_adapter(base: torch.nn.Module, folder: Path, trainable: bool = False,
                  base_id: str | None = None) -> torch.nn.Module:
     """The base with a saved adapter applied: for inference, or to go on training it.
@@ -135,8 +158,7 @@ def load_adapter(base: torch.nn.Module, folder: Path, trainable: bool = False,
     if base_id and record.get("base_model") and record["base_model"] != base_id:
         raise ConfigError(f"{folder}: adapter saved for base model {record['base_model']}, not "
                           f"{base_id}; load it with the base it was trained on (--model)")
-    settings = AdapterSettings(**{**record["settings"],
-                                  "targets": tuple(record["settings"]["targets"])})
+    settings = settings_of(record)
     if settings.strategy == "lora":
         with warnings.catch_warnings():  # peft asks a transformers 5 property it deprecated
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)

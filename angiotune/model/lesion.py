@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from angiotune.data.transforms import DEFAULT_CROP_CONTEXT
 from angiotune.model.heads import LesionHeads, pooled_features
 from angiotune.model.sam3 import to_pixel_values
 
@@ -17,10 +18,15 @@ UNUSED_WITH_A_BOX = "pred_obj_score_head"
 
 
 class LesionModel(nn.Module):
-    def __init__(self, segmenter: nn.Module, heads: LesionHeads | None = None) -> None:
+    """``crop_context``: the lesion crop (in boxes) the adapter was trained on, for whoever
+    crops for it (``angiotune.predict.segment``)."""
+
+    def __init__(self, segmenter: nn.Module, heads: LesionHeads | None = None,
+                 crop_context: float = DEFAULT_CROP_CONTEXT) -> None:
         super().__init__()
         self.segmenter = segmenter
         self.heads = heads
+        self.crop_context = float(crop_context)
         # The tracker's object-score head says whether the object is visible in a video frame;
         # a box on one frame never uses it, and under DDP a trainable parameter that gets no
         # gradient stops the next step ("did not receive grad"). Frozen, it stays as loaded.

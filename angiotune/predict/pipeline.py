@@ -316,17 +316,26 @@ def _predict_lesion(frame, box, box_source, proposal, route, angles, spacing, mo
     timings["segment"] = _lap(clock)
 
     clock = time.perf_counter()
+    # Edges from the frame (core-lab style), the model's mask giving the segment; the mask's
+    # own edges are reported beside, as the model alone would measure the lesion.
     try:
-        qca = measure(segmentation.mask, scale, probability=segmentation.probability)
+        qca = measure(segmentation.mask, scale, probability=segmentation.probability,
+                      frame=frame)
         qca_report = {**qca.measurements(), "notes": qca.notes}
     except QCAError as error:
         qca, qca_report = None, {"error": str(error)}
+    try:
+        mask_only = measure(segmentation.mask, scale, probability=segmentation.probability)
+        mask_only_report = {**mask_only.measurements(), "notes": mask_only.notes}
+    except QCAError as error:
+        mask_only_report = {"error": str(error)}
     timings["measure"] = _lap(clock)
     contours = None if qca is None else {k: v for k, v in qca.to_json().items()
                                          if k != "measurements" and k != "notes"}
     heads = segmentation.heads
     if spacing is None:
         qca_report, contours, heads = in_pixels(qca_report), in_pixels(contours), in_pixels(heads)
+        mask_only_report = in_pixels(mask_only_report)
 
     entry = models.entries[vessel]
     report.update({
@@ -345,6 +354,7 @@ def _predict_lesion(frame, box, box_source, proposal, route, angles, spacing, mo
         "segmentation": {"confidence": round(segmentation.confidence, 3),
                          "area_px": int(segmentation.mask.sum())},
         "qca": qca_report,
+        "qca_mask_only": mask_only_report,
         "heads": heads,
         "contours": contours,
         "timings_ms": timings,

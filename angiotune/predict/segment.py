@@ -1,6 +1,6 @@
 """One box on one frame through a kept model, and the answer back in frame pixels.
 
-The crop is made exactly as in training (``SampleSettings``: a square of ``context`` times the
+The crop is made exactly as in training (a square of the adapter's ``crop_context`` times the
 box around it, at the model's input size), so the adapter sees what it learned on. The mask
 logits come back through the inverse of the same affine, bilinearly, so the QCA can place edges
 between pixels from the probability map rather than from a blocky mask.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from angiotune.data.stream import SampleSettings, view_context
+from angiotune.data.stream import view_context
 from angiotune.data.transforms import box_to_square, normalise_intensity, warp
 from angiotune.errors import ConfigError
 from angiotune.model.lesion import LesionModel
@@ -38,8 +38,7 @@ def segment_box(model: LesionModel, frame: np.ndarray, box: np.ndarray, mm_per_p
                 angles: tuple[float | None, float | None] = (None, None)) -> Segmentation:
     """Segment inside ``box`` (x0, y0, x1, y1 frame pixels) on ``frame`` (H x W in [0, 1])."""
     size = image_size_of(model.segmenter)
-    settings = SampleSettings(image_size=size, augment=False)
-    affine = box_to_square(np.asarray(box, dtype=float), size, settings.context)
+    affine = box_to_square(np.asarray(box, dtype=float), size, model.crop_context)
     image = normalise_intensity(warp(frame, affine, size, fill=float(np.median(frame))))
     model_box = np.clip(affine.box(np.asarray(box, dtype=float)), 0, size).astype(np.float32)
     height, width = frame.shape

@@ -1,12 +1,17 @@
 """Quantitative coronary analysis of one segment mask: diameters along the centerline, the
 interpolated reference, MLD, % diameter stenosis and lesion length, in mm.
 
-The method is the edge-detection QCA of core labs, run on a mask instead of raw edges:
+The method is the edge-detection QCA of core labs:
 
 1. centerline through the middle of the lumen (``angiotune.qca.centerline``); a mask cut in two
    by a subtotal occlusion is bridged, and the gap measured as no lumen;
-2. at every pixel of arc length, the lumen edges along the normal, found to sub-pixel precision
-   where the (bilinearly interpolated) mask or probability map crosses one half;
+2. at every pixel of arc length, the lumen edges along the normal. Given the frame, as a core
+   lab does: from the frame's intensity on scanlines along the normals, an edge-strength cost
+   (first and second derivatives) followed across scanlines by dynamic programming, the mask
+   only a prior on where to look (``angiotune.qca.edges``): a coarse model mask then gives the
+   segment, its centerline and its ends, and the frame the lumen. Without a frame, where the
+   (bilinearly interpolated) mask or probability map crosses one half, to sub-pixel precision.
+   The result's ``edge_source`` ("frame" or "mask") says which;
 3. the cut ends of the segment are dropped (``trim_diameters``) and the profile lightly smoothed;
    the MLD is not searched in its outer ``end_margin`` (a segment runs between healthy parts);
 4. the reference diameter is a straight line fitted to the healthy parts: everything except the
@@ -26,6 +31,7 @@ from scipy import ndimage
 
 from angiotune.errors import AngiotuneError
 from angiotune.qca.centerline import branched_fraction, bridge_gaps, centerline
+from angiotune.qca.edges import EdgeSettings, frame_edges
 
 EDGE_LEVEL = 0.5
 BRANCHED_FRACTION = 0.15  # share of the mask off the centerline's tube that means a branch
@@ -44,6 +50,7 @@ class QCASettings:
     lesion_edge_fraction: float = 0.05
     end_margin: float = 0.1
     min_points: int = 8
+    edges: EdgeSettings = EdgeSettings()
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class QCAResult:
     lesion_start: int
     lesion_end: int
     notes: list[str] = field(default_factory=list)
+    edge_source: str = "mask"  # "frame": edges from the frame's intensity; "mask": the mask's
 
     @property
     def mld_mm(self) -> float:
@@ -92,6 +100,7 @@ class QCAResult:
             "lesion_start_px": _xy(self.centerline_px[self.lesion_start]),
             "lesion_end_px": _xy(self.centerline_px[self.lesion_end]),
             "mm_per_pixel": round(self.mm_per_pixel, 5),
+            "edges": self.edge_source,
         }
 
     def to_json(self) -> dict:
@@ -111,13 +120,32 @@ class QCAResult:
 
 
 def measure(mask: np.ndarray, mm_per_pixel: float, probability: np.ndarray | None = None,
+            frame: np.ndarray | None = None,
             settings: QCASettings = QCASettings()) -> QCAResult:
     """QCA of the largest connected piece of ``mask`` (H x W). ``probability`` (same shape, in
-    [0, 1]) places the edges more finely than the binary mask can, when the model gave one."""
+    [0, 1]) places the mask's edges more finely than the binary mask can, when the model gave
+    one. With ``frame`` (the angiogram the mask was drawn on, any numeric dtype), the lumen edges
+    come from the frame's intensity (``angiotune.qca.edges``) and the mask only gives the
+    centerline, the segment's ends and where to look; without it, from the mask.
+
+    ``mm_per_pixel`` is the mask's spacing; a mask stored at a fraction of the frame's size is
+    scaled up to the frame, and the spacing with it."""
     mask = np.asarray(mask, dtype=bool)
     if not mm_per_pixel or not np.isfinite(mm_per_pixel) or mm_per_pixel <= 0:
         raise QCAError(f"pixel spacing must be a positive number of mm, got {mm_per_pixel!r}")
     edge_field = np.asarray(probability if probability is not None else mask, dtype=np.float32)
+    if frame is not None:
+        frame = np.asarray(frame)
+        if frame.shape[:2] != mask.shape:
+            factor = frame.shape[1] / mask.shape[1]
+            if abs(frame.shape[0] / mask.shape[0] - factor) > 0.02 * factor:
+                raise QCAError(f"the frame ({frame.shape[1]}x{frame.shape[0]}) and the mask "
+                               f"({mask.shape[1]}x{mask.shape[0]}) do not have one shape")
+            zoom = (frame.shape[0] / mask.shape[0], frame.shape[1] / mask.shape[1])
+            edge_field = np.clip(ndimage.zoom(edge_field, zoom, order=1, grid_mode=True,
+                                              mode="nearest"), 0, 1)
+            mask = edge_field >= EDGE_LEVEL
+            mm_per_pixel = mm_per_pixel / factor
     rows, cols = np.nonzero(mask)
     if len(rows) < 3:
         raise QCAError(f"the mask is too small to measure ({len(rows)} pixels)")
@@ -127,7 +155,7 @@ def measure(mask: np.ndarray, mm_per_pixel: float, probability: np.ndarray | Non
     r0, c0 = max(rows.min() - margin, 0), max(cols.min() - margin, 0)
     r1, c1 = rows.max() + margin + 1, cols.max() + margin + 1
     result = _measure(mask[r0:r1, c0:c1], edge_field[r0:r1, c0:c1], float(mm_per_pixel),
-                      settings)
+                      settings, None if frame is None else frame[r0:r1, c0:c1])
     offset = np.array([c0, r0], dtype=float)
     return replace(result, centerline_px=result.centerline_px + offset,
                    left_edge_px=result.left_edge_px + offset,
@@ -135,7 +163,7 @@ def measure(mask: np.ndarray, mm_per_pixel: float, probability: np.ndarray | Non
 
 
 def _measure(mask: np.ndarray, edge_field: np.ndarray, mm_per_pixel: float,
-             settings: QCASettings) -> QCAResult:
+             settings: QCASettings, frame: np.ndarray | None = None) -> QCAResult:
     notes: list[str] = []
     joined, bridges = bridge_gaps(mask)
     path = centerline(joined)
@@ -145,7 +173,12 @@ def _measure(mask: np.ndarray, edge_field: np.ndarray, mm_per_pixel: float,
     if branched_fraction(joined, path) > BRANCHED_FRACTION:
         notes.append("the mask branches (a side branch or a neighbouring vessel is in it): the "
                      "centerline follows its longest route")
-    left, right, centre_inside = _edges(edge_field, path)
+    normal, (left_distance, right_distance), centre_inside = _edges(edge_field, path)
+    if frame is not None:
+        left_distance, right_distance = _frame_distances(frame, path, normal, left_distance,
+                                                         right_distance, settings.edges)
+    left = path + left_distance[:, None] * normal
+    right = path - right_distance[:, None] * normal
     diameter = np.linalg.norm(left - right, axis=1)
     if bridges:
         # Where the centerline crosses a gap, there is no lumen to see: a diameter of zero.
@@ -179,27 +212,39 @@ def _measure(mask: np.ndarray, edge_field: np.ndarray, mm_per_pixel: float,
                      right_edge_px=right, arclength_mm=arclength * mm_per_pixel,
                      diameter_mm=diameter * mm_per_pixel, reference_mm=reference * mm_per_pixel,
                      healthy=healthy, mld_index=mld, lesion_start=start, lesion_end=end,
-                     notes=notes + reference_notes)
+                     notes=notes + reference_notes,
+                     edge_source="mask" if frame is None else "frame")
 
 
 def _edges(edge_field: np.ndarray, path: np.ndarray):
-    """Left and right lumen edges along each point's normal (NaN where an edge is not found),
-    and whether each centerline point lies in the lumen at all."""
+    """Each point's unit normal, the distances out to the left (along the normal) and right
+    lumen edges where the mask crosses one half (NaN where it does not), and whether each
+    centerline point lies in the lumen at all."""
     tangent = np.gradient(path, axis=0)
     tangent /= np.maximum(np.linalg.norm(tangent, axis=1, keepdims=True), 1e-9)
     normal = np.stack([tangent[:, 1], -tangent[:, 0]], axis=1)
     reach = 2.0 * float(ndimage.distance_transform_edt(np.pad(edge_field >= EDGE_LEVEL, 1))
                         .max()) + 3.0
     steps = np.arange(0.0, reach, _RAY_STEP_PX)
-    sides = []
+    distances = []
     for sign in (1.0, -1.0):
         points = path[:, None, :] + sign * steps[None, :, None] * normal[:, None, :]
         values = ndimage.map_coordinates(edge_field, [points[..., 1], points[..., 0]], order=1,
                                          mode="constant", cval=0.0)
-        distance = _first_crossing(values, steps)
-        sides.append(path + sign * distance[:, None] * normal)
+        distances.append(_first_crossing(values, steps))
         centre_inside = values[:, 0] >= EDGE_LEVEL
-    return sides[0], sides[1], centre_inside
+    return normal, distances, centre_inside
+
+
+def _frame_distances(frame: np.ndarray, path: np.ndarray, normal: np.ndarray,
+                     prior_left: np.ndarray, prior_right: np.ndarray,
+                     settings: EdgeSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The frame's edge distances; an edge crossed over past the other (a lumen gone to a
+    line) meets it halfway, a diameter of zero."""
+    left, right = frame_edges(frame, path, normal, prior_left, prior_right, settings)
+    crossed = left + right < 0
+    middle = 0.5 * (left - right)
+    return np.where(crossed, middle, left), np.where(crossed, -middle, right)
 
 
 def _first_crossing(values: np.ndarray, steps: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from angiotune.registry.store import (
+    ADAPTER,
     GENERAL,
     RegistryError,
     base_path_of,
@@ -106,6 +107,7 @@ def _evaluate_vessel(results: Path, vessel: str, entry: dict, batch_size: int,
     import torch
 
     from angiotune.data.stream import SampleSettings, load_rows, sample_batches
+    from angiotune.model.adapters import crop_context_of
     from angiotune.model.sam3 import image_size_of, load_base_model, load_prompt_tokenizer
     from angiotune.train.step import evaluate_samples
 
@@ -128,8 +130,10 @@ def _evaluate_vessel(results: Path, vessel: str, entry: dict, batch_size: int,
     base_path = base_path_of(entry, model)
     base = load_base_model(base_path, mode)
     tokenizer = load_prompt_tokenizer(base_path) if mode == "text_box" else None
+    # Kept and zero-shot see the crop the adapter was trained on.
+    crop = crop_context_of(Path(entry["path"]) / ADAPTER)
     batches = sample_batches(test, root, SampleSettings(image_size=image_size_of(base),
-                                                        augment=False), batch_size)
+                                                        augment=False, context=crop), batch_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     records = {"kept": evaluate_samples(kept.to(device), batches, tokenizer),
                "zero-shot": evaluate_samples(base.to(device), batches, tokenizer),

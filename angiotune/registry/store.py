@@ -171,7 +171,7 @@ def base_path_of(entry: dict, model: Path | None = None) -> str | None:
 
 def load_ready_model(folder: Path, base_model_path: str | None, mode: str = "box"):
     """An adapter folder (kept, or a trial's checkpoint) applied to its base, ready to run."""
-    from angiotune.model.adapters import load_adapter
+    from angiotune.model.adapters import crop_context_of, load_adapter
     from angiotune.model.heads import has_heads, load_heads
     from angiotune.model.lesion import LesionModel
     from angiotune.model.sam3 import base_model_id, load_base_model
@@ -180,4 +180,5 @@ def load_ready_model(folder: Path, base_model_path: str | None, mode: str = "box
                          base_id=base_model_id(base_model_path, mode))
     if mode != "box":
         return model
-    return LesionModel(model, load_heads(folder) if has_heads(folder) else None).eval()
+    return LesionModel(model, load_heads(folder) if has_heads(folder) else None,
+                       crop_context_of(folder)).eval()

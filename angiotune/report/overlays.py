@@ -34,6 +34,7 @@ def best_mask_overlays(record: SearchRecord, vessel: str,
     import torch
 
     from angiotune.data.stream import SampleSettings, load_rows, sample_batches
+    from angiotune.model.adapters import crop_context_of
     from angiotune.model.sam3 import image_size_of, load_base_model, load_prompt_tokenizer
     from angiotune.registry.store import load_ready_model
     from angiotune.train.step import as_tensors, dice_scores, forward
@@ -56,7 +57,8 @@ def best_mask_overlays(record: SearchRecord, vessel: str,
     base = load_base_model(base_path, mode).eval()
     models = {"adapter": load_ready_model(adapter, base_path, mode).eval(), "zero-shot": base}
     tokenizer = load_prompt_tokenizer(base_path) if mode == "text_box" else None
-    settings = SampleSettings(image_size=image_size_of(base), augment=False)
+    settings = SampleSettings(image_size=image_size_of(base), augment=False,
+                              context=crop_context_of(adapter))
     batch = sample_batches(rows, root, settings, batch_size=count)[0]
     tensors = as_tensors(batch)
     with torch.no_grad():

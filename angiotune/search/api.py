@@ -71,8 +71,9 @@ def embedded_index(results: Path) -> Path:
 
 
 def zero_shot(index: Path, model_path: Path | None, image_size: int, prompt_mode: str = "box",
-              batch_size: int = 16) -> dict[str, float]:
-    """The base model's validation metrics before any adaptation (plain PyTorch, no Ray)."""
+              batch_size: int = 16, crop_context: float | None = None) -> dict[str, float]:
+    """The base model's validation metrics before any adaptation (plain PyTorch, no Ray), on
+    the crop the trials see (``crop_context``; None: the default)."""
     import torch
 
     from angiotune.data.stream import SampleSettings, load_rows, sample_batches
@@ -80,8 +81,9 @@ def zero_shot(index: Path, model_path: Path | None, image_size: int, prompt_mode
     from angiotune.train.step import evaluate
 
     rows, root = load_rows(index, "val")
-    batches = sample_batches(rows, root, SampleSettings(image_size=image_size, augment=False),
-                             batch_size)
+    samples = SampleSettings(image_size=image_size, augment=False,
+                             **({} if crop_context is None else {"context": crop_context}))
+    batches = sample_batches(rows, root, samples, batch_size)
 
     tokenizer = load_prompt_tokenizer(model_path) if prompt_mode == "text_box" else None
     # A Ray task given no GPU sees none (CUDA_VISIBLE_DEVICES is emptied for it).
@@ -247,7 +249,9 @@ def zero_shot_on_cluster(space: SearchSpace, index: Path, model: Path | None,
 
     task = ray.remote(max_calls=1)(zero_shot).options(num_cpus=space.cpus_per_worker,
                                                       num_gpus=space.gpus_per_worker or 0)
-    return ray.get(task.remote(index, model, space.image_size, mode, space.batch_size))
+    crop = space.fixed.get("crop_context")  # a searched crop: the base on the default one
+    return ray.get(task.remote(index, model, space.image_size, mode, space.batch_size,
+                               None if crop is None else float(crop)))
 
 
 def segment_classes(index: Path) -> tuple[tuple[str, ...], list[int]]:
@@ -361,10 +365,9 @@ def pareto_front(space: SearchSpace, run_dir: Path) -> list[dict]:
 
 
 def _adapter_strategy(adapter: Path) -> str:
-    from angiotune.model.adapters import SETTINGS_FILE
+    from angiotune.model.adapters import read_adapter_record, settings_of
 
-    record = json.loads((adapter / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
-    return str(record["strategy"])
+    return settings_of(read_adapter_record(adapter)).strategy
 
 
 def _is_metric(key: str, value) -> bool:

@@ -76,7 +76,8 @@ TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", 
               "pos_weight", "focal_gamma", "batch_size", "precision", "gradient_checkpointing",
               "prompt_mode", "score_weight", "heads", "init", "segment_weight",
               "stenosis_weight", "mld_weight", "rvd_weight", "head_weighting", "class_loss",
-              "class_weights", "head_hidden", "head_lr_ratio", "embedding_cache"}
+              "class_weights", "head_hidden", "head_lr_ratio", "embedding_cache",
+              "crop_context"}
 # prompt_mode: one zero-shot base per search; embedding_cache: what may train depends on it.
 FIXED_ONLY = {"prompt_mode", "embedding_cache"}
 # The repository's top-level search_spaces/ folder, installed (editable or from a wheel) as the

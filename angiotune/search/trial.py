@@ -58,11 +58,13 @@ def with_checkpoint_paths(history: pd.DataFrame, trial_dir: Path) -> pd.DataFram
 
 def run_trial(config: dict, constants: dict) -> None:
     from angiotune.data.stream import SampleSettings, lesion_dataset, load_rows
+    from angiotune.train.loop import trial_crop_context
 
     settings = {**constants, **config}
     # With the embedding cache the encoder must see the same pixels every epoch: only the box
     # prompt is augmented then.
     samples = SampleSettings(image_size=int(settings["image_size"]), seed=int(settings["seed"]),
+                             context=trial_crop_context(settings),
                              augment_pixels=not settings.get("embedding_cache"))
     datasets = {}
     for split in ("train", "val"):

@@ -15,7 +15,6 @@ the stage-3 search) has already narrowed the data to one vessel's lesions.
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -24,13 +23,16 @@ from pathlib import Path
 
 import torch
 
+from angiotune.data.transforms import DEFAULT_CROP_CONTEXT
 from angiotune.errors import ConfigError
 from angiotune.model.adapters import (
-    SETTINGS_FILE,
     AdapterSettings,
     adapt,
+    crop_context_of,
     load_adapter,
+    read_adapter_record,
     save_adapter,
+    settings_of,
 )
 from angiotune.model.embedding_cache import EmbeddingCache, encoder_is_frozen
 from angiotune.model.heads import (
@@ -65,7 +67,17 @@ def adapter_settings(config: dict) -> AdapterSettings:
     return AdapterSettings(strategy=config.get("strategy", "lora"), rank=rank, alpha=float(alpha),
                            dropout=float(config.get("dropout", AdapterSettings.dropout)),
                            targets=tuple(str(targets).split("+")),
-                           train_decoder=bool(config.get("train_decoder", True)))
+                           train_decoder=bool(config.get("train_decoder", True)),
+                           crop_context=trial_crop_context(config))
+
+
+def trial_crop_context(config: dict) -> float:
+    """The crop a trial trains on: its start adapter's when it starts from one (the adapter
+    learned that crop), else the searched or fixed ``crop_context``."""
+    start = init_adapter(config)
+    if start is not None:
+        return crop_context_of(start)
+    return float(config.get("crop_context", DEFAULT_CROP_CONTEXT))
 
 
 def loss_weights(config: dict) -> LossWeights:
@@ -136,8 +148,7 @@ def build_model(config: dict, checkpoint_dir: Path | None = None):
     else:
         model = load_adapter(base, source, trainable=True,
                              base_id=trial_base_id(config))
-        record = json.loads((source / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
-        settings = AdapterSettings(**{**record, "targets": tuple(record["targets"])})
+        settings = settings_of(read_adapter_record(source))
     if mode != "box":
         return model, settings
     heads = None
@@ -151,7 +162,7 @@ def build_model(config: dict, checkpoint_dir: Path | None = None):
                                          tasks=trained_tasks(config)))
     if heads is not None:  # unused parameters would stall DDP's gradient reduction
         heads.log_vars.requires_grad_(config.get("head_weighting", "fixed") == "uncertainty")
-    return LesionModel(model, heads), settings
+    return LesionModel(model, heads, settings.crop_context), settings
 
 
 def save_trained(model: torch.nn.Module, settings: AdapterSettings, folder: Path,
