@@ -214,6 +214,32 @@ def test_the_crop_an_adapter_learned_travels_with_it(tmp_path):
         AdapterSettings(crop_context=0.5)
 
 
+def test_the_refiner_starts_as_the_decoder_learns_and_travels(tmp_path, batch):
+    """Zero-initialised, it starts from the decoder's mask; trained, it changes the mask; saved
+    with the adapter, it comes back with it."""
+    from angiotune.registry.store import load_ready_model
+    from angiotune.train.loop import build_model, save_trained
+
+    torch.manual_seed(0)
+    model, settings = build_model({"rank": 4, "targets": "vision_attn", "refine": True})
+    images, boxes = torch.as_tensor(batch["image"]), torch.as_tensor(batch["box"])
+    with torch.no_grad():
+        out = model(images, boxes)
+    torch.testing.assert_close(out["logits"], out["coarse_logits"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    parts = [train_step(model, batch, optimizer, LossWeights()) for _ in range(8)]
+    assert "coarse_loss" in parts[0] and parts[-1]["loss"] < parts[0]["loss"]
+    model.eval()
+    with torch.no_grad():
+        out = model(images, boxes)
+    assert not torch.allclose(out["logits"], out["coarse_logits"])
+    save_trained(model, settings, tmp_path / "adapter", base_model_id())
+    restored = load_ready_model(tmp_path / "adapter", None)
+    assert restored.refiner is not None
+    with torch.no_grad():
+        torch.testing.assert_close(restored(images, boxes)["logits"], out["logits"])
+
+
 def test_train_step_fits_a_batch(batch):
     torch.manual_seed(0)
     model = adapt(load_base_model(), AdapterSettings(rank=8, targets=("vision_attn",)))

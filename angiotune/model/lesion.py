@@ -12,6 +12,7 @@ from torch import nn
 
 from angiotune.data.transforms import DEFAULT_CROP_CONTEXT
 from angiotune.model.heads import LesionHeads, pooled_features
+from angiotune.model.refine import MaskRefiner
 from angiotune.model.sam3 import to_pixel_values
 
 UNUSED_WITH_A_BOX = "pred_obj_score_head"
@@ -19,13 +20,16 @@ UNUSED_WITH_A_BOX = "pred_obj_score_head"
 
 class LesionModel(nn.Module):
     """``crop_context``: the lesion crop (in boxes) the adapter was trained on, for whoever
-    crops for it (``angiotune.predict.segment``)."""
+    crops for it (``angiotune.predict.segment``); ``refiner``: the optional high-resolution
+    mask refinement (``angiotune.model.refine``)."""
 
     def __init__(self, segmenter: nn.Module, heads: LesionHeads | None = None,
-                 crop_context: float = DEFAULT_CROP_CONTEXT) -> None:
+                 crop_context: float = DEFAULT_CROP_CONTEXT,
+                 refiner: MaskRefiner | None = None) -> None:
         super().__init__()
         self.segmenter = segmenter
         self.heads = heads
+        self.refiner = refiner
         self.crop_context = float(crop_context)
         # The tracker's object-score head says whether the object is visible in a video frame;
         # a box on one frame never uses it, and under DDP a trainable parameter that gets no
@@ -40,6 +44,7 @@ class LesionModel(nn.Module):
                 embeddings: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``logits`` (B, S, S) at the input size, ``confidence`` (B,) from the IoU head, and
         the heads' outputs when there are heads (they need ``context`` and ``mm_per_pixel``).
+        With a refiner, ``logits`` are refined and ``coarse_logits`` are the decoder's own.
         ``embeddings``: the images' encoder output, when a cache has it (the encoder is then
         skipped; ``images`` still gives the output size)."""
         inputs = ({"image_embeddings": embeddings} if embeddings is not None
@@ -47,9 +52,11 @@ class LesionModel(nn.Module):
         out = self.segmenter(**inputs, input_boxes=boxes.float()[:, None],
                              multimask_output=False)
         low_res = out.pred_masks[:, 0, 0]
-        result = {"logits": F.interpolate(low_res[:, None], size=images.shape[-2:],
-                                          mode="bilinear", align_corners=False)[:, 0],
-                  "confidence": out.iou_scores[:, 0, 0]}
+        logits = F.interpolate(low_res[:, None], size=images.shape[-2:], mode="bilinear",
+                               align_corners=False)[:, 0]
+        result = {"logits": logits, "confidence": out.iou_scores[:, 0, 0]}
+        if self.refiner is not None:
+            result.update(logits=self.refiner(logits, images), coarse_logits=logits)
         if self.heads is not None:
             features = pooled_features(out.image_embeddings, low_res, boxes, images.shape[-1])
             result.update(self.heads(features, context, mm_per_pixel))

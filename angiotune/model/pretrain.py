@@ -2,7 +2,8 @@
 
 The real SAM 3 is a general segmenter that angiotune adapts to lesions. The embedded model must be
 the same kind of thing at toy scale: it learns "segment the object in this box" on ellipses,
-polygons, rings and strokes over textured backgrounds (never angiograms), so LoRA on phantoms has
+polygons, rings, strokes and tapering curved tubes with touching branches over textured
+backgrounds (never angiograms), so LoRA on phantoms has
 a zero-shot base to improve on. Regenerate the shipped weights with
 
     python -m angiotune.model.pretrain                        # the tracker (box prompts)
@@ -63,7 +64,29 @@ def _stroke(yy, xx, rng, size):
     return ndimage.distance_transform_edt(line) <= rng.uniform(0.015, 0.05) * size
 
 
-SHAPES = {"ellipse": _ellipse, "polygon": _polygon, "stroke": _stroke, "ring": _ring}
+def _tube(yy, xx, rng, size, start: np.ndarray | None = None):
+    """A curved tube whose width tapers along it: thin elongated objects (cables, roads,
+    vessels, roots) are what a general segmenter finds hardest, and its cells in the box are
+    few."""
+    points = rng.uniform(0.05, 0.95, (4, 2)) * size
+    if start is not None:
+        points[0] = start
+    t = np.linspace(0, 1, 6 * size)[:, None]
+    curve = ((1 - t) ** 3 * points[0] + 3 * (1 - t) ** 2 * t * points[1]
+             + 3 * (1 - t) * t**2 * points[2] + t**3 * points[3])
+    width = rng.uniform(0.012, 0.045) * size
+    radius = width * (1 - (1 - rng.uniform(0.35, 1.0)) * t[:, 0])
+    pixels = np.round(curve).astype(int).clip(0, size - 1)
+    grid = np.ones(xx.shape, dtype=bool)
+    grid[pixels[:, 1], pixels[:, 0]] = False
+    distance, nearest = ndimage.distance_transform_edt(grid, return_indices=True)
+    along = np.full(xx.shape, 0.0)
+    along[pixels[:, 1], pixels[:, 0]] = radius
+    return distance <= np.maximum(along[nearest[0], nearest[1]], 0.6)
+
+
+SHAPES = {"ellipse": _ellipse, "polygon": _polygon, "stroke": _stroke, "ring": _ring,
+          "tube": _tube}
 
 
 def shape_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -78,7 +101,14 @@ def shape_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
             target = SHAPES[kind](yy, xx, rng, size)
             if target.sum() > 20:
                 break
-        image = np.where(target, image + rng.choice([-1, 1]) * rng.uniform(0.12, 0.35), image)
+        contrast = rng.choice([-1, 1]) * rng.uniform(0.12, 0.35)
+        image = np.where(target, image + contrast, image)
+    if kind == "tube":  # branches leave it without being part of it: the box says which
+        for _ in range(int(rng.integers(0, 3))):
+            rows, cols = np.nonzero(target)
+            pick = int(rng.integers(len(rows)))
+            branch = _tube(yy, xx, rng, size, start=np.array([cols[pick], rows[pick]], float))
+            image = np.where(branch & ~target, image + contrast * rng.uniform(0.6, 1.0), image)
     image = ndimage.gaussian_filter(image, rng.uniform(0.3, 1.2))
     image += rng.normal(0, rng.uniform(0.005, 0.04), image.shape)
     return np.clip(image, 0, 1).astype(np.float32), target.astype(np.uint8), kind
@@ -146,7 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-mode", choices=["box", "text_box"], default="box")
     parser.add_argument("--out", type=Path, help="Default: the embedded folder of the mode.")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=2e-3)

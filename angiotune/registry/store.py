@@ -174,6 +174,7 @@ def load_ready_model(folder: Path, base_model_path: str | None, mode: str = "box
     from angiotune.model.adapters import crop_context_of, load_adapter
     from angiotune.model.heads import has_heads, load_heads
     from angiotune.model.lesion import LesionModel
+    from angiotune.model.refine import has_refiner, load_refiner
     from angiotune.model.sam3 import base_model_id, load_base_model
 
     model = load_adapter(load_base_model(base_model_path, mode), folder,
@@ -181,4 +182,5 @@ def load_ready_model(folder: Path, base_model_path: str | None, mode: str = "box
     if mode != "box":
         return model
     return LesionModel(model, load_heads(folder) if has_heads(folder) else None,
-                       crop_context_of(folder)).eval()
+                       crop_context_of(folder),
+                       load_refiner(folder) if has_refiner(folder) else None).eval()

@@ -77,7 +77,7 @@ TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", 
               "prompt_mode", "score_weight", "heads", "init", "segment_weight",
               "stenosis_weight", "mld_weight", "rvd_weight", "head_weighting", "class_loss",
               "class_weights", "head_hidden", "head_lr_ratio", "embedding_cache",
-              "crop_context"}
+              "crop_context", "refine"}
 # prompt_mode: one zero-shot base per search; embedding_cache: what may train depends on it.
 FIXED_ONLY = {"prompt_mode", "embedding_cache"}
 # The repository's top-level search_spaces/ folder, installed (editable or from a wheel) as the
@@ -405,6 +405,9 @@ def _check_consistency(space: SearchSpace, source: str) -> None:
     if space.heads and space.fixed.get("prompt_mode", "box") != "box":
         raise ConfigError(f"{source}: the heads read the tracker's features: prompt_mode "
                           "must be box")
+    if any(space.can_take("refine", False)) and space.fixed.get("prompt_mode", "box") != "box":
+        raise ConfigError(f"{source}: refine sharpens the tracker's box-prompted mask: "
+                          "prompt_mode must be box")
     if space.fixed.get("embedding_cache"):
         _check_frozen_encoder(space, source)
     if "vessel" in space.init_choices() and space.stage != 3:

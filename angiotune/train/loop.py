@@ -46,6 +46,7 @@ from angiotune.model.heads import (
 )
 from angiotune.model.lesion import LesionModel, unwrap
 from angiotune.model.losses import HeadLossWeights, LossWeights
+from angiotune.model.refine import MaskRefiner, has_refiner, load_refiner, save_refiner
 from angiotune.model.sam3 import (
     base_model_id,
     enable_gradient_checkpointing,
@@ -162,17 +163,24 @@ def build_model(config: dict, checkpoint_dir: Path | None = None):
                                          tasks=trained_tasks(config)))
     if heads is not None:  # unused parameters would stall DDP's gradient reduction
         heads.log_vars.requires_grad_(config.get("head_weighting", "fixed") == "uncertainty")
-    return LesionModel(model, heads, settings.crop_context), settings
+    refiner = None
+    if source is not None and has_refiner(source):  # as the heads: it carries on
+        refiner = load_refiner(source).train()
+    elif config.get("refine"):
+        refiner = MaskRefiner()
+    return LesionModel(model, heads, settings.crop_context, refiner), settings
 
 
 def save_trained(model: torch.nn.Module, settings: AdapterSettings, folder: Path,
                  base_id: str) -> None:
-    """The adapter (and heads) of a model as ``build_model`` made it."""
+    """The adapter (and heads, and refiner) of a model as ``build_model`` made it."""
     model = unwrap(model)
     if isinstance(model, LesionModel):
         save_adapter(model.segmenter, settings, folder, base_id)
         if model.heads is not None:
             save_heads(model.heads, folder)
+        if model.refiner is not None:
+            save_refiner(model.refiner, folder)
     else:
         save_adapter(model, settings, folder, base_id)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -118,6 +119,12 @@ def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optim
             out = forward(model, batch)
         loss, parts = segmentation_loss(out["logits"].float(), out["confidence"].float(),
                                         batch["mask"].float(), weights)
+        if "coarse_logits" in out:  # deep supervision: the decoder's own mask keeps its loss
+            coarse, _ = segmentation_loss(out["coarse_logits"].float(),
+                                          out["confidence"].float(), batch["mask"].float(),
+                                          replace(weights, iou=0.0))
+            loss = loss + coarse
+            parts.update(coarse_loss=float(coarse.detach()), loss=float(loss.detach()))
         heads = getattr(unwrap(model), "heads", None)
         if heads is not None:
             head_weights = head_weights or HeadLossWeights()
