@@ -130,7 +130,7 @@ def _half_widths(mask: np.ndarray) -> np.ndarray:
 
 
 def predicted_errors(index: Path, split: str, results: Path, out: Path) -> pd.DataFrame:
-    rows, _ = load_rows(index, split)
+    rows, root = load_rows(index, split)
     subset = out / "subset.parquet"
     _write_subset(index, rows["sample_id"], subset)
     summary = predict(subset, out / "predictions", PredictSettings(results=results,
@@ -141,7 +141,13 @@ def predicted_errors(index: Path, split: str, results: Path, out: Path) -> pd.Da
         report = lesion.report
         row = truth.loc[report["input"]["key"]].to_dict()
         heads = report.get("heads") or {}
+        true = read_mask(root / row["mask_path"]) > 0
+        predicted = lesion.segmentation.mask
+        # Whether the mask covers the analysed segment: QCA can only measure what it covers.
+        dice = (2 * float((predicted & true).sum()) / max(float(predicted.sum() + true.sum()), 1)
+                if true.shape == predicted.shape else np.nan)
         record = {"vessel": row["vessel"], "routed": report["adapter"]["vessel"],
+                  "mask dice": dice,
                   "by_angle_only": route_by_angles(row["angle_lao_deg"],
                                                    row["angle_cranial_deg"]).vessel,
                   "ambiguous": report["routing"]["ambiguous"],
@@ -273,6 +279,14 @@ def main() -> None:
         table = summarise(predicted, labels + [f"mask-only {label}" for label in labels]
                           + [f"heads {label}" for label in labels[:3]])
         print(table.round(3).to_string())
+        covered = predicted[predicted["mask dice"] >= 0.8]
+        print(f"\nthe {len(covered)} of them whose mask covers the segment (Dice >= 0.8; "
+              f"{int(predicted['mask dice'].notna().sum())} scored, masks stored at another "
+              "size are not):")
+        print(summarise(covered, labels + [f"mask-only {label}" for label in labels])
+              .round(3).to_string())
+        figures["predicted masks covering the segment"] = summarise(
+            covered, labels + [f"mask-only {label}" for label in labels]).round(4).to_dict("index")
         truth = predicted["vessel"].map(lambda v: load_views().adapter_for.get(v, v))
         routed, by_angle = predicted["routed"] == truth, predicted["by_angle_only"] == truth
         print(f"routing to the lesion's vessel adapter: {routed.mean():.3f} with the CASS head's "
