@@ -189,3 +189,25 @@ def test_without_a_frame_the_mask_edges_are_used_as_before():
     assert default.edge_source == explicit.edge_source == "mask"
     np.testing.assert_array_equal(default.diameter_mm, explicit.diameter_mm)
     assert default.mld_mm == pytest.approx(1.5, abs=0.1)
+
+
+def test_a_mask_that_stops_before_the_lesion_is_traced_on_through_the_frame():
+    """A segmenter's mask often ends where the lumen narrows most. Given the segment's box,
+    QCA follows the frame's vessel on to the box's edge, as core-lab path finding follows the
+    vessel between the analyst's start and end points, and measures the lesion."""
+    path = straight(length_mm=36.0)
+    diameters, _ = narrowing(path, 3.0, 60.0, plateau_mm=3.0)
+    frame = _render(path, diameters)
+    whole = tube(path, diameters)
+    rows, cols = np.nonzero(whole)
+    box = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+    stops_short = tube(path[: len(path) * 2 // 5], diameters[: len(path) * 2 // 5])
+    untraced = measure(stops_short, SPACING_MM, frame=frame)
+    traced = measure(stops_short, SPACING_MM, frame=frame, box=box)
+    assert untraced.diameter_stenosis_pct < 25  # healthy vessel only
+    assert traced.diameter_stenosis_pct == pytest.approx(60.0, abs=12.0)
+    assert traced.lesion_length_mm > 0 and any("traced on" in note for note in traced.notes)
+    # A mask that already spans its box is left as it is.
+    spanning = measure(whole, SPACING_MM, frame=frame, box=box)
+    assert not any("traced" in note for note in spanning.notes)
+    assert spanning.mld_mm == pytest.approx(measure(whole, SPACING_MM, frame=frame).mld_mm)

@@ -320,7 +320,7 @@ def _predict_lesion(frame, box, box_source, proposal, route, angles, spacing, mo
     # own edges are reported beside, as the model alone would measure the lesion.
     try:
         qca = measure(segmentation.mask, scale, probability=segmentation.probability,
-                      frame=frame)
+                      frame=frame, box=box)
         qca_report = {**qca.measurements(), "notes": qca.notes}
     except QCAError as error:
         qca, qca_report = None, {"error": str(error)}

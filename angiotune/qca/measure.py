@@ -32,6 +32,7 @@ from scipy import ndimage
 from angiotune.errors import AngiotuneError
 from angiotune.qca.centerline import branched_fraction, bridge_gaps, centerline
 from angiotune.qca.edges import EdgeSettings, frame_edges
+from angiotune.qca.trace import complete_to_box
 
 EDGE_LEVEL = 0.5
 BRANCHED_FRACTION = 0.15  # share of the mask off the centerline's tube that means a branch
@@ -121,7 +122,7 @@ class QCAResult:
 
 def measure(mask: np.ndarray, mm_per_pixel: float, probability: np.ndarray | None = None,
             frame: np.ndarray | None = None,
-            settings: QCASettings = QCASettings()) -> QCAResult:
+            settings: QCASettings = QCASettings(), box=None) -> QCAResult:
     """QCA of the largest connected piece of ``mask`` (H x W). ``probability`` (same shape, in
     [0, 1]) places the mask's edges more finely than the binary mask can, when the model gave
     one. With ``frame`` (the angiogram the mask was drawn on, any numeric dtype), the lumen edges
@@ -129,7 +130,9 @@ def measure(mask: np.ndarray, mm_per_pixel: float, probability: np.ndarray | Non
     centerline, the segment's ends and where to look; without it, from the mask.
 
     ``mm_per_pixel`` is the mask's spacing; a mask stored at a fraction of the frame's size is
-    scaled up to the frame, and the spacing with it."""
+    scaled up to the frame, and the spacing with it. ``box`` (x0, y0, x1, y1, frame pixels),
+    with a frame: the analysed segment's extent; a mask that stops well inside it is traced on
+    through the frame's vessel to its edge (``angiotune.qca.trace``)."""
     mask = np.asarray(mask, dtype=bool)
     if not mm_per_pixel or not np.isfinite(mm_per_pixel) or mm_per_pixel <= 0:
         raise QCAError(f"pixel spacing must be a positive number of mm, got {mm_per_pixel!r}")
@@ -146,20 +149,33 @@ def measure(mask: np.ndarray, mm_per_pixel: float, probability: np.ndarray | Non
                                               mode="nearest"), 0, 1)
             mask = edge_field >= EDGE_LEVEL
             mm_per_pixel = mm_per_pixel / factor
-    rows, cols = np.nonzero(mask)
-    if len(rows) < 3:
-        raise QCAError(f"the mask is too small to measure ({len(rows)} pixels)")
-    # Work on the mask's neighbourhood, not the frame: with room for the edge search's rays.
-    box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    margin = int(2 * ndimage.distance_transform_edt(np.pad(box, 1)).max()) + 6
-    r0, c0 = max(rows.min() - margin, 0), max(cols.min() - margin, 0)
-    r1, c1 = rows.max() + margin + 1, cols.max() + margin + 1
+    trace_notes: list[str] = []
+    if frame is not None and box is not None:
+        r0, c0, r1, c1 = _neighbourhood(mask)
+        path = centerline(bridge_gaps(mask[r0:r1, c0:c1])[0]) + np.array([c0, r0])
+        completed, trace_notes = complete_to_box(mask, frame, box, path)
+        edge_field = np.where(completed & ~mask, 1.0, edge_field).astype(np.float32)
+        mask = completed
+    r0, c0, r1, c1 = _neighbourhood(mask)
     result = _measure(mask[r0:r1, c0:c1], edge_field[r0:r1, c0:c1], float(mm_per_pixel),
                       settings, None if frame is None else frame[r0:r1, c0:c1])
     offset = np.array([c0, r0], dtype=float)
     return replace(result, centerline_px=result.centerline_px + offset,
                    left_edge_px=result.left_edge_px + offset,
-                   right_edge_px=result.right_edge_px + offset)
+                   right_edge_px=result.right_edge_px + offset,
+                   notes=trace_notes + result.notes)
+
+
+def _neighbourhood(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """The mask's bounding rows and columns with room for the edge search's rays: QCA works
+    there, not on the whole frame."""
+    rows, cols = np.nonzero(mask)
+    if len(rows) < 3:
+        raise QCAError(f"the mask is too small to measure ({len(rows)} pixels)")
+    box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    margin = int(2 * ndimage.distance_transform_edt(np.pad(box, 1)).max()) + 6
+    return (max(rows.min() - margin, 0), max(cols.min() - margin, 0),
+            rows.max() + margin + 1, cols.max() + margin + 1)
 
 
 def _measure(mask: np.ndarray, edge_field: np.ndarray, mm_per_pixel: float,
