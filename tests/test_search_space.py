@@ -82,6 +82,8 @@ def _broken(change):
     (lambda r: r.update(stage=2, fixed={"prompt_mode": "text_box"}), "prompt_mode"),
     (lambda r: r.update(select="stenosis_mae"), "select"),
     (lambda r: r.update(fixed={"prompt_mode": "text_box", "refine": True}), "refine"),
+    (lambda r: r["fixed"].update(crop_context=0.5), "fixed.crop_context"),  # inside its box
+    (lambda r: r["fixed"].update(refine="yes"), "fixed.refine"),
     (lambda r: r.update(sampler="grid"), "sampler"),
     (lambda r: r["fixed"].update(embedding_cache="yes"), "fixed.embedding_cache"),
     (lambda r: r["fixed"].update(embedding_cache=True), "embedding_cache"),  # lora on vision

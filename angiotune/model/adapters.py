@@ -37,6 +37,7 @@ FROZEN_MODULES = ("text_encoder", "text_projection")  # text stays as pre-traine
 WEIGHTS_FILE = "trained_weights.safetensors"
 SETTINGS_FILE = "angiotune_adapter.json"
 ADAPTER_FORMAT = 2  # of SETTINGS_FILE; raise it when the saved layout changes
+CROP_CONTEXT_RANGE = (1.0, 8.0)  # the crop's side in lesion boxes: the box itself up to 8
 FORMAT_1_CROP_CONTEXT = 3.0  # format 1 did not record the crop: it was always 3 boxes
 
 
@@ -65,9 +66,10 @@ class AdapterSettings:
             raise ConfigError("lora needs rank >= 1 and at least one target group")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout: {self.dropout} is not in [0, 1)")
-        if not 1.0 <= self.crop_context <= 8.0:
-            raise ConfigError(f"crop_context: {self.crop_context} is not in [1, 8] (the crop's "
-                              "side in lesion boxes)")
+        low, high = CROP_CONTEXT_RANGE
+        if not low <= self.crop_context <= high:
+            raise ConfigError(f"crop_context: {self.crop_context} is not in [{low:g}, {high:g}] "
+                              "(the crop's side in lesion boxes)")
 
     def target_regex(self) -> str:
         return r".*(" + "|".join(TARGET_GROUPS[t] for t in self.targets) + r")"

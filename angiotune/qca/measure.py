@@ -32,7 +32,7 @@ from scipy import ndimage
 from angiotune.errors import AngiotuneError
 from angiotune.qca.centerline import branched_fraction, bridge_gaps, centerline
 from angiotune.qca.edges import EdgeSettings, frame_edges
-from angiotune.qca.trace import complete_to_box
+from angiotune.qca.trace import TraceSettings, complete_to_box
 
 EDGE_LEVEL = 0.5
 BRANCHED_FRACTION = 0.15  # share of the mask off the centerline's tube that means a branch
@@ -52,6 +52,7 @@ class QCASettings:
     end_margin: float = 0.1
     min_points: int = 8
     edges: EdgeSettings = EdgeSettings()
+    trace: TraceSettings = TraceSettings()
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def measure(mask: np.ndarray, mm_per_pixel: float, probability: np.ndarray | Non
     if frame is not None and box is not None:
         r0, c0, r1, c1 = _neighbourhood(mask)
         path = centerline(bridge_gaps(mask[r0:r1, c0:c1])[0]) + np.array([c0, r0])
-        completed, trace_notes = complete_to_box(mask, frame, box, path)
+        completed, trace_notes = complete_to_box(mask, frame, box, path, settings.trace)
         edge_field = np.where(completed & ~mask, 1.0, edge_field).astype(np.float32)
         mask = completed
     r0, c0, r1, c1 = _neighbourhood(mask)

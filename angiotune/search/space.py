@@ -55,7 +55,7 @@ from typing import Any
 import yaml
 
 from angiotune.errors import ConfigError
-from angiotune.model.adapters import STRATEGIES, TARGET_GROUPS
+from angiotune.model.adapters import CROP_CONTEXT_RANGE, STRATEGIES, TARGET_GROUPS
 from angiotune.model.losses import CLASS_LOSSES, HEAD_WEIGHTINGS
 from angiotune.model.sam3 import PROMPT_MODES
 from angiotune.train.metrics import HEAD_METRICS, METRIC_MODES
@@ -508,8 +508,13 @@ def _check_trial_value(name: str, value: Any, where: str) -> None:
                "class_loss": CLASS_LOSSES, "class_weights": ("none", "balanced")}
     if name in choices and value not in choices[name]:
         raise ConfigError(f"{where}: {value!r} is not one of {tuple(choices[name])}")
-    if name == "embedding_cache" and not isinstance(value, bool):
+    if name in ("embedding_cache", "refine") and not isinstance(value, bool):
         raise ConfigError(f"{where}: {value!r} must be true or false")
+    low, high = CROP_CONTEXT_RANGE
+    if name == "crop_context" and (isinstance(value, bool) or not isinstance(value, int | float)
+                                   or not low <= value <= high):
+        raise ConfigError(f"{where}: {value!r} is not a crop of {low:g} to {high:g} lesion "
+                          "boxes")
     if name == "precision" and value not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"{where}: {value!r} is not one of fp32, bf16, fp16")
     if name == "targets":
