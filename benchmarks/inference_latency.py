@@ -84,6 +84,21 @@ def time_full_size(rows, root: Path, device: str, runs: int) -> dict[str, float]
             "parameters (M)": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+@contextlib.contextmanager
+def heads_without_qca_read(models: KeptModels):
+    """The loaded models' heads answer on their own (``angiotune.model.heads``) meanwhile."""
+    saved = {}
+    for vessel, model in models._models.items():
+        if model.heads is not None:
+            saved[vessel] = model.heads.calibrated.clone()
+            model.heads.calibrated.zero_()
+    try:
+        yield
+    finally:
+        for vessel, flags in saved.items():
+            models._models[vessel].heads.calibrated.copy_(flags)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -111,6 +126,10 @@ def main() -> None:
     for label, frame_given in (("--frame given", True), ("frame chosen automatically", False)):
         figures = time_predict(rows, root, models, args.runs, frame_given, args.device)
         print(f"{label}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+    with heads_without_qca_read(models):  # what the heads' QCA read costs, side by side
+        figures = time_predict(rows, root, models, args.runs, True, args.device)
+    print("--frame given, heads answering alone (no QCA read): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
     with tempfile.TemporaryDirectory() as scratch:
         print(f"overlay PNG: {time_overlay(rows, root, models, args.device, Path(scratch)):.1f} "
               "ms (not in the per-frame figures)")

@@ -1,5 +1,6 @@
 """Stage-2 heads: losses, metrics against hand-worked values, features, and a multi-task step."""
 
+import json
 import math
 
 import numpy as np
@@ -250,3 +251,125 @@ def test_heads_remember_their_taxonomy_and_report_only_trained_tasks(tmp_path):
     assert (report["cass_segment"], report["segment_name"]) == ("5", "left main")
     assert report["taxonomy"] == "SYNTAX"
     assert not {"diameter_stenosis_pct", "MLD_mm", "RVD_mm"} & set(report)
+
+
+# --- the QCA read: heads that measure the model's own mask ------------------------------------
+
+def _narrowed_crop(size: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 50 % narrowing of a 3 mm vessel: its X-ray-like crop, a soft model mask, its box."""
+    from scipy import ndimage
+    from shapes import SPACING_MM, angiogram, narrowing, straight, tube
+
+    path = straight()
+    diameters, _ = narrowing(path, 3.0, 50.0, plateau_mm=4.0)
+    image, soft = angiogram(path, diameters), tube(path, diameters, soft=True)
+    mask = soft >= 0.5
+    ys, xs = np.nonzero(mask)
+    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+    if size != image.shape[0]:
+        factor = size / image.shape[0]
+        image = ndimage.zoom(image, factor, order=1, grid_mode=True, mode="nearest")
+        soft = np.clip(ndimage.zoom(soft, factor, order=1, grid_mode=True, mode="nearest"), 0, 1)
+        box = box * factor
+    assert SPACING_MM == 0.2  # the 3 mm reference is 15 px at size 200
+    return image, soft.astype(np.float32), box
+
+
+def test_crop_readouts_measure_the_predicted_mask_in_model_pixels():
+    from angiotune.qca.readout import MAX_GRID, crop_readouts
+
+    image, soft, box = _narrowed_crop()
+    empty = np.zeros_like(soft)
+    values = crop_readouts(np.stack([image, image]), np.stack([soft, empty]), np.stack([box, box]))
+    frame, mask = values[0, :3], values[0, 3:]
+    for stenosis, mld_px, rvd_px in (frame, mask):
+        assert stenosis == pytest.approx(50, abs=8)
+        assert mld_px == pytest.approx(7.5, abs=1.5) and rvd_px == pytest.approx(15, abs=1.5)
+    assert np.isnan(values[1]).all()  # nothing predicted: nothing to read
+    # A crop larger than the QCA grid is measured smaller, but reported in model pixels.
+    image, soft, box = _narrowed_crop(size=2 * MAX_GRID)
+    big = crop_readouts(image[None], soft[None], box[None])[0]
+    scale = 2 * MAX_GRID / 200
+    assert big[0] == pytest.approx(frame[0], abs=5)
+    assert big[1] == pytest.approx(frame[1] * scale, rel=0.15)
+    assert big[2] == pytest.approx(frame[2] * scale, rel=0.1)
+
+
+def test_calibration_recovers_a_linear_read_and_needs_enough_lesions():
+    from angiotune.model.heads import MIN_CALIBRATION_SAMPLES, fit_calibration
+
+    rng = np.random.default_rng(0)
+    readouts = rng.uniform(5, 80, size=(60, 6))
+    own = rng.uniform(5, 80, size=(60, 3))
+    truth = np.array([0.6, 0.2, 0.1, 5.0])
+    targets = np.column_stack([readouts[:, j] * truth[0] + readouts[:, 3 + j] * truth[1]
+                               + own[:, j] * truth[2] + truth[3] for j in range(3)])
+    targets[:, 2] = np.nan  # no reference diameters in this index: that read is not fitted
+    readouts[:5, 0] = np.nan  # lesions QCA could not measure are left out of the fit
+    weights, fitted = fit_calibration(readouts, own, targets)
+    assert fitted.tolist() == [True, True, False]
+    np.testing.assert_allclose(weights[:2], np.tile(truth, (2, 1)), rtol=0.05)  # light ridge
+    np.testing.assert_array_equal(weights[2], [0, 0, 1, 0])  # the head's own output
+    few = MIN_CALIBRATION_SAMPLES - 1
+    assert not fit_calibration(readouts[:few], own[:few], targets[:few])[1].any()
+
+
+def test_calibrated_heads_read_qca_where_they_can_and_keep_it_when_saved(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    heads = LesionHeads(HeadSettings(classes=("1", "2"), feature_dim=10)).eval()
+    heads.requires_grad_(False)
+    features, context, spacing = torch.randn(2, 10), torch.randn(2, 6), torch.full((2,), 0.1)
+    readouts = torch.tensor([[40.0, 8.0, 20.0, 50.0, 10.0, 18.0], [float("nan")] * 6])
+    own = heads(features, context, spacing)
+    assert torch.equal(heads(features, context, spacing, readouts)["mld_mm"], own["mld_mm"])
+    weights = np.array([[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 2.0]])
+    heads.set_calibration(weights, np.array([True, True, True]))
+    read = heads(features, context, spacing, readouts)
+    assert float(read["stenosis_pct"][0]) == pytest.approx(45.0)
+    assert float(read["mld_mm"][0]) == pytest.approx(0.8)  # 8 px at 0.1 mm
+    assert float(read["rvd_mm"][0]) == pytest.approx(2.0)  # (18 + 2) px
+    for name in ("stenosis_pct", "mld_mm", "rvd_mm"):  # no QCA: the head's own estimate
+        assert float(read[name][1]) == pytest.approx(float(own[name][1]))
+    save_heads(heads, tmp_path)
+    record = json.loads((tmp_path / "heads.json").read_text())
+    assert record["qca_read"]["mld"] == {"frame": 1.0, "mask": 0.0, "head": 0.0, "bias": 0.0}
+    again = load_heads(tmp_path)
+    torch.testing.assert_close(again(features, context, spacing, readouts)["rvd_mm"],
+                               read["rvd_mm"])
+    # Heads saved before the QCA read (format 1): they load, and answer on their own.
+    state = load_file(tmp_path / "heads.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("calibrat")},
+              tmp_path / "heads.safetensors")
+    old = load_heads(tmp_path)
+    assert not old.reads_qca
+    assert torch.equal(old(features, context, spacing, readouts)["mld_mm"], own["mld_mm"])
+
+
+def test_training_steps_calibrate_the_heads_on_their_own_predictions(phantom_index):
+    """The collector reads the step's outputs (no second forward pass) and fits the read; an
+    evaluation then goes through it, a training forward does not."""
+    from angiotune.train.calibration import ReadoutCollector
+
+    torch.manual_seed(0)
+    batch, classes = _batch(phantom_index.out)
+    batch = {k: np.concatenate([v, v]) for k, v in batch.items()}  # 12 lesions, enough to fit
+    base = load_base_model()
+    heads = LesionHeads(HeadSettings(classes=classes, feature_dim=feature_dim_of(base.config)))
+    model = LesionModel(adapt(base, AdapterSettings(rank=2, alpha=4)), heads)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    collector = ReadoutCollector(heads, limit=12, window=2)
+    for _ in range(2):
+        train_step(model, batch, optimizer, LossWeights(), on_outputs=collector.add)
+    assert collector.collected == 12  # the limit: the second step added nothing
+    collector.fit()
+    assert collector.collected == 0 and heads.reads_qca
+    first_fit = heads.calibration.clone()
+    assert not np.allclose(first_fit.numpy(), [[0, 0, 1, 0]] * 3)
+    for _ in range(2):  # the window holds two epochs: the third fit forgets the first's rows
+        train_step(model, batch, optimizer, LossWeights(), on_outputs=collector.add)
+        collector.fit()
+    assert len(collector.history) == 2 and sum(map(len, collector.history)) == 24
+    assert not torch.equal(heads.calibration, first_fit)
+    metrics = evaluate(model, [batch])
+    assert math.isfinite(metrics["stenosis_mae"]) and math.isfinite(metrics["mld_mae_mm"])

@@ -10,6 +10,12 @@ the box sits in the frame: the crop alone barely shows which branch it is). They
 - MLD and reference diameter in mm. These are predicted in model pixels and multiplied by the
   sample's mm per model pixel, so one set of weights is right across magnifications.
 
+Once fitted (``fit_calibration``), % DS, MLD and RVD at evaluation and inference are a linear
+read of three estimates: QCA of the predicted mask with edges from the crop's intensity, QCA
+with edges from the mask (``angiotune.qca.readout``), and the head's own output. The weights
+are fitted by least squares on the trial's training predictions, so they learn how far to trust
+each estimate (QCA of a mask that follows a branch is confidently wrong; the fit shrinks it).
+
 Saved beside the adapter as ``heads.safetensors`` + ``heads.json``.
 """
 
@@ -20,6 +26,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -27,10 +34,14 @@ from torch import nn
 
 from angiotune.data.stream import CONTEXT_DIM
 from angiotune.errors import ConfigError
+from angiotune.qca.readout import QUANTITIES, READOUTS
 
 HEADS_WEIGHTS = "heads.safetensors"
 HEADS_CONFIG = "heads.json"
 TASKS = ("segment", "stenosis", "mld", "rvd")
+MEASURED = ("stenosis", "mld", "rvd")  # the tasks a calibration reads QCA for, in QUANTITIES order
+CALIBRATION_INPUTS = (*READOUTS, "head", "bias")
+MIN_CALIBRATION_SAMPLES = 12
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,32 @@ def box_weights(boxes: torch.Tensor, size: tuple[int, int], image_size: int) -> 
     return (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None]
 
 
+def fit_calibration(readouts: np.ndarray, own: np.ndarray, targets: np.ndarray,
+                    ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares weights over ``CALIBRATION_INPUTS`` for each of ``MEASURED``.
+
+    ``readouts`` (N, 6) from ``crop_readouts``; ``own`` (N, 3): the heads' % DS, MLD and RVD
+    (model pixels); ``targets`` (N, 3) alike. Returns weights (3, 4) and whether each task was
+    fitted: one with under ``MIN_CALIBRATION_SAMPLES`` complete rows keeps the head's own
+    output. A light ridge on the slopes keeps two nearly equal QCA readouts from cancelling.
+    """
+    weights = np.tile(np.array([0.0, 0.0, 1.0, 0.0]), (len(MEASURED), 1))
+    fitted = np.zeros(len(MEASURED), dtype=bool)
+    for j in range(len(MEASURED)):
+        x = np.column_stack([readouts[:, j], readouts[:, len(QUANTITIES) + j], own[:, j],
+                             np.ones(len(own))]).astype(np.float64)
+        y = targets[:, j].astype(np.float64)
+        ok = np.isfinite(x).all(1) & np.isfinite(y)
+        if ok.sum() < MIN_CALIBRATION_SAMPLES:
+            continue
+        x, y = x[ok], y[ok]
+        gram = x.T @ x
+        penalty = ridge * np.trace(gram[:3, :3]) / 3 * np.diag([1.0, 1.0, 1.0, 0.0])
+        weights[j] = np.linalg.solve(gram + penalty, x.T @ y)
+        fitted[j] = True
+    return weights, fitted
+
+
 class LesionHeads(nn.Module):
     """A shared trunk and one output per task; ``log_vars`` serve uncertainty weighting."""
 
@@ -134,21 +171,49 @@ class LesionHeads(nn.Module):
         self.stenosis = nn.Linear(settings.hidden, 1)
         self.diameters_px = nn.Linear(settings.hidden, 2)  # MLD, reference, in model pixels
         self.log_vars = nn.Parameter(torch.zeros(len(TASKS)))
+        # The QCA read (see the module's docstring): buffers, so they travel in the weights.
+        weights, _ = fit_calibration(np.empty((0, 6)), np.empty((0, 3)), np.empty((0, 3)))
+        self.register_buffer("calibration", torch.as_tensor(weights, dtype=torch.float32))
+        self.register_buffer("calibrated", torch.zeros(len(MEASURED), dtype=torch.bool))
+
+    @property
+    def reads_qca(self) -> bool:
+        return bool(self.calibrated.any())
+
+    def set_calibration(self, weights: np.ndarray, fitted: np.ndarray) -> None:
+        self.calibration.copy_(torch.as_tensor(weights, dtype=torch.float32))
+        self.calibrated.copy_(torch.as_tensor(fitted, dtype=torch.bool))
 
     def forward(self, features: torch.Tensor, context: torch.Tensor,
-                mm_per_pixel: torch.Tensor) -> dict[str, torch.Tensor]:
+                mm_per_pixel: torch.Tensor,
+                readouts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``readouts``: ``crop_readouts`` of the batch; given, and the heads calibrated, % DS,
+        MLD and RVD are the calibrated read (training passes none: the heads learn alone)."""
         hidden = self.trunk(torch.cat([self.image(features.float()),
                                        self.context(context.float())], dim=1))
+        stenosis = 100 * torch.sigmoid(self.stenosis(hidden)[:, 0])
+        diameters_px = F.softplus(self.diameters_px(hidden))
+        if readouts is not None and self.reads_qca:
+            own = torch.cat([stenosis[:, None], diameters_px], dim=1)
+            read = self.read_qca(own, readouts.to(own))
+            stenosis, diameters_px = read[:, 0].clamp(0, 100), read[:, 1:].clamp(min=0)
         # Without calibration (COCO data) there are no mm: NaN out, with no NaN in the
         # gradients (a product with NaN would poison them even where the loss skips it).
         scale = mm_per_pixel.float()[:, None]
         calibrated = torch.isfinite(scale)
-        diameters = F.softplus(self.diameters_px(hidden)) * torch.where(
-            calibrated, scale, torch.zeros_like(scale))
+        diameters = diameters_px * torch.where(calibrated, scale, torch.zeros_like(scale))
         diameters = torch.where(calibrated, diameters, torch.full_like(diameters, math.nan))
-        return {"segment_logits": self.segment(hidden),
-                "stenosis_pct": 100 * torch.sigmoid(self.stenosis(hidden)[:, 0]),
+        return {"segment_logits": self.segment(hidden), "stenosis_pct": stenosis,
                 "mld_mm": diameters[:, 0], "rvd_mm": diameters[:, 1]}
+
+    def read_qca(self, own: torch.Tensor, readouts: torch.Tensor) -> torch.Tensor:
+        """(B, 3): per task, the calibrated read where its inputs are all there, else ``own``."""
+        k = len(QUANTITIES)
+        inputs = torch.stack([readouts[:, :k], readouts[:, k:], own, torch.ones_like(own)],
+                             dim=2)  # (B, 3 tasks, 4 inputs)
+        read = (inputs * self.calibration[None]).sum(2)
+        usable = torch.isfinite(inputs).all(2) & self.calibrated[None]
+        return torch.where(usable, read, own)
 
 
 def feature_dim_of(config) -> int:
@@ -165,9 +230,14 @@ def save_heads(heads: LesionHeads, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()},
               folder / HEADS_WEIGHTS)
+    fitted = heads.calibrated.tolist()
     record = {**asdict(heads.settings), "classes": list(heads.settings.classes),
-              "tasks": list(heads.settings.tasks), "format": 1,
-              "class_mapping": {str(i): code for i, code in enumerate(heads.settings.classes)}}
+              "tasks": list(heads.settings.tasks), "format": 2,
+              "class_mapping": {str(i): code for i, code in enumerate(heads.settings.classes)},
+              # For people reading the folder; the weights themselves are in the safetensors.
+              "qca_read": {task: dict(zip(CALIBRATION_INPUTS, map(float, w), strict=True))
+                           for task, w, ok in zip(MEASURED, heads.calibration.tolist(), fitted,
+                                                  strict=True) if ok}}
     (folder / HEADS_CONFIG).write_text(json.dumps(record, indent=1) + "\n")
 
 
@@ -184,5 +254,10 @@ def load_heads(folder: Path) -> LesionHeads:
                             taxonomy=str(record.get("taxonomy", "CASS")),
                             tasks=tuple(record.get("tasks", TASKS)))
     heads = LesionHeads(settings)
-    heads.load_state_dict(load_file(Path(folder) / HEADS_WEIGHTS))
+    state = load_file(Path(folder) / HEADS_WEIGHTS)
+    # Format-1 heads have no QCA read: they keep the uncalibrated buffers, their own outputs.
+    missing = set(heads.state_dict()) - set(state)
+    if missing - {"calibration", "calibrated"}:
+        raise ConfigError(f"{folder}: {HEADS_WEIGHTS} lacks {sorted(missing)}")
+    heads.load_state_dict(state, strict=False)
     return heads.eval()

@@ -14,6 +14,7 @@ from angiotune.data.transforms import DEFAULT_CROP_CONTEXT
 from angiotune.model.heads import LesionHeads, pooled_features
 from angiotune.model.refine import MaskRefiner
 from angiotune.model.sam3 import to_pixel_values
+from angiotune.qca.readout import crop_readouts
 
 UNUSED_WITH_A_BOX = "pred_obj_score_head"
 
@@ -59,8 +60,18 @@ class LesionModel(nn.Module):
             result.update(logits=self.refiner(logits, images), coarse_logits=logits)
         if self.heads is not None:
             features = pooled_features(out.image_embeddings, low_res, boxes, images.shape[-1])
-            result.update(self.heads(features, context, mm_per_pixel))
+            readouts = (self.readouts(images, result["logits"], boxes)
+                        if self.heads.reads_qca and not self.training else None)
+            result.update(self.heads(features, context, mm_per_pixel, readouts))
         return result
+
+    @staticmethod
+    def readouts(images: torch.Tensor, logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """QCA of the predicted masks on their crops (``angiotune.qca.readout``), (B, 6)."""
+        values = crop_readouts(images.detach().float().cpu().numpy(),
+                               torch.sigmoid(logits.detach().float()).cpu().numpy(),
+                               boxes.detach().float().cpu().numpy())
+        return torch.as_tensor(values, device=logits.device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

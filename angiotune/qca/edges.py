@@ -34,6 +34,7 @@ segment mask (the model's, coarse) only says where to look; the edge is where th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,8 +143,10 @@ def _not_background(profile: np.ndarray, t: np.ndarray, prior: np.ndarray, reach
     vessel overlapping the lumen (darker inside the lumen) has lumen outside it."""
     centre = np.median(profile[:, np.abs(t) <= 1.0], axis=1)
     far = (t[None, :] >= prior[:, None]) & (t[None, :] <= reach[:, None])
-    background = np.array([np.percentile(row[ok], 75) if ok.any() else row[-1]
-                           for row, ok in zip(profile, far, strict=True)])
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a row with no far samples: below
+        background = np.nanpercentile(np.where(far, profile, np.nan), 75, axis=1)
+    background = np.where(far.any(axis=1), background, profile[:, -1])
     centre = ndimage.median_filter(centre, size=9, mode="nearest")
     background = ndimage.median_filter(background, size=9, mode="nearest")
     contrast = np.maximum(background - centre, 1e-6)

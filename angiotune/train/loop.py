@@ -54,6 +54,7 @@ from angiotune.model.sam3 import (
     load_prompt_tokenizer,
 )
 from angiotune.taxonomies import VESSELS
+from angiotune.train.calibration import ReadoutCollector
 from angiotune.train.metrics import with_objective
 from angiotune.train.step import PRECISIONS, evaluate, train_step
 
@@ -511,6 +512,8 @@ def run_training(config: dict, backend: TrainBackend) -> None:
     rank = backend.rank
     fault = claim_injected_fault(config) if rank == 0 and state is None else None
     validation = ValidationCache()
+    heads = getattr(unwrap(model), "heads", None)
+    readouts = ReadoutCollector(heads) if heads is not None and tokenizer is None else None
     for epoch in range(start_epoch, int(config["epochs"])):
         losses = []
         clock = EpochClock()
@@ -522,7 +525,8 @@ def run_training(config: dict, backend: TrainBackend) -> None:
                     raise torch.OutOfMemoryError("injected through ANGIOTUNE_FAULT_DIR")
                 parts = train_step(model, batch, optimizer, weights, tokenizer=tokenizer,
                                    autocast_dtype=PRECISIONS[precision], scaler=scaler,
-                                   head_weights=head_weights)
+                                   head_weights=head_weights,
+                                   on_outputs=None if readouts is None else readouts.add)
                 if fault == "nan":
                     parts["loss"] = math.nan
             except torch.OutOfMemoryError as caught:
@@ -535,6 +539,8 @@ def run_training(config: dict, backend: TrainBackend) -> None:
                                 "failed": failure})
                 return
             losses.append(parts["loss"])
+        if readouts is not None:
+            readouts.fit()  # the heads' QCA read, before validation scores it
         clock.mark("train_s")
         val_batches = with_embeddings(validation.batches(val_shard, batch_size), cache, model,
                                       device)

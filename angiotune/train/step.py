@@ -10,7 +10,7 @@ model with its ``tokenizer``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import numpy as np
@@ -97,12 +97,15 @@ def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optim
                weights: LossWeights, *, autocast_dtype: torch.dtype | None = None,
                scaler: torch.amp.GradScaler | None = None, tokenizer=None,
                head_weights: HeadLossWeights | None = None,
-               max_grad_norm: float = 1.0) -> dict[str, float]:
+               max_grad_norm: float = 1.0,
+               on_outputs: Callable[[dict, dict], None] | None = None) -> dict[str, float]:
     """Forward, loss, backward and one optimiser step; returns the loss parts.
 
     ``autocast_dtype`` runs the forward pass in bf16 or fp16 (the loss stays fp32); fp16 also
     wants a ``scaler`` so small gradients do not underflow. With heads, their losses
-    (``head_weights``) join the segmentation loss.
+    (``head_weights``) join the segmentation loss. ``on_outputs(batch, outputs)`` sees the box
+    model's detached predictions (the heads' calibration is fitted from them, at no extra
+    forward pass).
     """
     model.train()
     device = next(model.parameters()).device
@@ -125,6 +128,8 @@ def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optim
                                           replace(weights, iou=0.0))
             loss = loss + coarse
             parts.update(coarse_loss=float(coarse.detach()), loss=float(loss.detach()))
+        if on_outputs is not None:
+            on_outputs(batch, {name: value.detach() for name, value in out.items()})
         heads = getattr(unwrap(model), "heads", None)
         if heads is not None:
             head_weights = head_weights or HeadLossWeights()
