@@ -5,7 +5,6 @@ User errors (``AngiotuneError``) print one clear message and exit with status 2,
 
 from __future__ import annotations
 
-import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from angiotune import jsonio
 from angiotune.errors import AngiotuneError
 
 # Wide enough for the tables when output goes to a file or a pipe (rich assumes 80 there).
@@ -266,7 +266,6 @@ def _entry_key(_ctx, _param, value: str | None) -> str | None:
               default=Path("results"), show_default=True)
 def best(vessel: str | None, show_all: bool, as_json: bool, results: Path) -> None:
     """Show the kept adapter for a vessel (or --all)."""
-    import json
 
     from angiotune.registry.store import list_entries, read_entry
 
@@ -274,7 +273,7 @@ def best(vessel: str | None, show_all: bool, as_json: bool, results: Path) -> No
         raise AngiotuneError("give --vessel RCA|LAD|LCX|general or --all")
     entries = list_entries(results) if show_all else {vessel: read_entry(results, vessel)}
     if as_json:
-        out.print_json(json.dumps(entries if show_all else entries[vessel]))
+        out.print_json(jsonio.dumps(entries if show_all else entries[vessel]))
         return
     if not show_all and entries[vessel] is None:
         raise AngiotuneError(f"no {vessel} adapter kept in {results}/best; run "
@@ -367,20 +366,20 @@ def evaluate(vessel: str | None, results: Path, model: Path | None, max_proposal
     """Score the kept adapters on the held-out test split, beside zero-shot and trivial
     baselines, per vessel and per CASS segment; and how well the model-free lesion proposals
     find the annotated lesions of the test frames."""
-    from angiotune.predict.detection import DEFAULT_IOU_THRESHOLD, RULE
-    from angiotune.registry.detect import (
+    from angiotune.evaluation.detection import (
         ARCADE_NOTE,
         DETECTION_COLUMNS,
         detection_cell,
         evaluate_detection,
     )
-    from angiotune.registry.evaluate import (
+    from angiotune.evaluation.test_split import (
         COLUMNS,
         evaluate_kept,
         format_cell,
         model_label,
         output_name,
     )
+    from angiotune.predict.detection import DEFAULT_IOU_THRESHOLD, RULE
     from angiotune.registry.store import list_entries
 
     match_iou = DEFAULT_IOU_THRESHOLD if match_iou is None else match_iou
@@ -486,10 +485,6 @@ def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | N
     lesion index (Parquet), with the kept adapter of the vessel in view."""
     from angiotune.predict import PredictSettings
     from angiotune.predict import predict as run_predict
-
-    for name, value in (("--pixel-spacing", pixel_spacing), ("--calibration", calibration)):
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise AngiotuneError(f"{name} must be a positive number, got {value}")
 
     settings = PredictSettings(results=results, vessel=vessel,
                                frame=frame, box=box, angles=angles,

@@ -31,5 +31,6 @@ def _rebuild_data_error(message, file, row, field) -> DataError:
     return DataError(message, file=file, row=row, field=field)
 
 
-class ConfigError(AngiotuneError):
-    """A configuration file (taxonomy, search space) that does not validate; names the key."""
+class ConfigError(AngiotuneError, ValueError):
+    """Settings that do not validate (a search space, a taxonomy, a settings object made in
+    code); names the key. A ValueError too, as a bad argument value is one."""

@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from angiotune.model.embedding_cache import EmbeddingCache
-    from angiotune.model.pretrain import shape_batch
+    from angiotune.train.pretrain import shape_batch
 
     rng = np.random.default_rng(0)
     batches = [shape_batch(rng, args.image_size, args.batch_size, jitter=True)

@@ -24,7 +24,7 @@ import torch
 from angiotune.data.readers import read_frame
 from angiotune.data.stream import load_rows
 from angiotune.predict import KeptModels, PredictSettings, predict_cine
-from angiotune.predict.report import write_overlay
+from angiotune.predict.overlay import write_overlay
 from angiotune.predict.segment import segment_box
 from angiotune.qca import QCAError, measure
 from angiotune.registry.store import list_entries

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from angiotune.data import angles
+from angiotune.data.free_text import normalise_phase, parse_vessel_text
 from angiotune.data.ingest import _csv_angle
-from angiotune.data.normalise import normalise_phase, parse_vessel_text
 from angiotune.data.splits import SPLITS, assign_splits
 from angiotune.errors import ConfigError
 from angiotune.taxonomies import VESSELS, load_taxonomy

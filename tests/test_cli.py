@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 from angiotune.cli import main
 
@@ -18,6 +19,7 @@ def run(*args: str, env_home: Path) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow  # three real CLI processes end to end, phantoms generated
 def test_phantoms_then_index(tmp_path):
     data, index = tmp_path / "phantoms", tmp_path / "out" / "index.parquet"
     made = run("phantoms", str(data), "--lesions", "6", "--size", "192", "--frames", "3",

@@ -1,6 +1,7 @@
 """A real two-node Ray cluster on this machine: `ray start --head` and a second `ray start` with
 resources of its own, both on 127.0.0.1. `angiotune search --address` runs on it, is killed with
-SIGKILL midway, and `--resume` finishes it: every trial that had finished keeps its result, the
+SIGKILL midway (once its first trial has finished and its second has started), and `--resume`
+finishes it: the finished trial keeps its result, the interrupted one is run to the end, the
 Optuna study has no duplicates or holes, and the registry is intact. Then the cluster is stopped.
 
 The nodes run as `ray start --block` processes in their own process groups, so stopping them
@@ -21,8 +22,10 @@ import optuna
 import pytest
 import yaml
 
-from angiotune.data.ingest import IndexSettings, build_index
+from angiotune.model.lesion import LesionModel
 from angiotune.registry.store import list_entries, load_best_model
+
+pytestmark = pytest.mark.slow  # two Ray nodes and two searches: about a minute
 
 SPACE = {
     "name": "resumable", "metric": "dice", "mode": "max", "samples": 2, "max_concurrent": 1,
@@ -71,11 +74,9 @@ def _wait_for_port(port: int, seconds: float) -> None:
 
 @pytest.fixture
 def two_node_cluster():
-    """Head with 1 CPU, a second node with 2 CPUs and a ``second_node`` resource."""
-    from conftest import RAY_TEMP_DIRS
-
+    """Head with 1 CPU, a second node with 2 CPUs and a ``second_node`` resource; yields its
+    address, the environment to reach it with, and the folder of its logs."""
     temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # Ray's socket paths must be short
-    RAY_TEMP_DIRS.append(temp_dir)  # the PHI scan in test_stages reads its logs too
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)
@@ -97,7 +98,7 @@ def two_node_cluster():
         deadline = time.time() + 60
         while len(_alive_nodes(address, env)) < 2 and time.time() < deadline:
             time.sleep(1)
-        yield address, env
+        yield address, env, Path(temp_dir)
     finally:
         for node in reversed(nodes):
             _stop(node)
@@ -107,51 +108,87 @@ def _study(run_dir):
     return optuna.load_study(study_name="resumable", storage=f"sqlite:///{run_dir / 'optuna.db'}")
 
 
-def _finished(run_dir) -> list:
-    if not (run_dir / "optuna.db").exists():
+def _saved_statuses(run_dir) -> list[str]:
+    """The trials' statuses in the experiment state Tune last saved in the run folder: what a
+    resumed search starts from. Empty until there is one (or while it is being copied)."""
+    saved = sorted((run_dir / "tune").glob("experiment_state-*.json"))
+    if not saved:
         return []
     try:
-        return [t for t in _study(run_dir).trials if t.state.is_finished()]
-    except Exception:  # noqa: BLE001 - the study may not be created yet
+        state = json.loads(saved[-1].read_text())
+        return sorted(json.loads(trial)["status"] for trial, _ in state["trial_data"])
+    except (OSError, ValueError, KeyError, TypeError):
         return []
 
 
-def test_search_on_a_two_node_cluster_survives_a_driver_kill(two_node_cluster, phantom_dir,
-                                                             tmp_path):
-    address, env = two_node_cluster
+def _histories(run_dir) -> list[list[dict]]:
+    """Every trial's reported results, in order, as Tune logged them (one list per trial)."""
+    logs = sorted((run_dir / "tune").glob("*/result.json"))
+    return [[json.loads(line) for line in log.read_text().splitlines()] for log in logs]
+
+
+def test_search_on_a_two_node_cluster_survives_a_driver_kill(two_node_cluster, phantom_index,
+                                                             phi_scan, tmp_path):
+    address, env, logs = two_node_cluster
     resources = _alive_nodes(address, env)
     assert len(resources) == 2 and any(r.get("second_node") for r in resources)
-    index = tmp_path / "index.parquet"
-    build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="test-salt"))
     space = tmp_path / "resumable.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     results = tmp_path / "results"  # one folder both nodes see: they share this machine's disk
     command = [sys.executable, "-m", "angiotune.cli", "search", "--space", str(space),
-               "--data", str(index), "--results", str(results), "--address", address]
+               "--data", str(phantom_index.out), "--results", str(results), "--address",
+               address]
     run_dir = results / "searches" / "resumable"
+    # Tune saves its experiment state at every step rather than every 10 s or more, so that
+    # the kill below comes at a point a resume knows exactly: the first trial saved as ended.
+    env = {**env, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
 
     log = tmp_path / "driver.log"
     with open(log, "w") as output:
         driver = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)
+    # Kill once the saved state has the first trial ended and the second started: one trial at
+    # a time, so the second has yet to start, train and be evaluated, and the registry to be
+    # written, far longer than a poll.
     deadline = time.time() + 300
-    while not _finished(run_dir) and time.time() < deadline and driver.poll() is None:
-        time.sleep(0.5)
+    while (_saved_statuses(run_dir) not in (["RUNNING", "TERMINATED"],
+                                            ["PENDING", "TERMINATED"])
+           and time.time() < deadline and driver.poll() is None):
+        time.sleep(0.2)
     assert driver.poll() is None, ("the search ended before it could be killed:\n"
                                    + log.read_text()[-3000:])
-    before = {t.number: t.value for t in _finished(run_dir)}
-    assert before, "no trial finished within five minutes"
+    assert time.time() < deadline, "the second trial did not start within five minutes"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
+    # The state at the kill (only the driver writes the study and the result logs): the first
+    # trial ended and told to Optuna, the second asked for its parameters and not yet reported.
+    before = {t.number: (t.state, t.value) for t in _study(run_dir).trials}
+    assert before[0][0] == optuna.trial.TrialState.COMPLETE
+    assert before[1][0] == optuna.trial.TrialState.RUNNING
+    assert [[r["epoch"] for r in h] for h in _histories(run_dir) if h] == [[1]]
+    assert not (run_dir / "summary.json").exists()  # the search never got to its end
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    trials = _study(run_dir).trials
-    assert len({t.number for t in trials}) == len(trials) == 2  # no duplicates, no holes
-    assert all(t.state.is_finished() for t in trials)
-    after = {t.number: t.value for t in trials}
-    assert all(after[number] == value for number, value in before.items())
+    trials = sorted(_study(run_dir).trials, key=lambda t: t.number)
+    assert [t.number for t in trials] == [0, 1]  # no duplicates, no holes
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert trials[0].value == before[0][1]
+    # The ended trial was not run again; the interrupted one ran its epoch, once, and its
+    # result is what Optuna holds.
+    histories = [h for h in _histories(run_dir) if h]
+    assert [[r["epoch"] for r in h] for h in histories] == [[1], [1]]
+    by_params = {(h[0]["config"]["rank"], h[0]["config"]["lr"]): h[0]["dice"] for h in histories}
+    assert {(t.params["rank"], t.params["lr"]): t.value for t in trials} == pytest.approx(
+        by_params)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["trials"], summary["errors"], summary["failed"]) == (2, 0, [])
     kept = {v: e for v, e in list_entries(results).items() if e}
     assert kept and all(entry["search"] == "resumable" for entry in kept.values())
-    assert load_best_model(results, next(iter(kept))) is not None  # checksums verified
+    assert all(e["trial_id"] == summary["best"][v]["trial_id"] for v, e in kept.items())
+    # Checksums verified on load: the kept adapter is whole, on the tracker it was trained for.
+    assert isinstance(load_best_model(results, next(iter(kept))), LesionModel)
+    # Nothing the driver, the two nodes or the registry wrote names a patient.
+    scanned = phi_scan([results, logs])
+    assert any(logs in p.parents for p in scanned)

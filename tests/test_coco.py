@@ -21,7 +21,7 @@ from angiotune.data.coco import (
     decode_rle,
     self_intersects,
 )
-from angiotune.data.ingest import index_metadata, read_index
+from angiotune.data.index import index_metadata, read_index
 from angiotune.data.readers import read_frame, read_header, read_mask
 from angiotune.data.stream import SampleSettings, load_rows, prepare_sample
 from angiotune.errors import ConfigError, DataError

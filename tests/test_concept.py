@@ -9,7 +9,6 @@ from angiotune.data.prompts import lesion_prompt, neighbour_prompt
 from angiotune.model.adapters import AdapterSettings, adapt, load_adapter, save_adapter
 from angiotune.model.concept import build_tokenizer, prompt_vocabulary
 from angiotune.model.losses import LossWeights
-from angiotune.model.pretrain import shape_batch
 from angiotune.model.sam3 import (
     EMBEDDED_IMAGE_SIZE,
     base_model_id,
@@ -17,6 +16,7 @@ from angiotune.model.sam3 import (
     load_prompt_tokenizer,
 )
 from angiotune.taxonomies import load_taxonomy
+from angiotune.train.pretrain import shape_batch
 from angiotune.train.step import evaluate, predict_logits, train_step
 
 

@@ -159,16 +159,17 @@ def test_multitask_step_learns_heads_and_reports_their_metrics(phantom_index, we
 
 
 def test_heads_learn_faster_than_the_adapter():
+    from angiotune.train.config import OptimiserSettings
     from angiotune.train.loop import parameter_groups
 
     base = load_base_model()
     heads = LesionHeads(HeadSettings(classes=("1", "2"), feature_dim=feature_dim_of(base.config)))
     model = LesionModel(adapt(base, AdapterSettings(rank=2, alpha=4)), heads)
-    adapter, head = parameter_groups(model, {"lr": 1e-3, "head_lr_ratio": 10})
+    adapter, head = parameter_groups(model, OptimiserSettings(lr=1e-3, head_lr_ratio=10))
     assert adapter["lr"] == 1e-3 and head["lr"] == pytest.approx(1e-2)
     assert {id(p) for p in head["params"]} == {id(p) for p in heads.parameters()}
     assert len(parameter_groups(LesionModel(adapt(load_base_model(), AdapterSettings())),
-                                {"lr": 1e-3})) == 1
+                                OptimiserSettings(lr=1e-3))) == 1
 
 
 @pytest.mark.parametrize("decoder_width", [64, 96])
@@ -234,11 +235,15 @@ def test_heads_remember_their_taxonomy_and_report_only_trained_tasks(tmp_path):
     """A segment-only head on SYNTAX labels: predict reads its codes as SYNTAX (5 is the left
     main there, an RCA branch in CASS) and reports no untrained stenosis or MLD."""
     from angiotune.predict.segment import _head_outputs
-    from angiotune.train.loop import trained_tasks
+    from angiotune.train.config import TrialConfig
 
-    tasks = trained_tasks({"stenosis_weight": 0, "mld_weight": 0, "rvd_weight": 0})
+    def tasks_of(flat: dict) -> tuple[str, ...]:
+        return TrialConfig.from_flat({"epochs": 1, "heads": True, "classes": ["5", "6"],
+                                      **flat}).heads.tasks
+
+    tasks = tasks_of({"stenosis_weight": 0, "mld_weight": 0, "rvd_weight": 0})
     assert tasks == ("segment",)
-    assert trained_tasks({"head_weighting": "uncertainty", "mld_weight": 0}) == TASKS
+    assert tasks_of({"head_weighting": "uncertainty", "mld_weight": 0}) == TASKS
     heads = LesionHeads(HeadSettings(classes=("5", "6"), feature_dim=10, taxonomy="SYNTAX",
                                      tasks=tasks))
     save_heads(heads, tmp_path)
@@ -373,3 +378,36 @@ def test_training_steps_calibrate_the_heads_on_their_own_predictions(phantom_ind
     assert not torch.equal(heads.calibration, first_fit)
     metrics = evaluate(model, [batch])
     assert math.isfinite(metrics["stenosis_mae"]) and math.isfinite(metrics["mld_mae_mm"])
+
+
+def test_a_trial_config_is_typed_checked_and_keeps_the_owners_defaults():
+    """Tune's flat dict is read once; every part validates itself however it is made."""
+    from dataclasses import replace
+
+    from angiotune.errors import ConfigError
+    from angiotune.model.losses import HeadLossWeights
+    from angiotune.train.config import OptimiserSettings, RunSettings, StartSettings, TrialConfig
+
+    trial = TrialConfig.from_flat({"epochs": 3, "rank": 4, "alpha_ratio": 1, "lr": 2e-3,
+                                   "heads": True, "classes": ["1", "2"], "class_weights":
+                                   "balanced", "class_counts": [1, 3], "pixel_loss": "bce",
+                                   "metric": "objective", "index": "ignored.parquet"})
+    assert (trial.adapter.rank, trial.adapter.alpha, trial.optimiser.lr) == (4, 4.0, 2e-3)
+    assert trial.losses.pixel_loss == "bce" and trial.losses.dice == LossWeights().dice
+    assert trial.heads.losses.rvd == HeadLossWeights().rvd  # the owner's default
+    assert trial.heads.losses.class_weights == pytest.approx((1.5, 0.5))
+    assert trial.run.metrics == ("objective",) and trial.start.adapter is None
+    for bad, match in (({"epochs": 0}, "epochs"), ({"epochs": 1, "lr": -1}, "lr"),
+                       ({"epochs": 1, "precision": "fp8"}, "precision"),
+                       ({"epochs": 1, "init": "best"}, "no kept adapter 'best'"),
+                       ({"epochs": 1, "heads": True, "classes": ["1"]}, "two classes"),
+                       ({"epochs": 1, "strategy": "prefix"}, "strategy")):
+        with pytest.raises(ConfigError, match=match):
+            TrialConfig.from_flat(bad)
+    with pytest.raises(ConfigError, match="batch_size"):
+        replace(trial.run, batch_size=0)
+    with pytest.raises(ConfigError, match="weight_decay"):
+        OptimiserSettings(weight_decay=-0.1)
+    with pytest.raises(ConfigError, match="vessel"):
+        StartSettings(init="vessel", init_adapters={"LAD": "x"})
+    assert RunSettings(epochs=1).precision is None  # follows the device

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +14,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
 import pytest
+from ingest_helpers import (
+    TEST_SALT,
+    corrupt_copy,
+    edit_contour,
+    edit_row,
+    index,
+    read_csv_rows,
+    row_at,
+    save_mask,
+    solo_line,
+    write_csv_rows,
+)
 from PIL import Image, ImageDraw
 from pydicom.data import get_testdata_file
 
-from angiotune.data.ingest import (
-    METADATA_KEY,
-    REQUIRED_MEASUREMENTS,
-    SCHEMA_VERSION,
-    IndexReport,
-    IndexSettings,
-    build_index,
-    missing_measurements,
-    read_index,
-)
+from angiotune.data.index import METADATA_KEY, SCHEMA_VERSION, missing_measurements, read_index
+from angiotune.data.ingest import REQUIRED_MEASUREMENTS, IndexSettings, IndexSummary, build_index
 from angiotune.data.pseudonym import patient_key
 from angiotune.data.readers import read_contour, read_frame, read_header, read_mask
 from angiotune.errors import DataError
 from angiotune.taxonomies import load_taxonomy
 
-TEST_SALT = "test-salt"  # the salt conftest builds the session indexes with
 # Columns that depend only on the lesion, not on how its cine is stored.
 LAYOUT_INDEPENDENT = [
     "patient_key", "split", "row", "vessel", "vessel_source", "segment", "segment_name",
@@ -50,71 +51,7 @@ BBOX = ["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def corrupt_copy(phantom_dir: Path, tmp_path: Path, layout: str = "dicom") -> Path:
-    """A private copy of the phantom export to damage, with the runs of one ``layout`` only
-    (``"dicom"`` for manifest.csv, ``"npy"`` for manifest_npy.csv) to keep the copy small."""
-    skip = {"dicom": "cines", "npy": "dicom"}[layout]
-    return Path(shutil.copytree(phantom_dir, tmp_path / "data",
-                                ignore=lambda folder, names: [skip] if skip in names else []))
-
-
-def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        return list(reader.fieldnames or []), list(reader)
-
-
-def write_csv_rows(path: Path, fieldnames: list[str], rows: list[dict[str, str]], *,
-                   delimiter: str = ",", encoding: str = "utf-8") -> None:
-    with open(path, "w", newline="", encoding=encoding) as handle:
-        writer = csv.DictWriter(handle, fieldnames=fieldnames, delimiter=delimiter)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def edit_row(manifest: Path, line: int, **cells: str) -> dict[str, str]:
-    """Change cells of the row on CSV line ``line`` (the header is line 1); returns the row."""
-    fieldnames, rows = read_csv_rows(manifest)
-    rows[line - 2].update(cells)
-    write_csv_rows(manifest, fieldnames, rows)
-    return rows[line - 2]
-
-
-def row_at(manifest: Path, line: int) -> dict[str, str]:
-    return read_csv_rows(manifest)[1][line - 2]
-
-
-def edit_contour(path: Path, change: Callable[[dict], None]) -> None:
-    contour = json.loads(path.read_text(encoding="utf-8"))
-    change(contour)
-    path.write_text(json.dumps(contour), encoding="utf-8")
-
-
-def save_mask(path: Path, mask: np.ndarray) -> None:
-    if path.suffix == ".npy":
-        np.save(path, mask.astype(np.uint8))
-    else:
-        Image.fromarray(mask.astype(np.uint8) * 255).save(path)
-
-
-def index(data: Path, tmp_path: Path, manifest: str = "manifest.csv", **settings) -> IndexReport:
-    return build_index(data / manifest, tmp_path / "out" / "index.parquet",
-                       IndexSettings(salt=TEST_SALT, **settings))
-
-
-def solo_line(manifest_rows: list[dict], baseline: IndexReport,
-              want: Callable[[dict, pd.Series], bool] = lambda row, record: True) -> int:
-    """A CSV line whose run, mask and contour no other row uses (so damage hits it alone)."""
-    runs = Counter(row["dicom_path"] for row in manifest_rows)
-    by_line = baseline.index.set_index("row")
-    for position, row in enumerate(manifest_rows):
-        line = position + 2
-        if runs[row["dicom_path"]] == 1 and line in by_line.index and want(row, by_line.loc[line]):
-            return line
-    raise AssertionError("the phantom set has no row of the kind this test needs")
-
-
-def assert_quarantined(report: IndexReport, baseline: IndexReport, line: int, field: str,
+def assert_quarantined(report: IndexSummary, baseline: IndexSummary, line: int, field: str,
                        reason: str, file: str | None = None) -> None:
     """Row ``line`` and only it is quarantined, for ``field``; every other good row is indexed."""
     mine = [p for p in report.quarantined if p.row == line]
@@ -131,7 +68,7 @@ def assert_quarantined(report: IndexReport, baseline: IndexReport, line: int, fi
     assert written.loc[written["row"] == line, "field"].tolist() == [field]
 
 
-def record(report: IndexReport, line: int) -> pd.Series:
+def record(report: IndexSummary, line: int) -> pd.Series:
     rows = report.index[report.index["row"] == line]
     assert len(rows) == 1, f"row {line} is not in the index"
     return rows.iloc[0]
@@ -767,13 +704,12 @@ def test_all_rows_quarantined_still_writes_a_typed_index(phantom_dir, tmp_path):
         pa.types.is_large_string(schema.field("split").type)
 
 
-def test_a_search_says_phantoms_whoever_indexed_them(phantom_dir, tmp_path):
+def test_a_search_says_phantoms_whoever_indexed_them(phantom_dir, phantom_index, tmp_path):
     """The data note that search records and reports carry: an index built from phantoms is
     phantoms; the same files without the generator's record beside them are user data."""
     from angiotune.search.api import data_note
 
-    index = tmp_path / "phantoms.parquet"
-    build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="s"))
+    index = phantom_index.out
     assert data_note(index, None).startswith("angiotune's synthetic phantoms (not clinical")
     assert data_note(index, None).endswith("the embedded tiny SAM 3 model")
     copy = tmp_path / "export"

@@ -20,8 +20,8 @@ from angiotune.model.adapters import (
 from angiotune.model.embedding_cache import EmbeddingCache, encoder_is_frozen
 from angiotune.model.lesion import LesionModel
 from angiotune.model.losses import LossWeights, dice_loss, focal_loss, hard_iou, weighted_bce
-from angiotune.model.pretrain import shape_batch
 from angiotune.model.sam3 import EMBEDDED_IMAGE_SIZE, ModelError, base_model_id, load_base_model
+from angiotune.train.pretrain import shape_batch
 from angiotune.train.step import as_tensors, dice_scores, evaluate, predict_logits, train_step
 
 SIZE = EMBEDDED_IMAGE_SIZE
@@ -176,8 +176,16 @@ def test_adapter_round_trip(tmp_path, batch, strategy):
 def test_an_adapter_for_other_weights_or_another_version_is_refused(tmp_path):
     settings = AdapterSettings(rank=2)
     folder = tmp_path / "adapter"
-    save_adapter(adapt(load_base_model(), settings), settings, folder, base_model_id())
-    assert load_adapter(load_base_model(), folder, base_id=base_model_id()) is not None
+    saved = adapt(load_base_model(), settings)
+    save_adapter(saved, settings, folder, base_model_id())
+    # The same base is accepted: the adapter's weights come back as they were saved.
+    loaded = load_adapter(load_base_model(), folder, base_id=base_model_id())
+    assert isinstance(loaded, PeftModel)
+    expected = {n: p for n, p in saved.named_parameters() if "lora_" in n}
+    found = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert expected and found.keys() == expected.keys()
+    for name, weight in expected.items():
+        torch.testing.assert_close(found[name], weight)
     with pytest.raises(ConfigError, match="saved for base model embedded:embedded@"):
         load_adapter(load_base_model(), folder, base_id="/models/sam3@0123456789ab")
     record_file = folder / "angiotune_adapter.json"
@@ -193,7 +201,7 @@ def test_an_adapter_for_other_weights_or_another_version_is_refused(tmp_path):
 def test_the_crop_an_adapter_learned_travels_with_it(tmp_path):
     from angiotune.model.adapters import crop_context_of
     from angiotune.registry.store import load_ready_model
-    from angiotune.train.loop import trial_crop_context
+    from angiotune.train.config import TrialConfig
 
     settings = AdapterSettings(rank=2, crop_context=2.25)
     folder = tmp_path / "adapter"
@@ -201,9 +209,10 @@ def test_the_crop_an_adapter_learned_travels_with_it(tmp_path):
     assert crop_context_of(folder) == 2.25
     assert load_ready_model(folder, None).crop_context == 2.25
     # A trial started from it trains on its crop, whatever the space says.
-    assert trial_crop_context({"init": "best", "init_adapters": {"best": str(folder)},
-                               "crop_context": 1.2}) == 2.25
-    assert trial_crop_context({"crop_context": 1.2}) == 1.2
+    started = TrialConfig.from_flat({"epochs": 1, "init": "best", "crop_context": 1.2,
+                                     "init_adapters": {"best": str(folder)}})
+    assert started.adapter.crop_context == 2.25
+    assert TrialConfig.from_flat({"epochs": 1, "crop_context": 1.2}).adapter.crop_context == 1.2
     # Adapters saved before the crop was recorded were all trained on 3 boxes.
     record_file = folder / "angiotune_adapter.json"
     record = json.loads(record_file.read_text())
@@ -218,10 +227,12 @@ def test_the_refiner_starts_as_the_decoder_learns_and_travels(tmp_path, batch):
     """Zero-initialised, it starts from the decoder's mask; trained, it changes the mask; saved
     with the adapter, it comes back with it."""
     from angiotune.registry.store import load_ready_model
+    from angiotune.train.config import TrialConfig
     from angiotune.train.loop import build_model, save_trained
 
     torch.manual_seed(0)
-    model, settings = build_model({"rank": 4, "targets": "vision_attn", "refine": True})
+    model, settings = build_model(TrialConfig.from_flat(
+        {"epochs": 1, "rank": 4, "targets": "vision_attn", "refine": True}))
     images, boxes = torch.as_tensor(batch["image"]), torch.as_tensor(batch["box"])
     with torch.no_grad():
         out = model(images, boxes)
@@ -290,25 +301,27 @@ def test_adapter_reloads_trainable_for_resume(tmp_path):
 
 
 def test_epoch_clock_splits_an_epoch_between_data_training_and_evaluation():
-    import time
-
+    """On a clock the test moves (no sleeps, so a loaded machine cannot change the split):
+    three batches that each take 5 s to arrive and 2 s to train on, then 3 s of evaluation."""
     from angiotune.train.loop import EpochClock
+
+    now = [100.0]
 
     def slow_batches():
         for number in range(3):
-            time.sleep(0.05)
+            now[0] += 5.0  # waiting for the data
             yield number
+        now[0] += 0.5  # the end of the stream is waited for too
 
-    clock = EpochClock()
+    clock = EpochClock(clock=lambda: now[0])
     for _ in clock.waiting(slow_batches()):
-        time.sleep(0.02)
+        now[0] += 2.0  # the step
+    now[0] += 1.0  # the rest of the training pass (the heads' calibration)
     clock.mark("train_s")
-    time.sleep(0.03)
+    now[0] += 3.0
     clock.mark("eval_s")
-    seconds = clock.seconds
-    assert 0.15 <= seconds["data_wait_s"] < 0.5
-    assert 0.06 <= seconds["train_s"] < 0.3  # the waits are not counted twice
-    assert 0.03 <= seconds["eval_s"] < 0.3
+    # The waits are not counted twice: training is the 7 s between them.
+    assert clock.seconds == pytest.approx({"data_wait_s": 15.5, "train_s": 7.0, "eval_s": 3.0})
 
 
 def test_validation_cache_decodes_once_unless_too_large():

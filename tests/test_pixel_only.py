@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from angiotune.cli import main
+from angiotune.evaluation.detection import evaluate_detection
+from angiotune.evaluation.test_split import evaluate_kept, trivial_predictions
 from angiotune.model.adapters import AdapterSettings, adapt, save_adapter
 from angiotune.model.sam3 import base_model_id, load_base_model
 from angiotune.predict import PredictSettings, predict
 from angiotune.predict.detection import FrameMatch, box_iou, match_boxes, score_frames
 from angiotune.qca.pixels import in_pixels
-from angiotune.registry.detect import evaluate_detection
-from angiotune.registry.evaluate import evaluate_kept, trivial_predictions
 from angiotune.registry.store import GENERAL, promote
 
 MM_COLUMNS = ("mld_mm", "rvd_mm", "lesion_length_mm", "proximal_diameter_mm",
@@ -325,7 +325,13 @@ def test_an_uncalibrated_index_and_a_dicom_without_magnification_are_measured_in
         results=kept, box=(100, 100, 160, 150), pixel_spacing_mm=0.3, overlays=False))
     assert given.lesions[0].report["units"] == "mm"
     assert given.lesions[0].report["input"]["pixel_spacing_mm"] == 0.3
-    assert "MLD_mm" in given.lesions[0].report["qca"] or given.lesions[0].report["qca"]["error"]
+    # The same mask as above, measured: in mm at the given spacing, the pixels times 0.3.
+    in_px, in_mm = lesion.report["qca"], given.lesions[0].report["qca"]
+    assert "error" not in in_px and "error" not in in_mm and in_mm["mm_per_pixel"] == 0.3
+    assert in_mm["MLD_mm"] == pytest.approx(0.3 * in_px["MLD_px"], abs=2e-3)
+    assert in_mm["lesion_length_mm"] == pytest.approx(0.3 * in_px["lesion_length_px"],
+                                                      abs=0.05)  # said to 0.1 mm
+    assert in_mm["diameter_stenosis_pct"] == in_px["diameter_stenosis_pct"]
 
 
 def test_an_unsure_cass_head_hands_over_to_the_general_adapter(phantom_dir, uncalibrated,

@@ -63,6 +63,7 @@ def test_a_checkpoint_that_leaves_the_decoder_unfilled_is_refused(tmp_path, caps
     assert not (tmp_path / "results" / "searches").exists()  # refused before any search
 
 
+@pytest.mark.slow  # the user's folder: phantoms and a full-width 1008 px model, loaded twice
 def test_the_hub_folder_fills_the_tracker_and_the_concept_model(workspace):
     from angiotune.model.sam3 import image_size_of, load_prompt_tokenizer, model_config
     from angiotune.search.api import check_weights
@@ -88,7 +89,7 @@ def test_hub_layout_through_the_cli_with_a_relative_model_path(workspace, ray_cl
     assert main(["search", "--space", "stage2_multitask.yaml", *common]) == 0
     capsys.readouterr()
     entries = {p.parent.name: json.loads(p.read_text())
-               for p in Path("results/best").glob("*/manifest.json")}
+               for p in Path("results/best").glob("versions/*/manifest.json")}
     assert entries, "no adapter kept"
     for entry in entries.values():
         assert entry["base_model"].startswith("sam3@")

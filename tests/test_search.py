@@ -1,8 +1,11 @@
-"""A real two-trial search on the session's local Ray: Tune + Optuna + ASHA over Ray Train."""
+"""Real searches on the session's local Ray (Tune + Optuna + ASHA over Ray Train), marked slow;
+and, fast, the parts of a search that a plain call shows: the Optuna searcher's bookkeeping and a
+text_box trial's adapter through the registry (the training loop itself: ``test_loop.py``)."""
 
 import base64
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -12,18 +15,17 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from peft import PeftModel
 from PIL import Image
 
 from angiotune.cli import main
-from angiotune.data.ingest import IndexSettings, build_index
 from angiotune.data.stream import load_rows
+from angiotune.model.lesion import LesionModel
 from angiotune.model.sam3 import load_base_model
 from angiotune.registry.store import list_entries, load_best_model
 from angiotune.search import search
 from angiotune.search.space import parse_space
-
-pytestmark = pytest.mark.ray
 
 TWO_TRIALS = {
     "name": "two", "metric": "dice", "mode": "max", "samples": 2, "max_concurrent": 1,
@@ -36,7 +38,7 @@ TWO_TRIALS = {
 
 
 @pytest.fixture(scope="module")
-def finished_search(ray_cluster, phantom_dir, tmp_path_factory):
+def finished_search(ray_cluster, phantom_index, tmp_path_factory):
     """Two trials of two DDP workers each, with heads. The first trial's rank 0 is SIGKILLed
     after its first checkpoint (through the documented fault hook), so the trial must restart
     its worker group from that checkpoint.
@@ -45,8 +47,6 @@ def finished_search(ray_cluster, phantom_dir, tmp_path_factory):
     next epoch; every rank reads the whole validation split instead. Heads make DDP
     synchronise theirs too (a parameter without a gradient would stall its reduction)."""
     results = tmp_path_factory.mktemp("results")
-    index = results / "index.parquet"
-    build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="test-salt"))
     faults = results / "faults"
     faults.mkdir()
     (faults / "1-kill").touch()
@@ -54,16 +54,21 @@ def finished_search(ray_cluster, phantom_dir, tmp_path_factory):
         patch.setenv("ANGIOTUNE_FAULT_DIR", str(faults))
         space = parse_space({**TWO_TRIALS, "fixed": {"strategy": "lora", "heads": True},
                              "resources": {"workers": 2, "cpus_per_worker": 1}}, "two.yaml")
-        outcome = search(space, data=index, results=results, keep_below_zero_shot=True)
+        outcome = search(space, data=phantom_index.out, results=results,
+                         keep_below_zero_shot=True)
     return outcome, results
 
 
+@pytest.mark.slow  # a real search on the session's Ray
+@pytest.mark.ray
 def test_search_runs_every_trial(finished_search):
     outcome, _ = finished_search
     assert outcome.trials == 2 and outcome.errors == 0
     assert 0.0 <= outcome.zero_shot["dice"] <= 1.0
 
 
+@pytest.mark.slow  # a real search on the session's Ray
+@pytest.mark.ray
 def test_optuna_study_has_each_trial_once(finished_search):
     outcome, _ = finished_search
     study = optuna.load_study(study_name="two",
@@ -73,6 +78,8 @@ def test_optuna_study_has_each_trial_once(finished_search):
                                                optuna.trial.TrialState.PRUNED}
 
 
+@pytest.mark.slow  # a real search on the session's Ray
+@pytest.mark.ray
 def test_a_killed_worker_restarts_its_trial_from_the_last_checkpoint(finished_search):
     outcome, results = finished_search
     assert not list((results / "faults").iterdir()), "the kill was never claimed"
@@ -85,6 +92,8 @@ def test_a_killed_worker_restarts_its_trial_from_the_last_checkpoint(finished_se
     assert all(record["heads"] for record in outcome.best.values())
 
 
+@pytest.mark.slow  # a real search on the session's Ray
+@pytest.mark.ray
 def test_best_adapters_are_kept_and_load_with_plain_peft(finished_search):
     _, results = finished_search
     kept = {v: e for v, e in list_entries(results).items() if e is not None}
@@ -99,11 +108,18 @@ def test_best_adapters_are_kept_and_load_with_plain_peft(finished_search):
         assert entry["config"]["strategy"] == "lora"
         folder = f"{entry['path']}/adapter"
         plain = PeftModel.from_pretrained(load_base_model(), folder)
-        assert any("lora_" in name for name, _ in plain.named_parameters())
-        assert load_best_model(results, vessel) is not None
-        card = (results / "best" / vessel / "README.md").read_text()
+        lora = {name: p for name, p in plain.named_parameters() if "lora_" in name}
+        assert lora
+        # The registry's ready model is that adapter, with the heads the trials trained.
+        ready = load_best_model(results, vessel)
+        assert isinstance(ready, LesionModel) and ready.heads is not None
+        loaded = {name: p for name, p in ready.segmenter.named_parameters() if "lora_" in name}
+        assert loaded.keys() == lora.keys()
+        for name, weight in lora.items():
+            torch.testing.assert_close(loaded[name], weight)
+        card = (Path(entry["path"]) / "README.md").read_text()
         assert "not clinical results" in card
-    assert json.loads((results / "best" / next(iter(kept)) / "manifest.json").read_text())
+    assert json.loads((Path(next(iter(kept.values()))["path"]) / "manifest.json").read_text())
 
 
 def test_asha_stopped_trials_are_pruned_not_complete_in_optuna(tmp_path):
@@ -124,32 +140,77 @@ def test_asha_stopped_trials_are_pruned_not_complete_in_optuna(tmp_path):
     assert study.best_value == 0.5
 
 
-def test_text_box_search_keeps_concept_adapters(ray_cluster, phantom_dir, tmp_path):
+def test_a_failed_trial_is_told_to_optuna_as_fail_with_its_reason(tmp_path):
+    """A trial that reports ``failed`` (a NaN loss, out of memory: ``test_loop.py``) is FAIL in
+    Optuna with the reason kept, and its failure report is no intermediate value; the other
+    trial of the study completes as usual."""
+    from angiotune.search.run import _optuna_search
+
+    space = parse_space({**TWO_TRIALS, "name": "faults", "epochs": 1, "asha": None},
+                        "faults.yaml")
+    searcher = _optuna_search(space, tmp_path)
+    searcher.suggest("diverged")
+    searcher.suggest("fine")
+    failed = {"dice": math.nan, "epoch": 1, "training_iteration": 1,
+              "failed": "loss became nan in epoch 1 (diverged); try a lower lr or fp32"}
+    searcher.on_trial_result("diverged", failed)
+    searcher.on_trial_complete("diverged", failed)
+    searcher.on_trial_complete("fine", {"dice": 0.4, "epoch": 1, "training_iteration": 1})
+    study = optuna.load_study(study_name="faults",
+                              storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    diverged, fine = sorted(study.trials, key=lambda t: t.number)
+    assert diverged.state == optuna.trial.TrialState.FAIL
+    assert diverged.user_attrs == {"failure": failed["failed"]}
+    assert diverged.intermediate_values == {}
+    assert fine.state == optuna.trial.TrialState.COMPLETE and fine.value == 0.4
+    assert study.best_value == 0.4
+
+
+def test_a_text_box_trial_keeps_a_concept_adapter(phantom_index, tmp_path):
+    """What a text_box search does around its trials, without Ray: the concept model's
+    zero-shot baseline, one trial trained by the loop (through the fake backend), and its
+    adapter kept in the registry and loaded back on the concept model."""
+    from fake_backend import FakeBackend, phantom_datasets
     from transformers import Sam3Model
 
-    index = tmp_path / "index.parquet"
-    build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="test-salt"))
-    space = parse_space({**TWO_TRIALS, "name": "text", "samples": 1, "epochs": 1,
-                         "fixed": {"strategy": "lora", "prompt_mode": "text_box"}}, "text.yaml")
+    from angiotune.model.sam3 import base_model_id
+    from angiotune.registry.store import promote
+    from angiotune.search.api import zero_shot
+    from angiotune.train.loop import ADAPTER_DIR, run_training
+
+    baseline = zero_shot(phantom_index.out, None, 112, "text_box", batch_size=8)
+    assert 0.0 <= baseline["dice"] <= 1.0
+    rows, root = load_rows(phantom_index.out)
+    splits = {s: rows[rows["split"] == s].reset_index(drop=True) for s in ("train", "val")}
+    (tmp_path / "reports").mkdir()
+    backend = FakeBackend(phantom_datasets(splits, root, 112), tmp_path / "reports")
+    run_training({"epochs": 1, "batch_size": 8, "metric": "dice", "strategy": "lora",
+                  "rank": 2, "lr": 5e-3, "prompt_mode": "text_box"}, backend)
+    [(metrics, checkpoint)] = backend.reports
+    assert 0.0 <= metrics["dice"] <= 1.0 and metrics["n"] == len(splits["val"])
     results = tmp_path / "results"
-    outcome = search(space, data=index, results=results, keep_below_zero_shot=True)
-    assert outcome.trials == 1 and outcome.errors == 0
-    kept = {v: e for v, e in list_entries(results).items() if e is not None}
-    assert kept and all(e["prompt_mode"] == "text_box" for e in kept.values())
-    model = load_best_model(results, next(iter(kept)))
-    assert isinstance(model.get_base_model(), Sam3Model)
+    kept, _ = promote(results, "general", checkpoint / ADAPTER_DIR, {
+        "metric": "dice", "mode": "max", "score": float(metrics["dice"]),
+        "validation_split": "s", "metrics": {"dice": float(metrics["dice"])},
+        "zero_shot": baseline, "config": {"rank": 2}, "stage": 1, "strategy": "lora",
+        "heads": False, "prompt_mode": "text_box", "base_model": base_model_id(None, "text_box"),
+        "search": "text", "trial_id": "t0"})
+    assert kept
+    assert list_entries(results)["general"]["prompt_mode"] == "text_box"
+    model = load_best_model(results, "general")
+    assert isinstance(model, PeftModel) and isinstance(model.get_base_model(), Sam3Model)
 
 
-def test_a_started_ray_has_its_dashboard_on_loopback_behind_a_token(ray_cluster):
+@pytest.mark.slow  # starts the session's Ray
+@pytest.mark.ray
+def test_a_started_ray_has_its_dashboard_on_loopback_behind_a_token(local_ray):
     """Guard: ASHA-stopped trials free their workers only through the dashboard (Ray 2.60),
     so it stays on; it listens on 127.0.0.1, and an unauthenticated request to its API is
     refused (Ray 2.60 turns token authentication on for a local cluster)."""
     import urllib.error
     import urllib.request
 
-    from conftest import RAY_DASHBOARD
-
-    url = RAY_DASHBOARD[0]
+    url = local_ray.dashboard
     assert url.startswith("127.0.0.1:")
     for _ in range(60):  # the dashboard may still be starting
         try:
@@ -164,7 +225,9 @@ def test_a_started_ray_has_its_dashboard_on_loopback_behind_a_token(ray_cluster)
     raise AssertionError(f"no dashboard at {url}")
 
 
-def test_a_diverged_and_an_out_of_memory_trial_fail_alone(ray_cluster, phantom_dir, tmp_path,
+@pytest.mark.slow  # a real search on the session's Ray
+@pytest.mark.ray
+def test_a_diverged_and_an_out_of_memory_trial_fail_alone(ray_cluster, phantom_index, tmp_path,
                                                           monkeypatch):
     """Faults caused for real through the documented hook (ANGIOTUNE_FAULT_DIR): one trial's
     loss turns NaN, the other's first step raises torch's out-of-memory error. Each is recorded
@@ -174,12 +237,10 @@ def test_a_diverged_and_an_out_of_memory_trial_fail_alone(ray_cluster, phantom_d
     (faults / "1-oom").touch()
     (faults / "2-nan").touch()
     monkeypatch.setenv("ANGIOTUNE_FAULT_DIR", str(faults))
-    index = tmp_path / "index.parquet"
-    build_index(phantom_dir / "manifest.csv", index, IndexSettings(salt="test-salt"))
     space = parse_space({**TWO_TRIALS, "name": "faults", "samples": 2, "max_concurrent": 2,
                          "epochs": 1, "asha": None}, "faults.yaml")
     results = tmp_path / "results"
-    outcome = search(space, data=index, results=results)
+    outcome = search(space, data=phantom_index.out, results=results)
     assert outcome.trials == 2 and outcome.errors == 0 and not list(faults.iterdir())
     reasons = sorted(failure["reason"] for failure in outcome.failed)
     assert len(reasons) == 2
@@ -204,7 +265,10 @@ def _browser() -> str:
     return found
 
 
-def test_report_renders_every_plot_in_a_headless_browser(finished_search, tmp_path):
+@pytest.mark.slow  # a real search on the session's Ray
+@pytest.mark.ray
+def test_report_renders_every_plot_in_a_headless_browser(finished_search, phantom_index,
+                                                        tmp_path):
     outcome, results = finished_search
     assert main(["report", outcome.name, "--results", str(results)]) == 0
     page = outcome.run_dir / "report.html"
@@ -223,7 +287,7 @@ def test_report_renders_every_plot_in_a_headless_browser(finished_search, tmp_pa
         assert 'class="main-svg"' in body, f"{key} did not render"
     overlays = dom.split('id="overlays"')[1]
     pictures = re.findall(r'src="data:image/png;base64,([^"]+)"', overlays)
-    rows, _ = load_rows(results / "index.parquet", "val")
+    rows, _ = load_rows(phantom_index.out, "val")
     assert len(pictures) == sum(min(3, len(rows) if v == "general" else
                                     int((rows["vessel"] == v).sum())) for v in outcome.best)
     image = Image.open(io.BytesIO(base64.b64decode(pictures[0])))
@@ -236,11 +300,13 @@ def test_report_renders_every_plot_in_a_headless_browser(finished_search, tmp_pa
     assert "not clinical accuracy" in dom
 
 
-def test_embedding_cache_encodes_each_crop_once_across_trials(finished_search, tmp_path):
+@pytest.mark.slow  # a real search on the session's Ray
+@pytest.mark.ray
+def test_embedding_cache_encodes_each_crop_once_across_trials(ray_cluster, phantom_index,
+                                                              tmp_path):
     """decoder_only leaves the encoder frozen: the first trial encodes every crop once, the
     second reads them all from the cache (its misses stay at zero)."""
-    _, first_results = finished_search
-    index = first_results / "index.parquet"
+    index = phantom_index.out
     space = parse_space({**TWO_TRIALS, "name": "cached", "epochs": 1, "asha": None,
                          "fixed": {"strategy": "decoder_only", "embedding_cache": True}},
                         "cached.yaml")
@@ -259,19 +325,21 @@ def test_embedding_cache_encodes_each_crop_once_across_trials(finished_search, t
     assert finals[0]["pid"] == finals[1]["pid"]
 
 
-def test_a_killed_single_worker_trial_resumes_from_its_last_checkpoint(finished_search,
-                                                                       tmp_path, monkeypatch):
+@pytest.mark.slow  # a real search on the session's Ray
+@pytest.mark.ray
+def test_a_killed_single_worker_trial_resumes_from_its_last_checkpoint(ray_cluster,
+                                                                       phantom_index, tmp_path,
+                                                                       monkeypatch):
     """A trial of one worker trains in Tune's trial process, without a Train worker group:
     when that process dies (SIGKILL, through the documented hook), Tune restarts the trial from
     the checkpoint it keeps, and the registry finds the kept epoch's adapter there."""
-    _, first_results = finished_search
     faults = tmp_path / "faults"
     faults.mkdir()
     (faults / "1-kill").touch()
     monkeypatch.setenv("ANGIOTUNE_FAULT_DIR", str(faults))
     space = parse_space({**TWO_TRIALS, "name": "killed", "samples": 1, "asha": None},
                         "killed.yaml")
-    outcome = search(space, data=first_results / "index.parquet", results=tmp_path / "results",
+    outcome = search(space, data=phantom_index.out, results=tmp_path / "results",
                      keep_below_zero_shot=True)
     assert outcome.trials == 1 and outcome.errors == 0 and not list(faults.iterdir())
     [history] = [[json.loads(line) for line in path.read_text().splitlines()]
@@ -282,6 +350,8 @@ def test_a_killed_single_worker_trial_resumes_from_its_last_checkpoint(finished_
     assert kept and all((Path(e["path"]) / "adapter").is_dir() for e in kept)
 
 
+@pytest.mark.slow  # a real search on the session's Ray
+@pytest.mark.ray
 def test_trials_are_watchable_in_tensorboard_and_optuna_dashboard(finished_search):
     from wsgiref.util import setup_testing_defaults
 
@@ -307,6 +377,8 @@ def test_trials_are_watchable_in_tensorboard_and_optuna_dashboard(finished_searc
     assert len(get(f"/api/studies/{summary['study_id']}")["trials"]) == outcome.trials
 
 
+@pytest.mark.slow  # a real search on the session's Ray
+@pytest.mark.ray
 def test_paths_inside_a_search_folder_stay_short_for_windows(finished_search):
     """Windows refuses paths past 260 characters: a search's own folders (short trial names,
     not Tune's ~170-character defaults) leave most of that to the user's results folder."""

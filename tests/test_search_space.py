@@ -1,12 +1,14 @@
 """Search space YAML: the shipped spaces load; each kind of mistake is refused naming the key."""
 
 import copy
+import dataclasses
+import re
 
 import optuna
 import pytest
 
 from angiotune.errors import ConfigError
-from angiotune.search.space import SPACES_DIR, load_space, parse_space
+from angiotune.search.space import SPACES_DIR, Param, load_space, parse_space
 
 VALID = {
     "name": "t", "metric": "dice", "mode": "max", "samples": 2, "epochs": 2,
@@ -101,6 +103,62 @@ def test_mistakes_are_refused_naming_the_key(change, key):
     with pytest.raises(ConfigError) as error:
         parse_space(_broken(change), "space.yaml")
     assert "space.yaml" in str(error.value) and key in str(error.value)
+
+
+def test_a_replaced_space_is_checked_again():
+    """``dataclasses.replace`` makes a new space through ``__post_init__``: it cannot skip the
+    rules a file is held to."""
+    space = parse_space(VALID, "space.yaml")
+    with pytest.raises(ConfigError) as error:
+        dataclasses.replace(space, samples=-1)
+    assert str(error.value) == "samples: -1 is below the minimum 1"
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    ({"samples": "8"}, "samples: expected int"),
+    ({"epochs": 0}, "epochs"),
+    ({"retries": -1}, "resources.retries"),
+    ({"image_size": 16}, "data.image_size"),
+    ({"grace_period": 5}, "asha.grace_period"),
+    ({"stage": 4}, "stage"),
+    ({"stage": 3}, "asha"),  # vessels are not comparable on one scale
+    ({"stage": 3, "asha": False}, "vessels"),
+    ({"vessels": ("LAD",)}, "vessels"),  # only stage 3
+    ({"mode": "min"}, "mode"),
+    ({"metric": "dice/LEFT"}, "metric"),
+    ({"metric": ("dice", "iou"), "mode": ("max", "max")}, "asha"),
+    ({"metric": "stenosis_mae", "mode": "min"}, "heads"),
+    ({"objective": {"speed": 1.0}}, "objective.speed"),
+    ({"select": "stenosis_mae"}, "select"),
+    ({"sampler": "grid"}, "sampler"),
+    ({"fixed": {"strategy": "adapters"}}, "fixed.strategy"),
+    ({"fixed": {"strategy": "lora", "init": "vessel"}}, "init"),
+    ({"params": ()}, "params"),
+    ({"params": (Param("lr", "float", 1e-4, 1e-2, log=True, when={"optimizer": "adam"}),)},
+     "params.lr.when"),
+])
+def test_replace_refuses_what_a_file_would(change, key):
+    space = parse_space(VALID, "space.yaml")
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        dataclasses.replace(space, **change)
+
+
+def test_replace_keeps_a_valid_space_as_a_file_gives_it():
+    space = parse_space(VALID, "space.yaml")
+    wider = dataclasses.replace(space, samples=40, cpus_per_worker=2,
+                                metric=["dice", "iou"], mode=["max", "max"], asha=False)
+    assert wider.samples == 40 and wider.multi_objective
+    assert wider.metric == ("dice", "iou") and wider.mode == ("max", "max")
+    assert isinstance(wider.cpus_per_worker, float)  # as parse_space gives it
+    assert dataclasses.replace(wider) == wider
+
+
+def test_a_parameter_made_by_hand_is_checked():
+    with pytest.raises(ConfigError, match="params.lr: empty range"):
+        Param("lr", "float", 0.1, 0.01)
+    with pytest.raises(ConfigError, match=re.escape("params.crop_context.high")):
+        Param("crop_context", "float", 2.0, 12.0)  # past the widest crop
+    assert Param("lr", "float", 1, 2).low == 1.0
 
 
 def test_prompt_mode_is_fixed_per_search():

@@ -1,4 +1,5 @@
-"""The Ray Data stream on a real local Ray: samples, determinism, starvation, a Train consumer."""
+"""Samples from index rows (fast, no Ray), and the Ray Data stream on a real local Ray (slow):
+determinism, augmentation, a broken file, starvation, a Train consumer."""
 
 import concurrent.futures
 
@@ -8,15 +9,12 @@ import pytest
 from angiotune.data.ingest import IndexSettings, build_index
 from angiotune.data.stream import SampleSettings, lesion_dataset, load_rows, prepare_sample
 
-pytestmark = pytest.mark.ray
 SETTINGS = SampleSettings(image_size=64)
 
 
 @pytest.fixture(scope="module")
-def stream_index(phantom_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stream") / "index.parquet"
-    build_index(phantom_dir / "manifest.csv", out, IndexSettings(salt="test-salt"))
-    return out
+def stream_index(phantom_index):
+    return phantom_index.out
 
 
 def _take(dataset, timeout_s=240):
@@ -57,6 +55,8 @@ def test_box_only_augmentation_keeps_the_pixels(stream_index):
     assert not np.array_equal(moved[0]["image"], moved[1]["image"])
 
 
+@pytest.mark.slow  # on the session's Ray, whose start alone takes seconds
+@pytest.mark.ray
 def test_stream_validation_is_deterministic(ray_cluster, stream_index):
     rows, _ = load_rows(stream_index, "val")
     first = _take(lesion_dataset(stream_index, "val", settings=SETTINGS))
@@ -68,6 +68,8 @@ def test_stream_validation_is_deterministic(ray_cluster, stream_index):
         np.testing.assert_array_equal(sample["box"], by_id[sample["sample_id"]]["box"])
 
 
+@pytest.mark.slow  # on the session's Ray, whose start alone takes seconds
+@pytest.mark.ray
 def test_stream_training_augments(ray_cluster, stream_index):
     train = _take(lesion_dataset(stream_index, "train", settings=SETTINGS))
     plain = {s["sample_id"]: s for s in _take(lesion_dataset(
@@ -77,6 +79,8 @@ def test_stream_training_augments(ray_cluster, stream_index):
     assert changed == len(train)
 
 
+@pytest.mark.slow  # on the session's Ray, whose start alone takes seconds
+@pytest.mark.ray
 def test_stream_skips_a_file_broken_after_indexing(ray_cluster, phantom_dir, tmp_path):
     import shutil
 
@@ -91,6 +95,8 @@ def test_stream_skips_a_file_broken_after_indexing(ray_cluster, phantom_dir, tmp
     assert rows.iloc[0]["sample_id"] not in {s["sample_id"] for s in samples}
 
 
+@pytest.mark.slow  # on the session's Ray, whose start alone takes seconds
+@pytest.mark.ray
 def test_stream_runs_while_workers_hold_the_cpus(ray_cluster, stream_index):
     """Training workers reserve all but half a CPU; the decode tasks must still run."""
     import ray
@@ -109,6 +115,8 @@ def test_stream_runs_while_workers_hold_the_cpus(ray_cluster, stream_index):
         ray.kill(hog)
 
 
+@pytest.mark.slow  # on the session's Ray, whose start alone takes seconds
+@pytest.mark.ray
 def test_stream_feeds_ray_train_workers(ray_cluster, stream_index, tmp_path):
     import ray.train
     import torch

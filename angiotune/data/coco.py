@@ -24,14 +24,8 @@ import pandas as pd
 from PIL import Image
 from skimage.draw import polygon as draw_polygon
 
-from angiotune.data.ingest import (
-    IndexReport,
-    Problem,
-    quarantine_path_for,
-    records_frame,
-    with_splits,
-    write_index,
-)
+from angiotune.data.index import quarantine_path_for, records_frame, with_splits, write_index
+from angiotune.data.ingest import IndexSummary, Problem
 from angiotune.data.pseudonym import patient_key, resolve_salt, salt_fingerprint
 from angiotune.data.readers import cine_format, read_frame, read_header, read_json_object
 from angiotune.data.splits import SPLITS, assign_splits
@@ -87,7 +81,7 @@ class _Rejected(Exception):
 
 def build_coco_index(sources: list[CocoSource], out: str | Path,
                      settings: CocoSettings = CocoSettings(),
-                     on_row: Callable[[int, int], None] | None = None) -> IndexReport:
+                     on_row: Callable[[int, int], None] | None = None) -> IndexSummary:
     """Validate the COCO files and write the index to ``out``, its masks to ``<out>.masks/`` and
     its quarantine beside it."""
     if not sources:
@@ -159,7 +153,7 @@ def build_coco_index(sources: list[CocoSource], out: str | Path,
         .to_csv(quarantine_path, index=False)
     notes = [f"{SPLIT_NOTE}.", "no calibration: the millimetre fields are absent; evaluate and "
              "predict report pixel-only results"]
-    return IndexReport(sources[0].annotations, out, quarantine_path, total, index,
+    return IndexSummary(sources[0].annotations, out, quarantine_path, total, index,
                        quarantined, warnings, notes, unit="image")
 
 

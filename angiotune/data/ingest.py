@@ -10,7 +10,8 @@ are turned into salted keys on read and never written. Rows are numbered as line
 Stage 1 (segmentation) needs only the frame, the mask and the segment number, so the contour JSON
 and the QCA measurements are optional: measurements come from the contour JSON, from CSV columns
 of the same names, or not at all (NaN in the index; ``missing_measurements`` tells a stage-2
-search which are absent). The accepted CSV and contour JSON are described in
+search which are absent). The index's schema and its Parquet I/O are ``angiotune.data.index``.
+The accepted CSV and contour JSON are described in
 docs/contour_schema.md.
 """
 
@@ -18,10 +19,8 @@ from __future__ import annotations
 
 import codecs
 import csv
-import datetime
 import hashlib
 import io
-import json
 import math
 import re
 from collections.abc import Callable
@@ -30,13 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
-from angiotune import __version__
 from angiotune.data import angles
-from angiotune.data.normalise import normalise_phase, parse_vessel_text
+from angiotune.data.free_text import normalise_phase, parse_vessel_text
+from angiotune.data.index import quarantine_path_for, records_frame, with_splits, write_index
 from angiotune.data.pseudonym import patient_key, resolve_salt, salt_fingerprint
 from angiotune.data.readers import (
     CineHeader,
@@ -51,8 +48,6 @@ from angiotune.data.splits import assign_splits
 from angiotune.errors import DataError
 from angiotune.taxonomies import Taxonomy, load_taxonomy
 
-SCHEMA_VERSION = 1
-METADATA_KEY = b"angiotune"
 # What segmentation needs: who, which frame, which segment, its mask (and a cine column below).
 REQUIRED_COLUMNS = ("patient_id", "frame_index", "cass_segment", "medis_mask_path")
 SOURCE_COLUMNS = ("dicom_path", "cine_path")
@@ -71,8 +66,6 @@ ANGLE_CONVENTION = ("angle_lao_deg: LAO positive, RAO negative (DICOM Positioner
 # The same value in the CSV and the contour JSON, both rounded by an export: (relative, absolute).
 AGREEMENT_MM = (0.02, 0.05)
 AGREEMENT_PCT = (0.0, 1.0)
-# What the stage-2 heads read: the QCA targets, and mm per pixel to turn pixels into mm.
-STAGE2_FIELDS = ("mld_mm", "diameter_stenosis_pct", "rvd_mm", "pixel_spacing_mm")
 ANGLE_AGREEMENT_DEG = 2.0
 CENTERLINE_COVERAGE = 0.8
 
@@ -101,7 +94,7 @@ class Problem:
 
 
 @dataclass
-class IndexReport:
+class IndexSummary:
     manifest: Path
     out: Path
     quarantine_path: Path
@@ -120,7 +113,7 @@ class _Rejected(Exception):
 
 
 def build_index(manifest: str | Path, out: str | Path, settings: IndexSettings = IndexSettings(),
-                on_row: Callable[[int, int], None] | None = None) -> IndexReport:
+                on_row: Callable[[int, int], None] | None = None) -> IndexSummary:
     """Validate ``manifest`` and write the Parquet index to ``out`` and its quarantine beside it."""
     manifest, out = Path(manifest), Path(out)
     rows, notes = read_manifest(manifest)
@@ -159,59 +152,8 @@ def build_index(manifest: str | Path, out: str | Path, settings: IndexSettings =
     quarantine_path = quarantine_path_for(out)
     pd.DataFrame([vars(p) for p in quarantined], columns=["row", "field", "file", "reason"]) \
         .to_csv(quarantine_path, index=False)
-    return IndexReport(manifest, out, quarantine_path, len(rows), index, quarantined, warnings,
+    return IndexSummary(manifest, out, quarantine_path, len(rows), index, quarantined, warnings,
                        notes)
-
-
-def quarantine_path_for(out: Path) -> Path:
-    return out.with_name(out.stem + ".quarantine.csv")
-
-
-def read_index(path: str | Path) -> pd.DataFrame:
-    """Load an index written by ``build_index``; refuses other Parquet files plainly."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError("no such index file", file=str(path))
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as error:
-        raise DataError(f"not a readable Parquet file ({error})", file=str(path)) from None
-    metadata = index_metadata(table.schema, path)
-    if metadata.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(f"index schema version {metadata.get('schema_version')} is not "
-                        f"{SCHEMA_VERSION}: rebuild it with `angiotune index`", file=str(path))
-    return table.to_pandas()
-
-
-def missing_measurements(index: str | Path | pd.DataFrame,
-                         split: str | None = None) -> list[str]:
-    """The index columns stage-2 heads need that this index (or one ``split`` of it) cannot
-    give them, in ``STAGE2_FIELDS`` order; empty when stage 2 can train.
-
-    ``mld_mm``, ``diameter_stenosis_pct`` and ``rvd_mm`` count as missing when no row has a
-    value: the heads' losses skip a lesion whose value is unknown, so a partly measured set
-    still trains. ``pixel_spacing_mm`` counts as missing when any row lacks it: the diameter
-    heads turn model pixels into mm with it, and one NaN in a batch makes the loss's gradients
-    NaN. (Ingest never keeps a measured lesion without a spacing.)
-    """
-    frame = index if isinstance(index, pd.DataFrame) else read_index(index)
-    if split is not None:
-        frame = frame[frame["split"] == split]
-    missing = []
-    for column in STAGE2_FIELDS:
-        known = pd.to_numeric(frame[column], errors="coerce").notna() if column in frame \
-            else pd.Series(False, index=frame.index)
-        if not known.any() or (column == "pixel_spacing_mm" and not known.all()):
-            missing.append(column)
-    return missing
-
-
-def index_metadata(schema: pa.Schema, path: Path) -> dict:
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    if raw is None:
-        raise DataError("not an angiotune index (no angiotune metadata); build one with "
-                        "`angiotune index`", file=str(path))
-    return json.loads(raw)
 
 
 BINARY_MAGIC = (b"PK\x03\x04", b"%PDF", b"\x89PNG", b"\xd0\xcf\x11\xe0", b"\x1f\x8b", b"PAR1")
@@ -612,37 +554,6 @@ def _integer(text: str | None, field_name: str) -> int:
     return int(number)
 
 
-_COLUMNS = ["sample_id", "patient_key", "split", "row", "vessel", "vessel_source", "segment",
-            "segment_name", "segment_position", "taxonomy", "phase", "frame_index", "frames",
-            "frame_height", "frame_width", "image_path", "image_format", "transfer_syntax",
-            "mask_path", "contour_path", "pixel_spacing_mm", "spacing_source", "bbox_x0",
-            "bbox_y0", "bbox_x1", "bbox_y1", "mask_area_px", "mld_mm", "diameter_stenosis_pct",
-            "rvd_mm", "lesion_length_mm", "proximal_diameter_mm", "distal_diameter_mm", "mld_x",
-            "mld_y", "angle_lao_deg", "angle_cranial_deg", "angle_source", "warnings"]
-
-
-_INTEGER_COLUMNS = ("row", "frame_index", "frames", "frame_height", "frame_width", "bbox_x0",
-                    "bbox_y0", "bbox_x1", "bbox_y1", "mask_area_px")
-_FLOAT_COLUMNS = ("pixel_spacing_mm", "mld_mm", "diameter_stenosis_pct", "rvd_mm",
-                  "lesion_length_mm", "proximal_diameter_mm", "distal_diameter_mm", "mld_x",
-                  "mld_y", "angle_lao_deg", "angle_cranial_deg")
-
-
-def records_frame(records: list[dict]) -> pd.DataFrame:
-    """Index records as a typed frame without splits, so that even an index whose rows were all
-    quarantined has the right schema."""
-    frame = pd.DataFrame(records, columns=[c for c in _COLUMNS if c != "split"])
-    return frame.astype({**{c: "int64" for c in _INTEGER_COLUMNS},
-                         **{c: "float64" for c in _FLOAT_COLUMNS},
-                         **{c: "str" for c in _COLUMNS if c not in _INTEGER_COLUMNS
-                            and c not in _FLOAT_COLUMNS and c != "split"}})
-
-
-def with_splits(frame: pd.DataFrame, splits: list[str]) -> pd.DataFrame:
-    frame.insert(2, "split", pd.Series(splits, index=frame.index, dtype="str"))
-    return frame
-
-
 def _to_frame(records: list[dict], settings: IndexSettings) -> pd.DataFrame:
     frame = records_frame(records)
     return with_splits(frame, assign_splits(list(frame["patient_key"]), list(frame["vessel"]),
@@ -657,17 +568,3 @@ def _write_parquet(index: pd.DataFrame, out: Path, manifest: Path, root: Path,
         "salt_fingerprint": salt_fingerprint(parser.salt),
         "split_fractions": list(settings.split_fractions), "split_seed": settings.split_seed,
         "split_unit": "patient"})
-
-
-def write_index(index: pd.DataFrame, out: Path, metadata: dict) -> None:
-    """Write ``index`` with its metadata (``data_root`` at least) in one rename, so that a
-    reader never sees a half-written index."""
-    table = pa.Table.from_pandas(index, preserve_index=False)
-    metadata = {"schema_version": SCHEMA_VERSION, "angiotune_version": __version__, **metadata,
-                "created": datetime.datetime.now(datetime.timezone.utc)
-                .isoformat(timespec="seconds")}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                           METADATA_KEY: json.dumps(metadata).encode()})
-    partial = out.with_name(out.name + ".partial")
-    pq.write_table(table, partial)
-    partial.replace(out)

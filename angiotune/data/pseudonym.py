@@ -14,8 +14,8 @@ import secrets
 from pathlib import Path
 
 from angiotune import angiotune_home
+from angiotune.names import SALT_ENV
 
-SALT_ENV = "ANGIOTUNE_SALT"
 KEY_LENGTH = 16
 
 

@@ -11,6 +11,8 @@ import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
+from angiotune.errors import ConfigError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -21,7 +23,7 @@ def assign_splits(patient_keys: Sequence[str], vessels: Sequence[str],
     if len(patient_keys) != len(vessels):
         raise ValueError("patient_keys and vessels must have the same length")
     if any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"split fractions must be non-negative and sum to 1, got {fractions}")
+        raise ConfigError(f"split fractions must be non-negative and sum to 1, got {fractions}")
     by_patient: dict[str, Counter] = defaultdict(Counter)
     for key, vessel in zip(patient_keys, vessels, strict=True):
         by_patient[key][vessel] += 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from angiotune.data.ingest import index_metadata, read_index
+from angiotune.data.context import view_context
+from angiotune.data.index import index_metadata, read_index
 from angiotune.data.prompts import lesion_prompt, neighbour_prompt
 from angiotune.data.readers import read_frame, read_mask
 from angiotune.data.transforms import (
@@ -34,13 +34,12 @@ from angiotune.data.transforms import (
     resize_mask,
     warp,
 )
-from angiotune.errors import DataError
+from angiotune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 META_COLUMNS = ("sample_id", "split", "vessel", "segment", "diameter_stenosis_pct", "mld_mm",
                 "rvd_mm", "angle_lao_deg", "angle_cranial_deg")
-CONTEXT_DIM = 6  # see view_context
 DATA_TASK_CPUS = 0.5  # 0.25 oversubscribes 2 cores: 3.5x slower (benchmarks/README.md)
 ROWS_PER_BLOCK = 8  # enough rows per task to amortise its start, few enough to spread
 
@@ -67,9 +66,9 @@ class SampleSettings:
 
     def __post_init__(self) -> None:
         if self.fit not in ("crop", "frame"):
-            raise ValueError(f"fit must be 'crop' or 'frame', got {self.fit!r}")
+            raise ConfigError(f"fit must be 'crop' or 'frame', got {self.fit!r}")
         if self.image_size < 16:
-            raise ValueError("image_size must be at least 16")
+            raise ConfigError("image_size must be at least 16")
 
 
 def prepare_sample(row: dict, root: Path, settings: SampleSettings,
@@ -112,19 +111,6 @@ def prepare_sample(row: dict, root: Path, settings: SampleSettings,
         "context": view_context(row),
         **{name: row[name] for name in META_COLUMNS},
     }
-
-
-def view_context(row: dict) -> np.ndarray:
-    """What the view tells about the lesion, known at inference without labels: positioner
-    angles (/90, zero and flagged when missing) and where the box sits in the frame (centre and
-    size as fractions of the frame). A crop around the lesion barely shows which branch it is."""
-    lao, cranial = row.get("angle_lao_deg"), row.get("angle_cranial_deg")
-    missing = lao is None or cranial is None or not (math.isfinite(lao) and math.isfinite(cranial))
-    width, height = float(row["frame_width"]), float(row["frame_height"])
-    x0, y0, x1, y1 = (float(row[f"bbox_{k}"]) for k in ("x0", "y0", "x1", "y1"))
-    return np.array([0.0 if missing else lao / 90, 0.0 if missing else cranial / 90,
-                     float(missing), (x0 + x1) / 2 / width, (y0 + y1) / 2 / height,
-                     math.sqrt((x1 - x0) * (y1 - y0) / (width * height))], dtype=np.float32)
 
 
 def _stable_int(text: str) -> int:

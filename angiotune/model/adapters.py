@@ -18,17 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from angiotune.data.transforms import DEFAULT_CROP_CONTEXT
 from angiotune.errors import ConfigError
+from angiotune.names import CROP_CONTEXT_RANGE, STRATEGIES, TARGET_GROUPS
 
-STRATEGIES = ("lora", "decoder_only", "full")
-# Named groups of linear layers LoRA can target (regexes over module paths of the tracker).
-TARGET_GROUPS = {
-    "vision_qv": r"vision_encoder\..*\.(q_proj|v_proj)",
-    "vision_attn": r"vision_encoder\..*\.(q_proj|k_proj|v_proj|o_proj)",
-    "vision_mlp": r"vision_encoder\..*\.(fc1|fc2)",
-    # The tracker's two-way transformer; in the concept model, the DETR decoder and the mask
-    # decoder's prompt attention.
-    "decoder_attn": r"(mask_decoder|detr_decoder)\..*\.(q_proj|k_proj|v_proj|o_proj)",
-}
 # What decoder_only trains: the tracker's prompt encoder and mask decoder, or the concept
 # model's geometry encoder, DETR decoder, scoring and mask decoder.
 DECODER_MODULES = ("mask_decoder", "prompt_encoder", "detr_decoder", "geometry_encoder",
@@ -37,7 +28,6 @@ FROZEN_MODULES = ("text_encoder", "text_projection")  # text stays as pre-traine
 WEIGHTS_FILE = "trained_weights.safetensors"
 SETTINGS_FILE = "angiotune_adapter.json"
 ADAPTER_FORMAT = 2  # of SETTINGS_FILE; raise it when the saved layout changes
-CROP_CONTEXT_RANGE = (1.0, 8.0)  # the crop's side in lesion boxes: the box itself up to 8
 FORMAT_1_CROP_CONTEXT = 3.0  # format 1 did not record the crop: it was always 3 boxes
 
 

@@ -12,8 +12,6 @@ checkpoints bring their CLIP tokenizer); nothing is downloaded.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast, Sam3Config
@@ -72,10 +70,6 @@ def tiny_concept_config(vocab_size: int, image_size: int = EMBEDDED_IMAGE_SIZE) 
         detr_encoder_config=dict(num_layers=1, **small),
         detr_decoder_config=dict(num_layers=1, num_queries=16, **small),
         mask_decoder_config=dict(hidden_size=64, num_attention_heads=4))
-
-
-def load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
 
 
 def _normalised_boxes(boxes: torch.Tensor, size: int) -> torch.Tensor:

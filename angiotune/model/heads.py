@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from angiotune.data.stream import CONTEXT_DIM
+from angiotune import jsonio
+from angiotune.data.context import CONTEXT_DIM
 from angiotune.errors import ConfigError
 from angiotune.qca.readout import QUANTITIES, READOUTS
 
@@ -238,7 +239,7 @@ def save_heads(heads: LesionHeads, folder: Path) -> None:
               "qca_read": {task: dict(zip(CALIBRATION_INPUTS, map(float, w), strict=True))
                            for task, w, ok in zip(MEASURED, heads.calibration.tolist(), fitted,
                                                   strict=True) if ok}}
-    (folder / HEADS_CONFIG).write_text(json.dumps(record, indent=1) + "\n")
+    (folder / HEADS_CONFIG).write_text(jsonio.dumps(record, indent=1) + "\n")
 
 
 def has_heads(folder: Path) -> bool:

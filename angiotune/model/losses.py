@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from angiotune.errors import ConfigError
+from angiotune.names import CLASS_LOSSES, HEAD_WEIGHTINGS
+
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -25,7 +28,7 @@ class LossWeights:
 
     def __post_init__(self) -> None:
         if self.pixel_loss not in ("focal", "bce"):
-            raise ValueError(f"pixel_loss must be 'focal' or 'bce', got {self.pixel_loss!r}")
+            raise ConfigError(f"pixel_loss must be 'focal' or 'bce', got {self.pixel_loss!r}")
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -78,8 +81,6 @@ def segmentation_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torc
 # both: 10 percentage points of stenosis, half a millimetre of diameter.
 STENOSIS_UNIT_PCT = 10.0
 DIAMETER_UNIT_MM = 0.5
-HEAD_WEIGHTINGS = ("fixed", "uncertainty")
-CLASS_LOSSES = ("ce", "focal")
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,10 @@ class HeadLossWeights:
 
     def __post_init__(self) -> None:
         if self.weighting not in HEAD_WEIGHTINGS:
-            raise ValueError(f"head weighting must be one of {HEAD_WEIGHTINGS}, "
+            raise ConfigError(f"head weighting must be one of {HEAD_WEIGHTINGS}, "
                              f"got {self.weighting!r}")
         if self.class_loss not in CLASS_LOSSES:
-            raise ValueError(f"class_loss must be one of {CLASS_LOSSES}, got {self.class_loss!r}")
+            raise ConfigError(f"class_loss must be one of {CLASS_LOSSES}, got {self.class_loss!r}")
 
     def fixed(self) -> tuple[float, ...]:
         return (self.segment, self.stenosis, self.mld, self.rvd)

@@ -3,7 +3,7 @@
 The box-prompted tracker (``Sam3TrackerModel``) segments "the thing inside this box": the lesion
 task. Nothing is fetched from the hub; a real checkpoint is a local folder in Hugging Face layout.
 The embedded model has the same classes with a small config, pre-trained by
-``angiotune.model.pretrain`` on generic shapes (not angiograms), so adapting it to lesions mirrors
+``angiotune.train.pretrain`` on generic shapes (not angiograms), so adapting it to lesions mirrors
 adapting the real model.
 """
 
@@ -21,10 +21,10 @@ from transformers.utils import logging as transformers_logging
 
 from angiotune.errors import AngiotuneError
 from angiotune.model.fingerprint import weights_fingerprint
+from angiotune.names import PROMPT_MODES
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 EMBEDDED_CONCEPT_DIR = Path(__file__).parent / "embedded_concept"
-PROMPT_MODES = ("box", "text_box")
 EMBEDDED_IMAGE_SIZE = 112
 SAM3_MODEL_TYPES = ("sam3_tracker", "sam3", "sam3_video", "sam3_tracker_video")
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # Sam3Processor's normalisation

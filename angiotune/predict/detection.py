@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from angiotune.data.transforms import box_iou
+from angiotune.errors import ConfigError
 
 DEFAULT_IOU_THRESHOLD = 0.25
 RULE = ("one-to-one greedy matching of proposal and annotated boxes by box IoU (highest first), "
@@ -56,7 +57,7 @@ def match_boxes(proposed: Sequence[Box], truth: Sequence[Box],
                 iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> FrameMatch:
     """Greedy one-to-one matching by IoU, highest first (ties: earlier proposal, then truth)."""
     if not 0 < iou_threshold <= 1:
-        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
+        raise ConfigError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
     ranked = sorted(((box_iou(p, t), i, j) for i, p in enumerate(proposed)
                      for j, t in enumerate(truth)), key=lambda pair: (-pair[0], pair[1], pair[2]))
     used_p, used_t, pairs = set(), set(), []

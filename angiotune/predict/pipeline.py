@@ -9,8 +9,8 @@ the outputs by a salted key, never by their path (file names of exports often ca
 from __future__ import annotations
 
 import hmac
-import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from angiotune import jsonio
 from angiotune.data.angles import format_primary, format_secondary
 from angiotune.data.pseudonym import resolve_salt
 from angiotune.data.readers import (
@@ -29,21 +30,22 @@ from angiotune.data.readers import (
     read_frame,
     read_header,
 )
-from angiotune.errors import AngiotuneError, DataError
+from angiotune.errors import AngiotuneError, ConfigError, DataError
+from angiotune.names import ADAPTER_VESSELS, GENERAL
 from angiotune.predict.frames import select_frame
 from angiotune.predict.proposals import propose_boxes
 from angiotune.predict.routing import Route, route_by_angles, second_opinion
 from angiotune.predict.segment import Segmentation, segment_box
 from angiotune.qca import QCAError, measure
 from angiotune.qca.pixels import PIXEL_ONLY_NOTE, in_pixels
-from angiotune.registry.store import GENERAL, RegistryError, list_entries, load_best_model
+from angiotune.registry.store import RegistryError, list_entries, load_best_model
 from angiotune.taxonomies.views import load_views
 
 log = logging.getLogger(__name__)
 # Cine runs, and single frames such as ARCADE's PNGs (a cine of one frame).
 CINE_SUFFIXES = (".dcm", ".dicom", ".npy", *sorted(IMAGE_SUFFIXES))
 # Registry keys in the order a fallback tries them: the general adapter covers every vessel.
-ADAPTER_ORDER = (GENERAL, "RCA", "LAD", "LCX")
+ADAPTER_ORDER = (GENERAL, *ADAPTER_VESSELS)
 COORDINATES = ("x, y in frame pixels; boxes are pixel edges, x0 <= x < x1 (pixel column c spans "
                "c to c + 1); points (centerline, edges, MLD position) are pixel centres, pixel "
                "(row r, column c) at (c, r)")
@@ -64,6 +66,30 @@ class PredictSettings:
     overlays: bool = True
     device: str = "auto"  # "auto": the GPU when there is one
     model: Path | None = None  # the base folder, when it has moved since the search
+
+    def __post_init__(self) -> None:
+        """Checked here, not only in the CLI: through the API a negative calibration would
+        otherwise become a negative pixel spacing, and every millimetre a wrong one."""
+        for name, flag in (("pixel_spacing_mm", "--pixel-spacing"),
+                           ("calibration_px_per_mm", "--calibration")):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} ({flag}) must be a positive number, got {value}")
+        if self.frame is not None and self.frame < 0:
+            raise ConfigError(f"frame must be 0 or more, got {self.frame}")
+        if self.box is not None:
+            x0, y0, x1, y1 = (float(v) for v in self.box)
+            if not all(map(math.isfinite, (x0, y0, x1, y1))) or x1 <= x0 or y1 <= y0:
+                raise ConfigError(f"box must be x0,y0,x1,y1 with x1 > x0 and y1 > y0, got "
+                                  f"{self.box}")
+        if self.angles is not None and (len(self.angles) != 2 or
+                                        not all(math.isfinite(a) for a in self.angles)):
+            raise ConfigError(f"angles must be (LAO, cranial) in degrees, got {self.angles}")
+        if self.max_proposals < 1:
+            raise ConfigError(f"max_proposals must be at least 1, got {self.max_proposals}")
+        if self.vessel is not None and self.vessel not in (*ADAPTER_VESSELS, GENERAL):
+            raise ConfigError(f"vessel must be one of {(*ADAPTER_VESSELS, GENERAL)}, got "
+                              f"{self.vessel!r}")
 
 
 @dataclass
@@ -160,7 +186,7 @@ def _write_outputs(lesion: LesionPrediction, out: Path, settings: PredictSetting
                    failures: list[dict]) -> None:
     lesion.paths.append(_write_json(lesion.report, out / f"{lesion.key}.json"))
     if settings.overlays:
-        from angiotune.predict.report import write_overlay
+        from angiotune.predict.overlay import write_overlay
 
         try:
             lesion.paths.append(write_overlay(lesion, out / f"{lesion.key}.png"))
@@ -494,20 +520,6 @@ def _lap(start: float) -> float:
 
 def _write_json(payload: dict, path: Path) -> Path:
     """Strict JSON: a number that is not finite is written as null, not NaN."""
-    path.write_text(json.dumps(_plain(payload), indent=1, allow_nan=False) + "\n",
+    path.write_text(jsonio.dumps(payload, indent=1) + "\n",
                     encoding="utf-8")
     return path
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value

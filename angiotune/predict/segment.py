@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from angiotune.data.stream import view_context
+from angiotune.data.context import view_context
 from angiotune.data.transforms import box_to_square, normalise_intensity, warp
 from angiotune.errors import ConfigError
 from angiotune.model.lesion import LesionModel

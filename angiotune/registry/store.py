@@ -1,14 +1,22 @@
-"""The best adapter per vessel, kept under ``results/best/<VESSEL>/``, and a general one.
+"""The best adapter per vessel, under ``results/best/``, and a general one.
 
-``results/best/general/`` holds the stage-1/2 adapter that scored best over every validation
+The ``general`` entry holds the stage-1/2 adapter that scored best over every validation
 lesion, whatever its vessel: the one to use where no vessel is named (ARCADE's stenosis outlines,
 an export without segment numbers, a view no vessel adapter covers).
 
 An entry holds the adapter (as saved by ``angiotune.model.adapters``), ``manifest.json`` (metrics,
 the zero-shot base beside them, the trial's configuration, the base model it needs, the
 validation split it was scored on, checksums of its files) and a short model card. An entry is
-replaced only by one that scores better on the same validation split; the replacement is written
-beside it and renamed into place under a lock, so a reader never sees half an entry.
+replaced only by one that scores better on the same validation split.
+
+Layout: each entry is a folder of its own, ``best/versions/<KEY>-<UTC time>-<id>/``, never
+changed once written, and ``best/<KEY>.json`` names the current one. A promotion writes the new
+folder, flushes it to disk, then replaces the pointer file with ``os.replace`` (atomic on POSIX
+and on Windows, where a folder cannot be renamed over a folder), all under a lock. A reader takes
+no lock: at every instant the pointer names a complete entry, the old one or the new one, and a
+kill at any point leaves one of the two (and at most a folder nothing names, which the next swap
+removes). A registry written before pointers existed (``best/<KEY>/manifest.json``) is read as
+it is; its next promotion moves it to this layout.
 """
 
 from __future__ import annotations
@@ -16,21 +24,24 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import shutil
+import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock
 
-from angiotune import __version__
+from angiotune import __version__, jsonio
 from angiotune.errors import AngiotuneError
+from angiotune.names import ADAPTER_VESSELS, GENERAL
 
 MANIFEST = "manifest.json"
 ADAPTER = "adapter"
-VESSELS = ("RCA", "LAD", "LCX")
-GENERAL = "general"
-ENTRY_KEYS = (*VESSELS, GENERAL)
+VERSIONS = "versions"
+ENTRY_KEYS = (*ADAPTER_VESSELS, GENERAL)  # one registry entry each
 
 
 def registry_metric(select: str, key: str) -> str:
@@ -47,7 +58,7 @@ def best_dir(results: Path) -> Path:
 
 
 @contextmanager
-def _locked(results: Path):
+def _locked(results: Path) -> Iterator[Path]:
     """An exclusive lock on the registry across processes (trials promote concurrently);
     ``filelock`` rather than ``fcntl`` so that it works on Windows too."""
     folder = best_dir(results)
@@ -61,17 +72,119 @@ def _checksums(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def read_entry(results: Path, vessel: str) -> dict | None:
-    """The manifest of a vessel's entry, verified against its checksums; None when absent."""
-    folder = best_dir(results) / vessel
-    if not (folder / MANIFEST).exists():
-        return None
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+def _pointer(folder: Path, key: str) -> Path:
+    return folder / f"{key}.json"
+
+
+def entry_dir(results: Path, key: str) -> Path | None:
+    """The folder of a key's current entry: the one ``best/<KEY>.json`` names, else a folder of
+    the layout before pointers (``best/<KEY>/``); None when there is neither."""
+    folder = best_dir(results)
+    try:
+        return folder / json.loads(_pointer(folder, key).read_text(encoding="utf-8"))["entry"]
+    except FileNotFoundError:
+        legacy = folder / key
+        return legacy if (legacy / MANIFEST).exists() else None
+    except (ValueError, KeyError, TypeError):
+        raise RegistryError(f"{_pointer(folder, key)} is damaged (edited by hand?); restore it "
+                            f"or delete it to start the {key} entry afresh") from None
+
+
+def _verified(folder: Path) -> dict:
+    """An entry's manifest, with its path, once its adapter files match their checksums."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RegistryError(f"{folder}: unreadable entry ({error}); rerun the search to replace "
+                            "it") from None
     if _checksums(folder / ADAPTER) != manifest.get("checksums"):
         raise RegistryError(f"{folder}: adapter files do not match the manifest's checksums "
                             "(damaged or edited); rerun the search to replace the entry")
     manifest["path"] = str(folder.resolve())
     return manifest
+
+
+def read_entry(results: Path, vessel: str) -> dict | None:
+    """The manifest of a vessel's entry, verified against its checksums; None when absent.
+
+    Takes no lock. When the entry it read fails because promotions removed it meanwhile (each
+    keeps only the current entry and the one before it), it reads the one the pointer names now.
+    """
+    folder = entry_dir(results, vessel)
+    while folder is not None:
+        try:
+            return _verified(folder)
+        except RegistryError:
+            now = entry_dir(results, vessel)
+            if now == folder:
+                raise
+            folder = now
+    return None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's list of names, to the disk, so that after a power cut the
+    pointer never names an entry whose files were still in memory. POSIX flushes through a
+    read-only handle (an adapter copied read-only stays so); Windows needs a writable one and
+    cannot open a folder (NTFS journals names itself)."""
+    windows = os.name == "nt"
+    if windows and path.is_dir():
+        return
+    handle = os.open(path, os.O_RDWR if windows else os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _write_version(version: Path, adapter: Path, manifest: dict) -> None:
+    """A complete entry in a new folder, on disk before anything names it."""
+    shutil.copytree(adapter, version / ADAPTER)
+    manifest = {**manifest, "checksums": _checksums(version / ADAPTER)}
+    (version / MANIFEST).write_text(jsonio.dumps(manifest, indent=1, sort_keys=True) + "\n",
+                                    encoding="utf-8")
+    (version / "README.md").write_text(model_card(manifest), encoding="utf-8")
+    for path in [*version.rglob("*"), version, version.parent]:
+        _fsync(path)
+
+
+def _replace(source: Path, target: Path) -> None:
+    """``os.replace``, tried again for a moment: Windows refuses it while a reader has
+    ``target`` open (for microseconds)."""
+    for wait in (0.01, 0.05, 0.2, 1.0):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            time.sleep(wait)
+    os.replace(source, target)
+
+
+def _switch(folder: Path, key: str, version: Path) -> None:
+    """Point ``key`` at ``version`` in one step: the new pointer is written and flushed beside
+    the old one, then replaces it; a kill before the replace leaves the old pointer whole."""
+    temporary = folder / f".{key}.json.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump({"entry": version.relative_to(folder).as_posix()}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        _replace(temporary, _pointer(folder, key))
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _collect(folder: Path, key: str, keep: set[Path | None]) -> None:
+    """Remove what a key's pointer no longer needs: its entries but ``keep`` (the current one
+    and the one it replaced, which a reader that resolved the pointer just before the swap may
+    still be reading), entries and pointers left by a killed promotion, and the folder of the
+    layout before pointers (users looked there; it must not outlive its replacement)."""
+    for stale in (folder / VERSIONS).glob(f"{key}-*"):
+        if stale not in keep:
+            shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(folder / key, ignore_errors=True)
+    for temporary in folder.glob(f".{key}.json.*.tmp"):
+        temporary.unlink(missing_ok=True)
 
 
 def promote(results: Path, vessel: str, adapter: Path, record: dict) -> tuple[bool, str]:
@@ -87,30 +200,24 @@ def promote(results: Path, vessel: str, adapter: Path, record: dict) -> tuple[bo
             if not better:
                 return False, (f"kept the existing {vessel} adapter ({record['metric']} "
                                f"{current['score']:.4f} vs {score:.4f})")
-        staging = folder / f".{vessel}.staging-{uuid.uuid4().hex[:8]}"
         replaced = None if current is None else {
             key: current.get(key) for key in ("stage", "strategy", "score", "search", "trial_id")}
+        now = datetime.datetime.now(datetime.timezone.utc)
+        version = (folder / VERSIONS
+                   / f"{vessel}-{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}")
+        previous = entry_dir(results, vessel)
         try:
-            shutil.copytree(adapter, staging / ADAPTER)
-            manifest = {**record, "vessel": vessel, "angiotune_version": __version__,
-                        "replaced": replaced,
-                        "created": datetime.datetime.now(datetime.timezone.utc)
-                        .isoformat(timespec="seconds"),
-                        "checksums": _checksums(staging / ADAPTER)}
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True)
-                                            + "\n")
-            (staging / "README.md").write_text(model_card(manifest))
-        except OSError as error:  # a full disk, most likely: the old entry stays as it was
-            shutil.rmtree(staging, ignore_errors=True)
+            _write_version(version, adapter,
+                           {**record, "vessel": vessel, "angiotune_version": __version__,
+                            "replaced": replaced, "created": now.isoformat(timespec="seconds")})
+            _switch(folder, vessel, version)
+        except OSError as error:  # a full disk, most likely: the pointer names the old entry
+            shutil.rmtree(version, ignore_errors=True)
             raise RegistryError(f"could not write the new {vessel} entry in {folder} "
                                 f"({error.strerror or error}); the existing entry is "
                                 "unchanged") from None
-        target = folder / vessel
-        retired = folder / f".{vessel}.retired-{uuid.uuid4().hex[:8]}"
-        if target.exists():
-            target.rename(retired)
-        staging.rename(target)
-        shutil.rmtree(retired, ignore_errors=True)
+        _fsync(folder)  # the pointer's new content, past a power cut
+        _collect(folder, vessel, {version, previous})
         was = f" (was {current['score']:.4f})" if current else ""
         return True, f"new best {vessel} adapter: {record['metric']} {score:.4f}{was}"
 
@@ -142,6 +249,14 @@ def model_card(manifest: dict) -> str:
 Validation scores are on the validation split used for selection; held-out test scores come from
 `angiotune evaluate`. Results on phantoms test the software; they are not clinical results.
 """
+
+
+def best(vessel: str = GENERAL, results: str | Path = "results") -> dict | None:
+    """The kept adapter of ``vessel`` (a vessel or ``general``): its manifest, with ``path``,
+    the folder that holds it; None when nothing is kept for it. ``angiotune best`` prints it."""
+    if vessel not in ENTRY_KEYS:
+        raise RegistryError(f"no registry entry {vessel!r}: one of {', '.join(ENTRY_KEYS)}")
+    return read_entry(Path(results), vessel)
 
 
 def list_entries(results: Path) -> dict[str, dict | None]:

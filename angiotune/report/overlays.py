@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from angiotune.registry.store import GENERAL
+from angiotune.names import GENERAL
 from angiotune.report.records import SearchRecord
 
 PANEL = 224

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from angiotune import jsonio
 from angiotune.errors import AngiotuneError
 from angiotune.model.heads import has_heads
 from angiotune.search.space import SearchSpace
@@ -28,7 +29,7 @@ def data_note(index: Path, model: Path | None) -> str:
     the record their generator leaves beside them, whoever built the index from them."""
     import pyarrow.parquet as pq
 
-    from angiotune.data.ingest import index_metadata
+    from angiotune.data.index import index_metadata
 
     root = Path(index_metadata(pq.read_schema(index), Path(index))["data_root"])
     data = PHANTOM_DATA if (root / "phantoms.json").is_file() else "user data"
@@ -120,7 +121,8 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
     checked on the CPU and freed, and the zero-shot baseline runs where trials run.
     """
     from angiotune.model.sam3 import base_model_id, image_size_of, model_config
-    from angiotune.registry.store import GENERAL, RegistryError, promote, registry_metric
+    from angiotune.names import GENERAL
+    from angiotune.registry.store import RegistryError, promote, registry_metric
     from angiotune.search.run import SearchSettings, check_writable, ensure_ray, run_search
     from angiotune.search.sizing import check_image_size, describe, fit_space
 
@@ -194,7 +196,7 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
         except RegistryError as error:  # the trials' checkpoints stay in the run folder
             message = f"{vessel}: {error}"
         outcome.messages.append(message)
-    (settings.run_dir / "summary.json").write_text(json.dumps(
+    (settings.run_dir / "summary.json").write_text(jsonio.dumps(
         {"trials": outcome.trials, "errors": outcome.errors, "failed": outcome.failed,
          "zero_shot": baseline,
          "messages": outcome.messages, "pareto": outcome.pareto,
@@ -211,7 +213,8 @@ def registry_keys(space: SearchSpace) -> tuple[str, ...]:
     """The registry entries a search competes for: each vessel on its own validation lesions,
     and (stages 1 and 2) the general entry on all of them, which is the only one data without
     vessels (ARCADE stenosis) can fill. Stage 3's specialists compete for their vessel only."""
-    from angiotune.registry.store import GENERAL, VESSELS
+    from angiotune.names import ADAPTER_VESSELS as VESSELS
+    from angiotune.names import GENERAL
 
     if space.stage == 3:
         return space.vessels
@@ -271,7 +274,7 @@ def index_taxonomy(index: Path) -> str:
     """The taxonomy the index's segment codes are in (CASS, SYNTAX or a file)."""
     import pyarrow.parquet as pq
 
-    from angiotune.data.ingest import index_metadata
+    from angiotune.data.index import index_metadata
 
     return str(index_metadata(pq.read_schema(index), Path(index)).get("taxonomy", "CASS"))
 
@@ -292,7 +295,7 @@ def stage_constants(space: SearchSpace, index: Path, results: Path, run_dir: Pat
     if space.fixed.get("embedding_cache"):  # shared by every trial and search of this results
         constants["cache_dir"] = str((results / "cache" / "embeddings").resolve())
     if space.heads:
-        from angiotune.data.ingest import missing_measurements
+        from angiotune.data.index import missing_measurements
 
         needed = space.measurements_needed()
         missing = [c for c in missing_measurements(index) if c in needed]
@@ -360,7 +363,7 @@ def pareto_front(space: SearchSpace, run_dir: Path) -> list[dict]:
                               storage=f"sqlite:///{run_dir / 'optuna.db'}")
     front = [{"trial": t.number, **dict(zip(space.metric, t.values, strict=True)),
               "params": t.params} for t in study.best_trials]
-    (run_dir / "pareto.json").write_text(json.dumps(front, indent=1, default=str))
+    (run_dir / "pareto.json").write_text(jsonio.dumps(front, indent=1))
     return front
 
 
@@ -371,7 +374,7 @@ def _adapter_strategy(adapter: Path) -> str:
 
 
 def _is_metric(key: str, value) -> bool:
-    from angiotune.train.metrics import METRIC_MODES
+    from angiotune.names import METRIC_MODES
 
     return (key.split("/")[0] in {*METRIC_MODES, "n", "train_loss", "epoch"}
             and isinstance(value, (int, float, np.floating, np.integer)))

@@ -9,7 +9,6 @@ killed midway is resumed with ``resume=True``.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -17,10 +16,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from angiotune import jsonio
 from angiotune.errors import AngiotuneError
+from angiotune.names import FAULT_DIR_ENV
 from angiotune.search.space import SearchSpace
 
 RESULTS_DIR = Path("results")
+TUNE_DIR = "tune"  # the Tune run inside a search's folder: a folder per trial, by name
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,11 @@ def _optuna_search(space: SearchSpace, run_dir: Path, study_name: str | None = N
 
     class PrunedAwareOptunaSearch(OptunaSearch):
         """Tells Optuna that trials ASHA stopped early were pruned, not complete: TPE would
-        otherwise treat their early scores as final (seen on Ray 2.60)."""
+        otherwise treat their early scores as final (seen on Ray 2.60).
+
+        Ray has no public hook for this, so it uses OptunaSearch's private ``_ot_trials``,
+        ``_ot_study`` (and its ``_storage``) and ``_metric``: pyproject.toml pins Ray to the
+        tested minor version, and tests/test_imports.py fails, naming them, when they go."""
 
         def _already_told(self, trial_id) -> bool:
             """After a hard kill, Tune may rerun a trial whose end Optuna already stored:
@@ -190,7 +196,6 @@ def run_search(space: SearchSpace, settings: SearchSettings):
     from ray.tune.schedulers import ASHAScheduler
 
     from angiotune.search.trial import concurrent_trials, run_trial, trial_resources
-    from angiotune.train.loop import FAULT_DIR_ENV
 
     run_dir = settings.run_dir
     check_writable(run_dir)
@@ -202,16 +207,17 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                  "cpus_per_worker": space.cpus_per_worker,
                  "gpus_per_worker": space.gpus_per_worker, "seed": space.seed,
                  "max_failures": space.retries,
-                 "storage": str(run_dir / "train"), "metric": _first(space.metric),
+                 "storage": str(run_dir / "train"), "tune_dir": str(run_dir / TUNE_DIR),
+                 "metric": _first(space.metric),
                  "metrics": list(space.metric) if space.multi_objective else [space.metric],
                  "fault_dir": os.environ.get(FAULT_DIR_ENV),
                  "mode": _first(space.mode), "objective": space.objective,
                  **settings.trial_constants}
-    (run_dir / "space.json").write_text(json.dumps(asdict(space), indent=1, default=str))
+    (run_dir / "space.json").write_text(jsonio.dumps(asdict(space), indent=1))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, constants=constants),
         trial_resources(space))
-    tuner_path = run_dir / "tune"
+    tuner_path = run_dir / TUNE_DIR
     if settings.resume:
         if not tune.Tuner.can_restore(str(tuner_path)):
             raise AngiotuneError(f"nothing to resume at {tuner_path}: no search named "
@@ -245,7 +251,7 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                                         reuse_actors=space.trains_in_trial,
                                         trial_name_creator=short_trial_name,
                                         trial_dirname_creator=short_trial_name),
-            run_config=tune.RunConfig(name="tune", storage_path=str(run_dir),
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(run_dir),
                                       failure_config=tune.FailureConfig(
                                           max_failures=space.retries),
                                       # Trials that train in their own process: keep each

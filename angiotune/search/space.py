@@ -18,7 +18,9 @@ A space file::
       alpha_ratio: {type: categorical, choices: [1, 2], when: {strategy: lora}}
 
 ``when`` makes a parameter conditional on earlier parameters or fixed values. Every error names
-the file and the key, and is raised before Ray starts.
+the file and the key, and is raised before Ray starts. A ``SearchSpace`` checks its rules when it
+is made, from a file or otherwise (``dataclasses.replace``, by hand), against the names in
+``angiotune.names``: loading a space imports no torch, transformers or peft.
 
 A space says what it searches; sizes follow the model and the machine unless it sets them
 (``angiotune.search.sizing``): ``data.image_size`` (the model's own), ``data.batch_size``,
@@ -47,6 +49,8 @@ Stages (``stage: 1 | 2 | 3``, default 1) share the format:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -55,20 +59,28 @@ from typing import Any
 import yaml
 
 from angiotune.errors import ConfigError
-from angiotune.model.adapters import CROP_CONTEXT_RANGE, STRATEGIES, TARGET_GROUPS
-from angiotune.model.losses import CLASS_LOSSES, HEAD_WEIGHTINGS
-from angiotune.model.sam3 import PROMPT_MODES
-from angiotune.train.metrics import HEAD_METRICS, METRIC_MODES
+from angiotune.names import (
+    ADAPTER_VESSELS,
+    CLASS_LOSSES,
+    CROP_CONTEXT_RANGE,
+    HEAD_METRICS,
+    HEAD_WEIGHTINGS,
+    METRIC_MODES,
+    PROMPT_MODES,
+    STRATEGIES,
+    TARGET_GROUPS,
+    VESSELS,
+)
 
 TOP_KEYS = {"name", "stage", "metric", "mode", "samples", "max_concurrent", "epochs", "seed",
             "asha", "resources", "data", "fixed", "params", "objective", "select", "vessels",
             "sampler"}
 SAMPLERS = ("tpe", "random")
+SELECTS = ("dice", "iou")  # the registry compares every stage's adapters on segmentation
 AUTO = "auto"  # a size left to the model and the machine (angiotune.search.sizing)
 STAGES = (1, 2, 3)
-REGISTRY_VESSELS = ("RCA", "LAD", "LCX")
 DEFAULT_HEAD_WEIGHT = 1.0  # a head's loss weight when the space does not set it (train.loop)
-INIT_CHOICES = ("none", "best", "vessel", *REGISTRY_VESSELS)
+INIT_CHOICES = ("none", "best", "vessel", *ADAPTER_VESSELS)
 PARAM_TYPES = {"float", "int", "categorical"}
 # What a trial understands; anything else in params or fixed is a typo.
 TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", "train_decoder",
@@ -80,6 +92,23 @@ TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", 
               "crop_context", "refine"}
 # prompt_mode: one zero-shot base per search; embedding_cache: what may train depends on it.
 FIXED_ONLY = {"prompt_mode", "embedding_cache"}
+# Each scalar field of a SearchSpace: its type, its minimum (None: any) and its key in a file,
+# which errors name. A field in AUTO_FIELDS may also be None: auto (angiotune.search.sizing).
+SCALAR_FIELDS = {
+    "stage": (int, None, "stage"), "samples": (int, 1, "samples"),
+    "max_concurrent": (int, 1, "max_concurrent"), "epochs": (int, 1, "epochs"),
+    "seed": (int, None, "seed"), "grace_period": (int, 1, "asha.grace_period"),
+    "reduction_factor": (int, 2, "asha.reduction_factor"),
+    "workers": (int, 1, "resources.workers"),
+    "cpus_per_worker": (float, 0, "resources.cpus_per_worker"),
+    "gpus_per_worker": (float, 0, "resources.gpus_per_worker"),
+    "retries": (int, 0, "resources.retries"),
+    "worker_group": (bool, None, "resources.worker_group"),
+    "image_size": (int, 32, "data.image_size"), "batch_size": (int, 1, "data.batch_size"),
+    "asha": (bool, None, "asha"), "name": (str, None, "name"), "select": (str, None, "select"),
+    "sampler": (str, None, "sampler"),
+}
+AUTO_FIELDS = {"max_concurrent", "gpus_per_worker", "image_size", "batch_size"}
 # The repository's top-level search_spaces/ folder, installed (editable or from a wheel) as the
 # package angiotune.search_spaces: a path beside the package would be lost by a wheel install.
 SPACES_DIR = Path(str(resources.files("angiotune.search_spaces")))
@@ -94,6 +123,39 @@ class Param:
     log: bool = False
     choices: tuple = ()
     when: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """A parameter checks itself, so one made by hand meets the file's rules; ``when``
+        is checked by its space, which knows the earlier parameters."""
+        where = f"params.{self.name}"
+        if self.name not in TRIAL_KEYS:
+            raise ConfigError(f"{where}: unknown parameter; known: {sorted(TRIAL_KEYS)}")
+        if self.name in FIXED_ONLY:
+            raise ConfigError(f"{where}: {self.name} cannot be searched; set it under 'fixed' "
+                              "(run one search per prompt mode: each has its own zero-shot base)")
+        _check_param_type(self.type, f"{where}.type")
+        if not isinstance(self.when, dict):
+            raise ConfigError(f"{where}.when: must map earlier parameter names to values")
+        if self.type == "categorical":
+            if not self.choices:
+                raise ConfigError(f"{where}.choices: must be a non-empty list")
+            for choice in self.choices:
+                _check_trial_value(self.name, choice, f"{where}.choices")
+            return
+        if self.choices:
+            raise ConfigError(f"{where}: a {self.type} parameter has low and high, not choices")
+        number = int if self.type == "int" else float
+        low = _typed(self.low, number, f"{where}.low")
+        high = _typed(self.high, number, f"{where}.high")
+        _typed(self.log, bool, f"{where}.log")
+        if not low < high:
+            raise ConfigError(f"{where}: empty range, low {low} is not below high {high}")
+        if self.log and low <= 0:
+            raise ConfigError(f"{where}: a log range needs low > 0, got {low}")
+        for end, value in (("low", low), ("high", high)):
+            _check_trial_value(self.name, value, f"{where}.{end}")
+        object.__setattr__(self, "low", low)  # an int given for a float range becomes a float
+        object.__setattr__(self, "high", high)
 
 
 @dataclass(frozen=True)
@@ -122,6 +184,34 @@ class SearchSpace:
     vessels: tuple[str, ...] = ()
     asha: bool = True
     sampler: str = "tpe"
+
+    def __post_init__(self) -> None:
+        """Every rule, however the space is made (``parse_space``, ``dataclasses.replace``,
+        by hand), so that no space Ray gets could not have come from a file. Errors name the
+        key as a file spells it; ``parse_space`` adds the file. Lists become tuples and ints
+        given for floats become floats, as a file's are."""
+        for name, (kind, minimum, key) in SCALAR_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None or name not in AUTO_FIELDS:
+                object.__setattr__(self, name, _typed(value, kind, key, minimum))
+        for name in ("metric", "mode", "vessels"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage: {self.stage} must be one of {STAGES}")
+        if not self.name:
+            raise ConfigError("name: must not be empty (it names the study and its folder)")
+        if self.select not in SELECTS:
+            raise ConfigError(f"select: {self.select!r} must be dice or iou (the registry "
+                              "compares every stage's adapters on segmentation)")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler: {self.sampler!r} must be one of {SAMPLERS}")
+        _check_metrics(self)
+        _check_asha(self)
+        _check_objective(self)
+        _check_trial_settings(self)
+        _check_vessels(self)
+        _check_consistency(self)
 
     @property
     def trains_in_trial(self) -> bool:
@@ -242,55 +332,41 @@ def apply_overrides(raw: Any, overrides: tuple[str, ...] | list[str], source: st
 
 
 def parse_space(raw: Any, source: str) -> SearchSpace:
+    """A space from a file's top-level mapping. The file's layout (sections, keys, defaults,
+    ``auto``) is read here; its rules are the space's own (``SearchSpace.__post_init__``).
+    Every error names ``source`` and the key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     unknown = sorted(set(raw) - TOP_KEYS)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(TOP_KEYS)}")
 
-    def get(key: str, kind, default=None, *, minimum=None):
+    def get(key: str, default: Any = None) -> Any:
         value = raw.get(key, default)
         if value is None:
             raise ConfigError(f"{source}: '{key}' is required")
-        return _typed(value, kind, f"{source}: {key}", minimum)
+        return value
 
-    def auto(value: Any, kind, where: str, minimum) -> Any:
+    def auto(value: Any) -> Any:
         """None for ``auto`` (or absent): sized from the model and the machine."""
-        return None if value in (None, AUTO) else _typed(value, kind, where, minimum)
+        return None if value in (None, AUTO) else value
 
-    def section(key: str, allowed: dict[str, tuple]) -> dict:
+    def section(key: str, defaults: dict[str, Any]) -> dict:
         block = raw.get(key) or {}
         if not isinstance(block, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping")
-        extra = sorted(set(block) - set(allowed))
+        extra = sorted(set(block) - set(defaults))
         if extra:
             raise ConfigError(f"{source}: {key}: unknown key(s) {extra}; allowed: "
-                              f"{sorted(allowed)}")
-        return {name: auto(block.get(name), kind, f"{source}: {key}.{name}", low)
-                if default == AUTO else
-                _typed(block.get(name, default), kind, f"{source}: {key}.{name}", low)
-                for name, (kind, default, low) in allowed.items()}
+                              f"{sorted(defaults)}")
+        return {name: auto(block.get(name)) if default == AUTO else block.get(name, default)
+                for name, default in defaults.items()}
 
-    stage = get("stage", int, 1)
-    if stage not in STAGES:
-        raise ConfigError(f"{source}: stage: {stage} must be one of {STAGES}")
-    metric, mode = _parse_metric(raw, source)
+    stage = get("stage", 1)
     # Stage 3's trials of different vessels are not comparable on one scale: no ASHA unless set.
     use_asha = raw.get("asha", {} if stage != 3 else None) not in (None, False, "off")
-    if use_asha and stage == 3:
-        raise ConfigError(f"{source}: asha: stage 3 compares trials of different vessels, "
-                          "which ASHA would rank on one scale; set 'asha: off'")
     if not use_asha:
         raw = {**raw, "asha": None}
-    elif isinstance(metric, tuple):
-        raise ConfigError(f"{source}: asha: ASHA cannot stop trials of a multi-objective search "
-                          "(metric is a list); set 'asha: off'")
-    asha = section("asha", {"grace_period": (int, 1, 1), "reduction_factor": (int, 2, 2)})
-    resources = section("resources", {"workers": (int, 1, 1), "cpus_per_worker": (float, 1.0, 0),
-                                      "gpus_per_worker": (float, AUTO, 0),
-                                      "retries": (int, 1, 0),
-                                      "worker_group": (bool, False, None)})
-    data = section("data", {"image_size": (int, AUTO, 32), "batch_size": (int, AUTO, 1)})
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"{source}: 'fixed' must be a mapping")
@@ -299,123 +375,201 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
             raise ConfigError(f"{source}: fixed.heads: stage 2 trains the heads; remove "
                               "'heads: false'")
         fixed = {**fixed, "heads": True}
-    for key, value in fixed.items():
-        _check_trial_value(key, value, f"{source}: fixed.{key}")
-    params = _parse_params(raw.get("params"), fixed, source)
-    epochs = get("epochs", int, 4, minimum=1)
-    if use_asha and asha["grace_period"] > epochs:
-        raise ConfigError(f"{source}: asha.grace_period {asha['grace_period']} exceeds epochs "
-                          f"{epochs}")
-    objective = _parse_objective(raw.get("objective"), source)
-    select = get("select", str, "dice")
-    if select not in ("dice", "iou"):
-        raise ConfigError(f"{source}: select: {select!r} must be dice or iou (the registry "
-                          "compares every stage's adapters on segmentation)")
-    vessels = _parse_vessels(raw.get("vessels"), stage, source)
-    sampler = get("sampler", str, "tpe")
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"{source}: sampler: {sampler!r} must be one of {SAMPLERS}")
-    space = SearchSpace(
-        name=get("name", str), metric=metric, mode=mode,
-        samples=get("samples", int, 8, minimum=1),
-        max_concurrent=auto(raw.get("max_concurrent"), int, f"{source}: max_concurrent", 1),
-        epochs=epochs,
-        seed=get("seed", int, 0), **asha, **resources, **data, fixed=dict(fixed),
-        params=params, stage=stage, objective=objective, select=select, vessels=vessels,
-        asha=use_asha, sampler=sampler)
-    _check_consistency(space, source)
-    return space
+    fields = dict(
+        name=get("name"), metric=get("metric", "dice"), mode=get("mode", "max"),
+        samples=get("samples", 8), max_concurrent=auto(raw.get("max_concurrent")),
+        epochs=get("epochs", 4), seed=get("seed", 0),
+        **section("asha", {"grace_period": 1, "reduction_factor": 2}),
+        **section("resources", {"workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": AUTO,
+                                "retries": 1, "worker_group": False}),
+        **section("data", {"image_size": AUTO, "batch_size": AUTO}),
+        fixed=dict(fixed), params=_parse_params(raw.get("params"), source), stage=stage,
+        objective=_parse_objective(raw.get("objective"), source), select=get("select", "dice"),
+        vessels=_parse_vessels(raw.get("vessels"), source), asha=use_asha,
+        sampler=get("sampler", "tpe"))
+    with _in_file(source):
+        return SearchSpace(**fields)
 
 
-def _parse_metric(raw: dict, source: str) -> tuple[str | tuple, str | tuple]:
-    metric, mode = raw.get("metric", "dice"), raw.get("mode", "max")
-    if isinstance(metric, list):
-        if len(metric) < 2 or not isinstance(mode, list) or len(mode) != len(metric):
-            raise ConfigError(f"{source}: metric: a multi-objective search lists two or more "
-                              "metrics and as many modes (mode: [max, min])")
-        for name in metric:
-            _check_metric_name(name, f"{source}: metric")
-        for value in mode:
-            if value not in ("max", "min"):
-                raise ConfigError(f"{source}: mode: {value!r} must be 'max' or 'min'")
-        return tuple(metric), tuple(mode)
-    if not isinstance(metric, str):
-        raise ConfigError(f"{source}: metric: expected a metric name or a list, got {metric!r}")
-    _check_metric_name(metric, f"{source}: metric")
-    if mode not in ("max", "min"):
-        raise ConfigError(f"{source}: mode: {mode!r} must be 'max' or 'min'")
-    return metric, mode
+@contextmanager
+def _in_file(source: str) -> Iterator[None]:
+    """Name the file in the errors of what is made from it (a space checks itself, and knows
+    no file)."""
+    try:
+        yield
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
 
 
-def _check_metric_name(name: Any, where: str) -> None:
-    base, _, group = str(name).partition("/")
-    if base not in METRIC_MODES or (group and group not in REGISTRY_VESSELS + ("LM", "RAMUS")):
-        raise ConfigError(f"{where}: unknown metric {name!r}; known: {sorted(METRIC_MODES)}, "
-                          "optionally per vessel as name/VESSEL")
-
-
-def _parse_objective(block: Any, source: str) -> dict[str, float]:
+def _parse_objective(block: Any, source: str) -> dict[str, Any]:
     if block is None:
         return {}
     if not isinstance(block, dict) or not block:
         raise ConfigError(f"{source}: objective: expected a mapping of metric -> weight")
-    terms = {}
-    for name, weight in block.items():
-        if name not in METRIC_MODES or name == "objective":
-            raise ConfigError(f"{source}: objective.{name}: unknown metric; known: "
-                              f"{sorted(set(METRIC_MODES) - {'objective'})}")
-        terms[name] = _typed(weight, float, f"{source}: objective.{name}")
-    return terms
+    return dict(block)
 
 
-def _parse_vessels(block: Any, stage: int, source: str) -> tuple[str, ...]:
-    if stage != 3:
-        if block is not None:
-            raise ConfigError(f"{source}: vessels: only a stage-3 search has one study per "
-                              "vessel")
+def _parse_vessels(block: Any, source: str) -> tuple[Any, ...]:
+    if block is None:
         return ()
-    if not isinstance(block, list) or not block:
-        raise ConfigError(f"{source}: vessels: stage 3 needs a list, e.g. [RCA, LAD, LCX]")
-    unknown = [v for v in block if v not in REGISTRY_VESSELS]
-    if unknown or len(set(block)) != len(block):
-        raise ConfigError(f"{source}: vessels: {block} must be distinct names from "
-                          f"{list(REGISTRY_VESSELS)}")
+    if not isinstance(block, list):
+        raise ConfigError(f"{source}: vessels: expected a list, e.g. [RCA, LAD, LCX]")
     return tuple(block)
 
 
-def _check_consistency(space: SearchSpace, source: str) -> None:
+def _parse_params(block: Any, source: str) -> tuple[Param, ...]:
+    """The ``params`` mapping as Params, in the file's order (``when`` names earlier ones)."""
+    if not isinstance(block, dict):
+        raise ConfigError(f"{source}: 'params' must be a mapping of name -> spec")
+    params: list[Param] = []
+    for name, spec in block.items():
+        key = f"{source}: params.{name}"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{key}: expected a mapping with 'type'")
+        kind = spec.get("type")
+        _check_param_type(kind, f"{key}.type")  # it says which keys the spec may have
+        allowed = {"type", "when"} | ({"choices"} if kind == "categorical" else
+                                      {"low", "high", "log"})
+        extra = sorted(set(spec) - allowed)
+        if extra:
+            raise ConfigError(f"{key}: unknown key(s) {extra} for a {kind} parameter")
+        when = spec.get("when") or {}
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list):
+                raise ConfigError(f"{key}.choices: must be a non-empty list")
+            with _in_file(source):
+                params.append(Param(name, kind, choices=tuple(choices), when=when))
+        else:
+            with _in_file(source):
+                params.append(Param(name, kind, spec.get("low"), spec.get("high"),
+                                    spec.get("log", False), when=when))
+    return tuple(params)
+
+
+def _check_param_type(kind: Any, where: str) -> None:
+    if kind not in PARAM_TYPES:
+        raise ConfigError(f"{where}: {kind!r} is not one of {sorted(PARAM_TYPES)}")
+
+
+def _check_metrics(space: SearchSpace) -> None:
+    """Known metric names, each with the mode in which it is better."""
+    if space.multi_objective:
+        if (len(space.metric) < 2 or not isinstance(space.mode, tuple)
+                or len(space.mode) != len(space.metric)):
+            raise ConfigError("metric: a multi-objective search lists two or more metrics and "
+                              "as many modes (mode: [max, min])")
+        pairs = list(zip(space.metric, space.mode, strict=True))
+    elif isinstance(space.metric, str):
+        pairs = [(space.metric, space.mode)]
+    else:
+        raise ConfigError(f"metric: expected a metric name or a list, got {space.metric!r}")
+    for name, _ in pairs:
+        _check_metric_name(name, "metric")
+    for name, mode in pairs:
+        if mode not in ("max", "min"):
+            raise ConfigError(f"mode: {mode!r} must be 'max' or 'min'")
+        better = METRIC_MODES[name.split("/")[0]]
+        if better != mode:
+            raise ConfigError(f"mode: {name} is better when "
+                              f"{'higher' if better == 'max' else 'lower'}; use mode {better}")
+
+
+def _check_metric_name(name: Any, where: str) -> None:
+    base, _, group = str(name).partition("/")
+    if not isinstance(name, str) or base not in METRIC_MODES or (group and group not in VESSELS):
+        raise ConfigError(f"{where}: unknown metric {name!r}; known: {sorted(METRIC_MODES)}, "
+                          "optionally per vessel as name/VESSEL")
+
+
+def _check_asha(space: SearchSpace) -> None:
+    if not space.asha:
+        return
+    if space.stage == 3:
+        raise ConfigError("asha: stage 3 compares trials of different vessels, which ASHA "
+                          "would rank on one scale; set 'asha: off'")
+    if space.multi_objective:
+        raise ConfigError("asha: ASHA cannot stop trials of a multi-objective search (metric "
+                          "is a list); set 'asha: off'")
+    if space.grace_period > space.epochs:
+        raise ConfigError(f"asha.grace_period {space.grace_period} exceeds epochs "
+                          f"{space.epochs}")
+
+
+def _check_objective(space: SearchSpace) -> None:
+    if not isinstance(space.objective, dict):
+        raise ConfigError("objective: expected a mapping of metric -> weight")
+    terms = {}
+    for name, weight in space.objective.items():
+        if name not in METRIC_MODES or name == "objective":
+            raise ConfigError(f"objective.{name}: unknown metric; known: "
+                              f"{sorted(set(METRIC_MODES) - {'objective'})}")
+        terms[name] = _typed(weight, float, f"objective.{name}")
+    object.__setattr__(space, "objective", terms)
+
+
+def _check_trial_settings(space: SearchSpace) -> None:
+    """The fixed values, and the parameters in order: each searched once, and conditional
+    only on fixed values or earlier parameters."""
+    if not isinstance(space.fixed, dict):
+        raise ConfigError("fixed: must be a mapping")
+    for key, value in space.fixed.items():
+        _check_trial_value(key, value, f"fixed.{key}")
+    if space.stage == 2 and space.fixed.get("heads") is not True:
+        raise ConfigError("fixed.heads: stage 2 trains the heads; it must be true")
+    if not space.params:
+        raise ConfigError("params: a search needs at least one parameter")
+    known = set(space.fixed)
+    for param in space.params:
+        where = f"params.{param.name}"
+        if param.name in space.fixed:
+            raise ConfigError(f"{where}: also given in 'fixed'")
+        if param.name in known:
+            raise ConfigError(f"{where}: searched twice")
+        for other in param.when:
+            if other not in known:
+                raise ConfigError(f"{where}.when: '{other}' is not a fixed value or an earlier "
+                                  "parameter")
+        known.add(param.name)
+
+
+def _check_vessels(space: SearchSpace) -> None:
+    if space.stage != 3:
+        if space.vessels:
+            raise ConfigError("vessels: only a stage-3 search has one study per vessel")
+        return
+    if not space.vessels:
+        raise ConfigError("vessels: stage 3 needs a list, e.g. [RCA, LAD, LCX]")
+    unknown = [v for v in space.vessels if v not in ADAPTER_VESSELS]
+    if unknown or len(set(space.vessels)) != len(space.vessels):
+        raise ConfigError(f"vessels: {list(space.vessels)} must be distinct names from "
+                          f"{list(ADAPTER_VESSELS)}")
+
+
+def _check_consistency(space: SearchSpace) -> None:
     """Rules that span sections: what the metrics need, and where ``init`` can point."""
     metrics = space.metric if space.multi_objective else (space.metric,)
     if space.stage == 3 and (space.multi_objective or "/" in space.metric):
-        raise ConfigError(f"{source}: metric: stage 3 takes one metric without a vessel "
-                          "(each trial is scored on its own vessel's lesions)")
-    modes = space.mode if space.multi_objective else (space.mode,)
-    for name, mode in zip(metrics, modes, strict=True):
-        better = METRIC_MODES[name.split("/")[0]]
-        if better != mode:
-            raise ConfigError(f"{source}: mode: {name} is better when "
-                              f"{'higher' if better == 'max' else 'lower'}; use mode {better}")
+        raise ConfigError("metric: stage 3 takes one metric without a vessel (each trial is "
+                          "scored on its own vessel's lesions)")
     names = {m.split("/")[0] for m in metrics} | set(space.objective)
     if "objective" in names and not space.objective:
-        raise ConfigError(f"{source}: metric 'objective' needs an 'objective' block of "
-                          "metric weights")
+        raise ConfigError("metric 'objective' needs an 'objective' block of metric weights")
     if names & set(HEAD_METRICS) and not space.heads:
-        raise ConfigError(f"{source}: metric(s) {sorted(names & set(HEAD_METRICS))} need the "
-                          "heads: use stage 2 or set heads: true")
+        raise ConfigError(f"metric(s) {sorted(names & set(HEAD_METRICS))} need the heads: "
+                          "use stage 2 or set heads: true")
     if space.heads and space.fixed.get("prompt_mode", "box") != "box":
-        raise ConfigError(f"{source}: the heads read the tracker's features: prompt_mode "
-                          "must be box")
+        raise ConfigError("the heads read the tracker's features: prompt_mode must be box")
     if any(space.can_take("refine", False)) and space.fixed.get("prompt_mode", "box") != "box":
-        raise ConfigError(f"{source}: refine sharpens the tracker's box-prompted mask: "
-                          "prompt_mode must be box")
+        raise ConfigError("refine sharpens the tracker's box-prompted mask: prompt_mode must "
+                          "be box")
     if space.fixed.get("embedding_cache"):
-        _check_frozen_encoder(space, source)
+        _check_frozen_encoder(space)
     if "vessel" in space.init_choices() and space.stage != 3:
-        raise ConfigError(f"{source}: init 'vessel' names the trial's own vessel, which only "
-                          "stage 3 has")
+        raise ConfigError("init 'vessel' names the trial's own vessel, which only stage 3 has")
 
 
-def _check_frozen_encoder(space: SearchSpace, source: str) -> None:
+def _check_frozen_encoder(space: SearchSpace) -> None:
     """The embedding cache is right only if no trial trains the image encoder."""
     searched = {p.name for p in space.params}
     strategy, targets = space.fixed.get("strategy", "lora"), space.fixed.get("targets")
@@ -424,65 +578,12 @@ def _check_frozen_encoder(space: SearchSpace, source: str) -> None:
         or (strategy == "lora" and "targets" not in searched and targets is not None
             and set(str(targets).split("+")) == {"decoder_attn"}))
     if not frozen:
-        raise ConfigError(f"{source}: fixed.embedding_cache: every trial must leave the image "
-                          "encoder frozen: fix strategy decoder_only, or strategy lora with "
-                          "targets decoder_attn")
+        raise ConfigError("fixed.embedding_cache: every trial must leave the image encoder "
+                          "frozen: fix strategy decoder_only, or strategy lora with targets "
+                          "decoder_attn")
     if space.fixed.get("prompt_mode", "box") != "box" or space.init_choices() != {"none"}:
-        raise ConfigError(f"{source}: fixed.embedding_cache: only for box prompts trained from "
-                          "the base (init: none)")
-
-
-def _parse_params(block: Any, fixed: dict, source: str) -> tuple[Param, ...]:
-    if not isinstance(block, dict) or not block:
-        raise ConfigError(f"{source}: 'params' must be a non-empty mapping of name -> spec")
-    params: list[Param] = []
-    known = set(fixed)
-    for name, spec in block.items():
-        key = f"{source}: params.{name}"
-        if name not in TRIAL_KEYS:
-            raise ConfigError(f"{key}: unknown parameter; known: {sorted(TRIAL_KEYS)}")
-        if name in fixed:
-            raise ConfigError(f"{key}: also given in 'fixed'")
-        if name in FIXED_ONLY:
-            raise ConfigError(f"{key}: {name} cannot be searched; set it under 'fixed' (run one "
-                              "search per prompt mode: each has its own zero-shot base)")
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{key}: expected a mapping with 'type'")
-        kind = spec.get("type")
-        if kind not in PARAM_TYPES:
-            raise ConfigError(f"{key}.type: {kind!r} is not one of {sorted(PARAM_TYPES)}")
-        allowed = {"type", "when"} | ({"choices"} if kind == "categorical" else
-                                      {"low", "high", "log"})
-        extra = sorted(set(spec) - allowed)
-        if extra:
-            raise ConfigError(f"{key}: unknown key(s) {extra} for a {kind} parameter")
-        when = spec.get("when") or {}
-        if not isinstance(when, dict):
-            raise ConfigError(f"{key}.when: must map earlier parameter names to values")
-        for other in when:
-            if other not in known:
-                raise ConfigError(f"{key}.when: '{other}' is not a fixed value or an earlier "
-                                  "parameter")
-        if kind == "categorical":
-            choices = spec.get("choices")
-            if not isinstance(choices, list) or not choices:
-                raise ConfigError(f"{key}.choices: must be a non-empty list")
-            for choice in choices:
-                _check_trial_value(name, choice, f"{key}.choices")
-            params.append(Param(name, kind, choices=tuple(choices), when=dict(when)))
-        else:
-            number = int if kind == "int" else float
-            low = _typed(spec.get("low"), number, f"{key}.low")
-            high = _typed(spec.get("high"), number, f"{key}.high")
-            log = _typed(spec.get("log", False), bool, f"{key}.log")
-            if not low < high:
-                raise ConfigError(f"{key}: empty range, low {low} is not below high {high}")
-            if log and low <= 0:
-                raise ConfigError(f"{key}: a log range needs low > 0, got {low}")
-            _check_trial_value(name, low, f"{key}.low")
-            params.append(Param(name, kind, low, high, log, when=dict(when)))
-        known.add(name)
-    return tuple(params)
+        raise ConfigError("fixed.embedding_cache: only for box prompts trained from the base "
+                          "(init: none)")
 
 
 def _typed(value: Any, kind, where: str, minimum=None):

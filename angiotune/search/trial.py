@@ -4,6 +4,10 @@ A trial of one worker runs the loop in its own process; a trial of several start
 worker group (DDP) and drives it. The datasets are built inside the trial, so none is pinned in
 the Tune driver's object store for the whole search. A Train run's name comes from the trial id
 (no timestamp), so a retried or restored trial resumes from its own last checkpoint.
+
+Tune's trial actors import this module to unpickle ``run_trial``; importing it loads no torch,
+transformers or peft (``tests/test_imports.py``). The functions that train import what they need
+when they run: a trial loads the training stack to build its configuration and train.
 """
 
 from __future__ import annotations
@@ -58,14 +62,15 @@ def with_checkpoint_paths(history: pd.DataFrame, trial_dir: Path) -> pd.DataFram
 
 def run_trial(config: dict, constants: dict) -> None:
     from angiotune.data.stream import SampleSettings, lesion_dataset, load_rows
-    from angiotune.train.loop import trial_crop_context
+    from angiotune.train.config import TrialConfig
 
     settings = {**constants, **config}
+    trial = TrialConfig.from_flat(settings)  # checked here, once, before any data is read
     # With the embedding cache the encoder must see the same pixels every epoch: only the box
     # prompt is augmented then.
-    samples = SampleSettings(image_size=int(settings["image_size"]), seed=int(settings["seed"]),
-                             context=trial_crop_context(settings),
-                             augment_pixels=not settings.get("embedding_cache"))
+    samples = SampleSettings(image_size=int(settings["image_size"]), seed=trial.run.seed,
+                             context=trial.adapter.crop_context,
+                             augment_pixels=trial.run.embedding_cache is None)
     datasets = {}
     for split in ("train", "val"):
         rows, root = load_rows(settings["index"], split)
@@ -76,7 +81,10 @@ def run_trial(config: dict, constants: dict) -> None:
     if settings["in_trial"]:
         from angiotune.train.loop import TuneTrialBackend, run_training
 
-        run_training(settings, TuneTrialBackend(datasets, use_gpu))
+        # A search started before its constants named the Tune folder has none: only the
+        # injected kill fault needs it.
+        tune_dir = settings.get("tune_dir")
+        run_training(trial, TuneTrialBackend(datasets, use_gpu, tune_dir and Path(tune_dir)))
         return
     _fit_worker_group(settings, datasets, use_gpu)
 
@@ -133,8 +141,7 @@ def torch_config(use_gpu: bool):
 
 
 def _train_worker(config: dict) -> None:
-    """What each Ray Train worker runs. The training stack (torch models, transformers, peft)
-    is imported here, in the workers, so the trial's own driver never loads it."""
+    """What each Ray Train worker runs: the training loop, imported in the worker itself."""
     from angiotune.train.loop import train_loop_per_worker
 
     train_loop_per_worker(config)

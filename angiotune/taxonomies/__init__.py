@@ -10,13 +10,12 @@ from pathlib import Path
 import yaml
 
 from angiotune.errors import ConfigError
+from angiotune.names import UNKNOWN_VESSEL, VESSELS
 
-VESSELS = ("RCA", "LAD", "LCX", "LM", "RAMUS")
 POSITIONS = ("proximal", "mid", "distal", "branch")
 _BUILTIN = Path(__file__).parent
 BUILTIN_NAMES = ("CASS", "SYNTAX")
 BUILTIN_CATEGORY_MAPS = ("ARCADE",)
-UNKNOWN_VESSEL = "UNKNOWN"  # a lesion label that names no segment (ARCADE's "stenosis")
 
 __all__ = ["VESSELS", "POSITIONS", "UNKNOWN_VESSEL", "Segment", "Taxonomy", "CategoryMap",
            "load_taxonomy", "load_category_map"]

@@ -10,10 +10,10 @@ from pathlib import Path
 import yaml
 
 from angiotune.errors import ConfigError
+from angiotune.names import ADAPTER_VESSELS
 from angiotune.taxonomies import VESSELS
 
 VIEWS_FILE = Path(__file__).resolve().parent / "views.yaml"
-ADAPTER_VESSELS = ("RCA", "LAD", "LCX")
 
 
 @dataclass(frozen=True)

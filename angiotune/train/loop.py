@@ -3,14 +3,15 @@
 It runs in a Ray Train worker (a DDP rank) or in a Tune trial of one worker; ``TrainBackend``
 is what differs between the two.
 
-One trial's configuration is a flat dict (what the search space suggested, plus the run's
-settings). Each epoch every rank trains on its shard of the training split and evaluates the whole
-validation split (it is not split across workers, so no rank waits on another), and rank 0
-reports the metrics with an adapter-only checkpoint (the heads, when there are any, beside it).
+One trial's configuration is a ``TrialConfig`` (``angiotune.train.config``), read once from the
+flat dict Tune hands the trial. Each epoch every rank trains on its shard of the training split
+and evaluates the whole validation split (it is not split across workers, so no rank waits on
+another), and rank 0 reports the metrics with an adapter-only checkpoint (the heads, when there
+are any, beside it).
 
-Stages differ only in configuration: ``heads`` adds the stage-2 measurement heads, ``init``
-starts from a kept adapter (``init_adapters`` maps its name to a folder), and ``vessel`` (set by
-the stage-3 search) has already narrowed the data to one vessel's lesions.
+Stages differ only in configuration: ``heads`` adds the stage-2 measurement heads, ``start``
+begins from a kept adapter, and ``run.vessel`` (set by the stage-3 search) says the data is
+already narrowed to one vessel's lesions.
 """
 
 from __future__ import annotations
@@ -19,16 +20,15 @@ import math
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from angiotune.data.transforms import DEFAULT_CROP_CONTEXT
 from angiotune.errors import ConfigError
 from angiotune.model.adapters import (
     AdapterSettings,
     adapt,
-    crop_context_of,
     load_adapter,
     read_adapter_record,
     save_adapter,
@@ -36,7 +36,6 @@ from angiotune.model.adapters import (
 )
 from angiotune.model.embedding_cache import EmbeddingCache, encoder_is_frozen
 from angiotune.model.heads import (
-    TASKS,
     HeadSettings,
     LesionHeads,
     feature_dim_of,
@@ -45,7 +44,6 @@ from angiotune.model.heads import (
     save_heads,
 )
 from angiotune.model.lesion import LesionModel, unwrap
-from angiotune.model.losses import HeadLossWeights, LossWeights
 from angiotune.model.refine import MaskRefiner, has_refiner, load_refiner, save_refiner
 from angiotune.model.sam3 import (
     base_model_id,
@@ -53,8 +51,10 @@ from angiotune.model.sam3 import (
     load_base_model,
     load_prompt_tokenizer,
 )
-from angiotune.taxonomies import VESSELS
+from angiotune.names import VESSELS
 from angiotune.train.calibration import ReadoutCollector
+from angiotune.train.config import OptimiserSettings, TrialConfig
+from angiotune.train.faults import KilledAfterCheckpoint, claim_injected_fault, with_step_fault
 from angiotune.train.metrics import with_objective
 from angiotune.train.step import PRECISIONS, evaluate, train_step
 
@@ -62,112 +62,45 @@ STATE_FILE = "training_state.pt"
 ADAPTER_DIR = "adapter"
 
 
-def adapter_settings(config: dict) -> AdapterSettings:
-    rank = int(config.get("rank", 8))
-    alpha = config.get("alpha") or rank * float(config.get("alpha_ratio", 2))
-    targets = config.get("targets", "vision_qv")
-    return AdapterSettings(strategy=config.get("strategy", "lora"), rank=rank, alpha=float(alpha),
-                           dropout=float(config.get("dropout", AdapterSettings.dropout)),
-                           targets=tuple(str(targets).split("+")),
-                           train_decoder=bool(config.get("train_decoder", True)),
-                           crop_context=trial_crop_context(config))
-
-
-def trial_crop_context(config: dict) -> float:
-    """The crop a trial trains on: its start adapter's when it starts from one (the adapter
-    learned that crop), else the searched or fixed ``crop_context``."""
-    start = init_adapter(config)
-    if start is not None:
-        return crop_context_of(start)
-    return float(config.get("crop_context", DEFAULT_CROP_CONTEXT))
-
-
-def loss_weights(config: dict) -> LossWeights:
-    return LossWeights(dice=float(config.get("dice_weight", 1.0)),
-                       pixel=float(config.get("pixel_weight", 1.0)),
-                       iou=float(config.get("iou_weight", 0.1)),
-                       score=float(config.get("score_weight", 1.0)),
-                       pixel_loss=config.get("pixel_loss", "focal"),
-                       pos_weight=float(config.get("pos_weight", 10.0)),
-                       focal_gamma=float(config.get("focal_gamma", 2.0)))
-
-
-def head_loss_weights(config: dict) -> HeadLossWeights:
-    counts = config.get("class_counts")
-    class_weights = None
-    if config.get("class_weights", "none") == "balanced" and counts:
-        # Inverse frequency, mean 1; a class absent from training weighs as one seen once.
-        inverse = [1.0 / max(int(c), 1) for c in counts]
-        class_weights = tuple(w * len(inverse) / sum(inverse) for w in inverse)
-    return HeadLossWeights(segment=float(config.get("segment_weight", 1.0)),
-                           stenosis=float(config.get("stenosis_weight", 1.0)),
-                           mld=float(config.get("mld_weight", 1.0)),
-                           rvd=float(config.get("rvd_weight", 0.5)),
-                           weighting=config.get("head_weighting", "fixed"),
-                           class_loss=config.get("class_loss", "ce"),
-                           class_weights=class_weights)
-
-
-def trained_tasks(config: dict) -> tuple[str, ...]:
-    """The heads a trial trains: all with learned (uncertainty) weighting, else those whose
-    loss weight is above 0 (the segment head always)."""
-    if config.get("head_weighting", "fixed") == "uncertainty":
-        return TASKS
-    weights = head_loss_weights(config)
-    return tuple(task for task, weight in zip(TASKS, weights.fixed(), strict=True)
-                 if task == "segment" or weight > 0)
-
-
-def init_adapter(config: dict) -> Path | None:
-    """The kept adapter a trial starts from, or None to start from the base."""
-    name = config.get("init", "none")
-    if name == "none":
-        return None
-    if name == "vessel":
-        name = config["vessel"]
-    return Path(config["init_adapters"][name])
-
-
-def trial_base_id(config: dict) -> str:
+def trial_base_id(trial: TrialConfig) -> str:
     """The base weights' id: named once by the search's driver, else from the checkpoint."""
-    return config.get("base_id") or base_model_id(config.get("model_path"),
-                                                  config.get("prompt_mode", "box"))
+    return trial.run.base_id or base_model_id(trial.run.model_path, trial.run.prompt_mode)
 
 
-def build_model(config: dict, checkpoint_dir: Path | None = None):
+def build_model(trial: TrialConfig, checkpoint_dir: Path | None = None):
     """The trainable model and the adapter settings it saves with.
 
-    From the trial's own checkpoint when resuming, else from ``init`` (keeping that adapter's
+    From the trial's own checkpoint when resuming, else from ``start`` (keeping that adapter's
     shape: its strategy, rank and targets), else a fresh adapter on the base. Box mode wraps the
-    tracker in a ``LesionModel``, with heads when ``heads`` is set.
+    tracker in a ``LesionModel``, with heads when the trial has ``heads``.
     """
-    mode = config.get("prompt_mode", "box")
-    source = checkpoint_dir / ADAPTER_DIR if checkpoint_dir else init_adapter(config)
-    base = load_base_model(config.get("model_path"), mode)
+    mode = trial.run.prompt_mode
+    source = checkpoint_dir / ADAPTER_DIR if checkpoint_dir else trial.start.adapter
+    base = load_base_model(trial.run.model_path, mode)
     if source is None:
-        settings = adapter_settings(config)
+        settings = trial.adapter
         model = adapt(base, settings)
     else:
-        model = load_adapter(base, source, trainable=True,
-                             base_id=trial_base_id(config))
+        model = load_adapter(base, source, trainable=True, base_id=trial_base_id(trial))
         settings = settings_of(read_adapter_record(source))
     if mode != "box":
         return model, settings
     heads = None
     if source is not None and has_heads(source):  # heads carry on from where they started
         heads = load_heads(source).train()
-    elif config.get("heads"):
-        heads = LesionHeads(HeadSettings(classes=tuple(config["classes"]),
+    elif trial.heads is not None:
+        heads = LesionHeads(HeadSettings(classes=trial.heads.classes,
                                          feature_dim=feature_dim_of(base.config),
-                                         hidden=int(config.get("head_hidden", 128)),
-                                         taxonomy=str(config.get("taxonomy", "CASS")),
-                                         tasks=trained_tasks(config)))
+                                         hidden=trial.heads.hidden,
+                                         taxonomy=trial.heads.taxonomy,
+                                         tasks=trial.heads.tasks))
     if heads is not None:  # unused parameters would stall DDP's gradient reduction
-        heads.log_vars.requires_grad_(config.get("head_weighting", "fixed") == "uncertainty")
+        learned = trial.heads is not None and trial.heads.losses.weighting == "uncertainty"
+        heads.log_vars.requires_grad_(learned)
     refiner = None
     if source is not None and has_refiner(source):  # as the heads: it carries on
         refiner = load_refiner(source).train()
-    elif config.get("refine"):
+    elif trial.refine:
         refiner = MaskRefiner()
     return LesionModel(model, heads, settings.crop_context, refiner), settings
 
@@ -186,60 +119,21 @@ def save_trained(model: torch.nn.Module, settings: AdapterSettings, folder: Path
         save_adapter(model, settings, folder, base_id)
 
 
-def parameter_groups(model: torch.nn.Module, config: dict) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, optimiser: OptimiserSettings) -> list[dict]:
     """The adapter at ``lr``; the heads, which start from nothing rather than adjust a
     pre-trained model, at ``lr * head_lr_ratio``."""
-    lr = float(config.get("lr", 1e-3))
     heads = getattr(unwrap(model), "heads", None)
     in_heads = {id(p) for p in heads.parameters()} if heads is not None else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in in_heads], "lr": lr}]
+    groups = [{"params": [p for p in trainable if id(p) not in in_heads], "lr": optimiser.lr}]
     if in_heads:
         groups.append({"params": [p for p in trainable if id(p) in in_heads],
-                       "lr": lr * float(config.get("head_lr_ratio", 10.0))})
+                       "lr": optimiser.lr * optimiser.head_lr_ratio})
     return groups
 
 
-FAULT_DIR_ENV = "ANGIOTUNE_FAULT_DIR"
-FAULT_KINDS = ("oom", "nan", "kill")
 OOM_HINT = ("lower batch_size or rank, keep gradient_checkpointing on, or give each worker a "
             "GPU with more memory")
-
-
-def claim_injected_fault(config: dict) -> str | None:
-    """Test hook: a fault for this trial to suffer, or None.
-
-    When the search was started with ``ANGIOTUNE_FAULT_DIR`` set to a folder, each trial's first
-    worker takes (deletes) the first file there, in name order, whose name ends in ``oom``,
-    ``nan`` or ``kill`` (``1-oom``, ``2-nan``, ``3-kill``) and suffers that fault: in its first
-    training step an out-of-memory error raised as torch raises it, or a loss that is NaN; or,
-    once its first checkpoint is registered, SIGKILL of its own process. Tests use it to cause
-    these faults for real in one trial of a search; it is never set otherwise.
-    """
-    folder = config.get("fault_dir")
-    if not folder:
-        return None
-    for path in sorted(Path(folder).glob("*")):
-        kind = path.name.rsplit("-", 1)[-1]
-        if kind not in FAULT_KINDS:
-            continue
-        try:
-            path.unlink()  # only one worker can delete it: the claim is atomic
-        except FileNotFoundError:
-            continue
-        return kind
-    return None
-
-
-def _die_after_first_checkpoint(backend: TrainBackend) -> None:
-    """The ``kill`` fault: SIGKILL this process once a checkpoint to restart from is held (a
-    kill before that would restart the trial from nothing)."""
-    import os
-    import signal
-
-    backend.wait_for_checkpoints()
-    # Windows has no SIGKILL; os.kill with SIGTERM there is TerminateProcess, as abrupt.
-    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 def _step_failure(parts: dict | None, error: Exception | None, epoch: int) -> str | None:
@@ -296,39 +190,40 @@ class EpochClock:
     ``train_s`` (the rest of the training pass) and ``eval_s``. Reported with the metrics so that
     a search's overhead (whatever is in none of them) can be measured from its results."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.seconds = {"data_wait_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
-        self._last = time.perf_counter()
+        self._last = clock()
 
     def waiting(self, batches):
         iterator = iter(batches)
         while True:
-            started = time.perf_counter()
+            started = self.clock()
             try:
                 batch = next(iterator)
             except StopIteration:
-                self.seconds["data_wait_s"] += time.perf_counter() - started
+                self.seconds["data_wait_s"] += self.clock() - started
                 return
-            self.seconds["data_wait_s"] += time.perf_counter() - started
+            self.seconds["data_wait_s"] += self.clock() - started
             yield batch
 
     def mark(self, name: str) -> None:
         """Everything since the last mark, less the data waits inside it, goes to ``name``."""
-        now = time.perf_counter()
+        now = self.clock()
         waited = self.seconds["data_wait_s"] if name == "train_s" else 0.0
         self.seconds[name] += now - self._last - waited
         self._last = now
 
 
-def embedding_cache_for(model: torch.nn.Module, config: dict) -> EmbeddingCache | None:
+def embedding_cache_for(model: torch.nn.Module, trial: TrialConfig) -> EmbeddingCache | None:
     """The shared cache of the base's image embeddings, when the search asked for one; refused
     when the encoder trains, since its embeddings would change under the cache."""
-    if not config.get("embedding_cache"):
+    if not trial.run.embedding_cache:
         return None
     if not encoder_is_frozen(model):
         raise ConfigError("embedding_cache needs a frozen image encoder: use strategy "
                           "decoder_only, or lora with targets decoder_attn only")
-    return EmbeddingCache(Path(config["cache_dir"]), trial_base_id(config))
+    return EmbeddingCache(Path(trial.run.embedding_cache), trial_base_id(trial))
 
 
 def with_embeddings(batches, cache: EmbeddingCache | None, model: torch.nn.Module, device):
@@ -341,10 +236,9 @@ def with_embeddings(batches, cache: EmbeddingCache | None, model: torch.nn.Modul
         yield batch
 
 
-def _missing_scores(config: dict) -> dict[str, float]:
+def _missing_scores(trial: TrialConfig) -> dict[str, float]:
     """The search's metrics as NaN: a failed trial has no score."""
-    metrics = config.get("metrics") or [config["metric"]]
-    return {name: math.nan for name in metrics}
+    return {name: math.nan for name in trial.run.metrics}
 
 
 class TrainBackend(ABC):
@@ -428,9 +322,12 @@ class TuneTrialBackend(TrainBackend):
     20 s per trial on the development machine (``benchmarks/search_overhead.py``). Tune then
     keeps the checkpoints and restarts a failed trial from its last one."""
 
-    def __init__(self, datasets: dict, use_gpu: bool) -> None:
+    def __init__(self, datasets: dict, use_gpu: bool, storage: Path | None = None) -> None:
+        """``storage``: the Tune run's folder in storage (trial folders inside, by name)."""
         self.datasets = datasets
         self.use_gpu = use_gpu
+        self.storage = storage
+        self.reported = 0
 
     def restored(self):
         from ray import tune
@@ -456,13 +353,24 @@ class TuneTrialBackend(TrainBackend):
     def report(self, metrics: dict, folder: Path | None = None) -> None:
         from ray import tune
 
+        self.reported += 1
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder)
                     if folder else None)
 
-    def wait_for_checkpoints(self) -> None:
-        # tune.report persists the checkpoint before it returns; the driver registers it when
-        # it takes the result, which the next report would otherwise wait for.
-        time.sleep(3)
+    def wait_for_checkpoints(self, timeout_s: float = 120.0) -> None:
+        # tune.report persists the checkpoint before it returns; the driver registers the
+        # result, and syncs the trial's result log to storage, some time after it takes it.
+        # Storage holding every reported result is what a restarted trial resumes from.
+        from ray import tune
+
+        if self.storage is None:
+            raise ConfigError("this trial was not told where its Tune run keeps results")
+        log = self.storage / tune.get_context().get_trial_name() / "result.json"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if log.exists() and len(log.read_text().splitlines()) >= self.reported:
+                return
+            time.sleep(0.2)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -470,72 +378,71 @@ def train_loop_per_worker(config: dict) -> None:
     run_training(config, RayTrainBackend())
 
 
-def run_training(config: dict, backend: TrainBackend) -> None:
-    """Train one trial, epoch by epoch, reporting metrics and an adapter-only checkpoint."""
-    torch.manual_seed(int(config.get("seed", 0)))
-    weights = loss_weights(config)
-    head_weights = head_loss_weights(config)
-    mode = config.get("prompt_mode", "box")
-    tokenizer = load_prompt_tokenizer(config.get("model_path")) if mode == "text_box" else None
+def run_training(config: dict | TrialConfig, backend: TrainBackend) -> None:
+    """Train one trial, epoch by epoch, reporting metrics and an adapter-only checkpoint.
+    ``config``: the typed trial, or Tune's flat dict of it."""
+    trial = config if isinstance(config, TrialConfig) else TrialConfig.from_flat(config)
+    torch.manual_seed(trial.run.seed)
+    head_weights = trial.heads.losses if trial.heads is not None else None
+    mode = trial.run.prompt_mode
+    tokenizer = load_prompt_tokenizer(trial.run.model_path) if mode == "text_box" else None
     start_epoch = 0
     checkpoint = backend.restored()
     state = None
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            model, settings = build_model(config, Path(folder))
+            model, settings = build_model(trial, Path(folder))
             state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
             start_epoch = int(state["epoch"])
     else:
-        model, settings = build_model(config)
-    cache = embedding_cache_for(model, config)
+        model, settings = build_model(trial)
+    cache = embedding_cache_for(model, trial)
     device = backend.device()
     on_gpu = device.type == "cuda"
-    if config.get("gradient_checkpointing", on_gpu):
+    checkpointing = trial.run.gradient_checkpointing
+    if on_gpu if checkpointing is None else checkpointing:
         enable_gradient_checkpointing(model)
-    precision = config.get("precision") or ("bf16" if on_gpu else "fp32")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    precision = trial.run.precision or ("bf16" if on_gpu else "fp32")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     model = backend.prepare(model)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config),
-                                  weight_decay=float(config.get("weight_decay", 1e-4)))
+    optimizer = torch.optim.AdamW(parameter_groups(model, trial.optimiser),
+                                  weight_decay=trial.optimiser.weight_decay)
+    epochs = trial.run.epochs
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        if start_epoch >= int(config["epochs"]) and state.get("metrics"):
+        if start_epoch >= epochs and state.get("metrics"):
             # Restored after its last epoch (a search resumed after a kill): say the result
             # again, or Tune ends the trial without its metric.
             backend.report(state["metrics"])
             return
-    batch_size = int(config.get("batch_size", 8))
-    train_shard = backend.dataset("train")
-    val_shard = backend.dataset("val")
-    rank = backend.rank
-    fault = claim_injected_fault(config) if rank == 0 and state is None else None
+    fault = (claim_injected_fault(trial.run.fault_dir)
+             if backend.rank == 0 and state is None else None)
+    step = with_step_fault(train_step, fault)
+    if fault == "kill":
+        backend = KilledAfterCheckpoint(backend)
+    train_shard, val_shard = backend.dataset("train"), backend.dataset("val")
+    batch_size = trial.run.batch_size
     validation = ValidationCache()
     heads = getattr(unwrap(model), "heads", None)
     readouts = ReadoutCollector(heads) if heads is not None and tokenizer is None else None
-    for epoch in range(start_epoch, int(config["epochs"])):
+    for epoch in range(start_epoch, epochs):
         losses = []
         clock = EpochClock()
         batches = clock.waiting(train_shard.iter_batches(batch_size=batch_size))
         for batch in with_embeddings(batches, cache, model, device):
             parts, error = None, None
             try:
-                if fault == "oom":
-                    raise torch.OutOfMemoryError("injected through ANGIOTUNE_FAULT_DIR")
-                parts = train_step(model, batch, optimizer, weights, tokenizer=tokenizer,
-                                   autocast_dtype=PRECISIONS[precision], scaler=scaler,
-                                   head_weights=head_weights,
-                                   on_outputs=None if readouts is None else readouts.add)
-                if fault == "nan":
-                    parts["loss"] = math.nan
+                parts = step(model, batch, optimizer, trial.losses, tokenizer=tokenizer,
+                             autocast_dtype=PRECISIONS[precision], scaler=scaler,
+                             head_weights=head_weights,
+                             on_outputs=None if readouts is None else readouts.add)
             except torch.OutOfMemoryError as caught:
                 error = caught
             failure = _agreed_failure(_step_failure(parts, error, epoch))
             if failure:
                 # Reported, not raised: a retry would fail the same way. The search records
                 # the trial as failed with this reason, and Optuna as FAIL.
-                backend.report({**_missing_scores(config), "epoch": epoch + 1,
+                backend.report({**_missing_scores(trial), "epoch": epoch + 1,
                                 "failed": failure})
                 return
             losses.append(parts["loss"])
@@ -546,19 +453,17 @@ def run_training(config: dict, backend: TrainBackend) -> None:
                                       device)
         metrics = evaluate(model, val_batches, tokenizer)
         clock.mark("eval_s")
-        metrics = with_objective(metrics, config.get("objective"), VESSELS)
+        metrics = with_objective(metrics, trial.run.objective, VESSELS)
         metrics.update(epoch=epoch + 1, train_loss=sum(losses) / max(len(losses), 1),
                        resumed_from_epoch=start_epoch, **clock.seconds)
         if cache is not None:
             metrics.update(embedding_cache_hits=cache.hits, embedding_cache_misses=cache.misses)
         with tempfile.TemporaryDirectory() as folder:
             saved = None
-            if rank == 0:
+            if backend.rank == 0:
                 saved = Path(folder)
-                save_trained(model, settings, saved / ADAPTER_DIR, trial_base_id(config))
+                save_trained(model, settings, saved / ADAPTER_DIR, trial_base_id(trial))
                 torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                             "metrics": {k: v.item() if hasattr(v, "item") else v
                                         for k, v in metrics.items()}}, saved / STATE_FILE)
             backend.report(metrics, saved)
-        if fault == "kill":
-            _die_after_first_checkpoint(backend)

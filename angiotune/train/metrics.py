@@ -13,12 +13,6 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-# Metrics the heads add, and whether larger is better.
-HEAD_METRICS = {"cass_accuracy": "max", "cass_macro_f1": "max", "stenosis_mae": "min",
-                "mld_mae_mm": "min", "rvd_mae_mm": "min"}
-SEGMENTATION_METRICS = {"dice": "max", "iou": "max"}
-METRIC_MODES = {**SEGMENTATION_METRICS, **HEAD_METRICS, "objective": "max"}
-
 
 def accuracy(true: Iterable, pred: Iterable) -> float:
     true, pred = np.asarray(list(true), dtype=object), np.asarray(list(pred), dtype=object)

@@ -12,7 +12,6 @@ resolution, a duplicated row. Nothing here is clinical data.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -38,6 +37,7 @@ from angiotune.data.phantoms.writer import (
     write_npy_cine,
     write_xa_dicom,
 )
+from angiotune.errors import ConfigError
 from angiotune.taxonomies import load_taxonomy
 from angiotune.taxonomies.views import ADAPTER_VESSELS, load_views
 
@@ -78,11 +78,11 @@ class PhantomSettings:
 
     def __post_init__(self) -> None:
         if self.lesions < 1:
-            raise ValueError("lesions must be at least 1")
+            raise ConfigError("lesions must be at least 1")
         if not 128 <= self.size <= 2048:
-            raise ValueError("size must be between 128 and 2048 pixels")
+            raise ConfigError("size must be between 128 and 2048 pixels")
         if not 1 <= self.frames <= 120:
-            raise ValueError("frames must be between 1 and 120")
+            raise ConfigError("frames must be between 1 and 120")
 
 
 @dataclass
@@ -334,6 +334,3 @@ def _write_manifests(out: Path, rows: list[dict], summary: PhantomSummary) -> No
                 writer.writerow({**row, drop: ""})
         summary.manifests.append(name)
 
-
-def load_summary(out: str | Path) -> dict:
-    return json.loads((Path(out) / "phantoms.json").read_text(encoding="utf-8"))

@@ -9,14 +9,16 @@ lesions the chosen entries are scored on (all of them for ``general``).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from angiotune import jsonio
 from angiotune.errors import DataError
+from angiotune.evaluation.test_split import format_cell, output_name
+from angiotune.names import GENERAL
 from angiotune.predict.detection import (
     DEFAULT_IOU_THRESHOLD,
     RULE,
@@ -24,8 +26,7 @@ from angiotune.predict.detection import (
     match_boxes,
     score_frames,
 )
-from angiotune.registry.evaluate import format_cell, json_value, output_name
-from angiotune.registry.store import GENERAL, RegistryError, list_entries, read_entry
+from angiotune.registry.store import RegistryError, list_entries, read_entry
 
 log = logging.getLogger(__name__)
 BOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
@@ -106,10 +107,9 @@ def evaluate_detection(results: Path, vessel: str | None = None, max_proposals: 
     out.mkdir(parents=True, exist_ok=True)
     name = output_name("detection", vessel, data)
     rule = RULE.format(threshold=iou_threshold)
-    records = [{k: json_value(v) for k, v in row.items()} for row in table.to_dict("records")]
-    (out / f"{name}.json").write_text(json.dumps(
-        {"rule": rule, "note": ARCADE_NOTE, "indexes": records}, indent=1,
-        allow_nan=False) + "\n")
+    (out / f"{name}.json").write_text(jsonio.dumps(
+        {"rule": rule, "note": ARCADE_NOTE, "indexes": table.to_dict("records")}, indent=1)
+        + "\n")
     (out / f"{name}.md").write_text(detection_markdown(table) + f"\nRule: {rule}.\n\n"
                                     f"{ARCADE_NOTE}\n")
     return table

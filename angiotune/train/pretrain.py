@@ -6,8 +6,8 @@ polygons, rings, strokes and tapering curved tubes with touching branches over t
 backgrounds (never angiograms), so LoRA on phantoms has
 a zero-shot base to improve on. Regenerate the shipped weights with
 
-    python -m angiotune.model.pretrain                        # the tracker (box prompts)
-    python -m angiotune.model.pretrain --prompt-mode text_box  # the concept model
+    python -m angiotune.train.pretrain                        # the tracker (box prompts)
+    python -m angiotune.train.pretrain --prompt-mode text_box  # the concept model
 """
 
 from __future__ import annotations

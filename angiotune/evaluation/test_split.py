@@ -15,13 +15,13 @@ the truth has it) is reported as usual; ``table.attrs["notes"]`` says which inde
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 
 import pandas as pd
 
+from angiotune import jsonio
 from angiotune.registry.store import (
     ADAPTER,
     GENERAL,
@@ -67,8 +67,7 @@ def evaluate_kept(results: Path, vessel: str | None = None, batch_size: int = 16
     name = output_name("test_metrics", vessel, data)
     table.to_csv(out / f"{name}.csv", index=False)
     (out / f"{name}.md").write_text(to_markdown(table) + "".join(f"\n{n}\n" for n in notes))
-    records = [{k: json_value(v) for k, v in row.items()} for row in table.to_dict("records")]
-    (out / f"{name}.json").write_text(json.dumps(records, indent=1, allow_nan=False))
+    (out / f"{name}.json").write_text(jsonio.dumps(table.to_dict("records"), indent=1))
     return table
 
 
@@ -187,9 +186,4 @@ def format_cell(value, column: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return str(int(value)) if column == "n" else f"{value:.3f}"
-
-
-def json_value(value):
-    """Strict JSON: numpy scalars as Python ones, a metric that has no value as null."""
-    value = value.item() if hasattr(value, "item") else value
     return None if isinstance(value, float) and not math.isfinite(value) else value

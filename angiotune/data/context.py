@@ -1,0 +1,26 @@
+"""The view context of a lesion: what its view says about it, known at inference without labels.
+
+Model inputs beside the pixels (the stage-2 heads read it): a crop around the lesion barely
+shows which branch it is on, while the positioner angles and where the box sits in the frame do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CONTEXT_DIM = 6  # the length of ``view_context``
+
+
+def view_context(row: dict) -> np.ndarray:
+    """What the view tells about the lesion, known at inference without labels: positioner
+    angles (/90, zero and flagged when missing) and where the box sits in the frame (centre and
+    size as fractions of the frame). A crop around the lesion barely shows which branch it is."""
+    lao, cranial = row.get("angle_lao_deg"), row.get("angle_cranial_deg")
+    missing = lao is None or cranial is None or not (math.isfinite(lao) and math.isfinite(cranial))
+    width, height = float(row["frame_width"]), float(row["frame_height"])
+    x0, y0, x1, y1 = (float(row[f"bbox_{k}"]) for k in ("x0", "y0", "x1", "y1"))
+    return np.array([0.0 if missing else lao / 90, 0.0 if missing else cranial / 90,
+                     float(missing), (x0 + x1) / 2 / width, (y0 + y1) / 2 / height,
+                     math.sqrt((x1 - x0) * (y1 - y0) / (width * height))], dtype=np.float32)
