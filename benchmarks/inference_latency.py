@@ -84,6 +84,22 @@ def time_full_size(rows, root: Path, device: str, runs: int) -> dict[str, float]
             "parameters (M)": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def time_loading(results: Path, device: str) -> dict[str, dict[str, float]]:
+    """Every kept adapter loaded, one base per adapter against one base they share: seconds to
+    load them all, and the megabytes of parameters held (each tensor counted once)."""
+    figures = {}
+    for label, share in (("one base per adapter", False), ("one shared base", True)):
+        start = time.perf_counter()
+        models = KeptModels(results, device, share_base=share)
+        loaded = [models.get(key) for key in sorted(models.available)]
+        seconds = time.perf_counter() - start
+        tensors = {p.data_ptr(): p.numel() * p.element_size()
+                   for model in loaded for p in model.parameters()}
+        figures[label] = {"load s": seconds, "parameters MB": sum(tensors.values()) / 2**20,
+                          "adapters": len(loaded)}
+    return figures
+
+
 @contextlib.contextmanager
 def heads_without_qca_read(models: KeptModels):
     """The loaded models' heads answer on their own (``angiotune.model.heads``) meanwhile."""
@@ -118,6 +134,8 @@ def main() -> None:
                          "(the embedded default needs no data)")
     rows, root = load_rows(Path(next(iter(entries.values()))["index"]))
     rows = [r for r in rows.to_dict("records") if r["image_format"] == "dicom"]
+    for label, figures in time_loading(args.results, args.device).items():
+        print(f"{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
     models = KeptModels(args.results, args.device)
     print(f"device {args.device} ({torch.get_num_threads()} threads), kept adapters "
           f"{', '.join(entries)}, {min(args.runs, len(rows))} cines of "
@@ -126,6 +144,11 @@ def main() -> None:
     for label, frame_given in (("--frame given", True), ("frame chosen automatically", False)):
         figures = time_predict(rows, root, models, args.runs, frame_given, args.device)
         print(f"{label}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+    apart = KeptModels(args.results, args.device, share_base=False)
+    time_predict(rows, root, apart, 2, True, args.device)  # warm-up
+    figures = time_predict(rows, root, apart, args.runs, True, args.device)
+    print("--frame given, one base per adapter (no adapter switching): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
     with heads_without_qca_read(models):  # what the heads' QCA read costs, side by side
         figures = time_predict(rows, root, models, args.runs, True, args.device)
     print("--frame given, heads answering alone (no QCA read): "

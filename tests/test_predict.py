@@ -236,3 +236,40 @@ def test_predict_settings_refuse_bad_values_however_they_are_made(capsys):
         replace(PredictSettings(), pixel_spacing_mm=0.0)
     assert main(["predict", "missing.dcm", "--calibration", "-5"]) == 2
     assert "--calibration" in capsys.readouterr().err  # refused before the file is looked at
+
+
+def test_kept_lora_adapters_share_one_base_and_switch_per_vessel(tmp_path):
+    """One base in memory for every vessel's LoRA: each vessel's adapter runs when asked for,
+    and gives what that adapter alone on its own base gives."""
+    from angiotune.predict import KeptModels
+
+    results, settings = tmp_path / "results", AdapterSettings(rank=2)
+    torch.manual_seed(1)
+    for vessel in ("RCA", "LAD"):
+        model = adapt(load_base_model(), settings)
+        with torch.no_grad():  # trained adapters differ; fresh ones (B = 0) would not
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.05)
+        folder = tmp_path / f"adapter-{vessel}"
+        save_adapter(model, settings, folder, base_model_id())
+        promote(results, vessel, folder, {
+            "metric": f"dice/{vessel}", "mode": "max", "score": 0.5, "validation_split": "s",
+            "metrics": {}, "strategy": "lora", "base_model": base_model_id()})
+    shared, separate = KeptModels(results, "cpu"), KeptModels(results, "cpu", share_base=False)
+    images, boxes = torch.rand(2, 112, 112), torch.tensor([[20.0, 30, 80, 70], [10, 10, 60, 90]])
+    logits = {}
+    with torch.no_grad():
+        for vessel in ("RCA", "LAD", "RCA"):  # and back: the switch is not one-way
+            logits[vessel] = shared.get(vessel)(images, boxes)["logits"]
+            alone = separate.get(vessel)(images, boxes)["logits"]
+            torch.testing.assert_close(logits[vessel], alone)
+    assert not torch.allclose(logits["RCA"], logits["LAD"])
+    assert shared.get("RCA").segmenter is shared.get("LAD").segmenter
+
+    def stored_bytes(models: KeptModels) -> int:
+        tensors = {p.data_ptr(): p.numel() * p.element_size()
+                   for model in models._models.values() for p in model.parameters()}
+        return sum(tensors.values())
+
+    assert stored_bytes(shared) < 0.75 * stored_bytes(separate)

@@ -140,21 +140,19 @@ def crop_context_of(folder: Path) -> float:
 
 
 def load_adapter(base: torch.nn.Module, folder: Path, trainable: bool = False,
-                 base_id: str | None = None) -> torch.nn.Module:
+                 base_id: str | None = None, name: str = "default") -> torch.nn.Module:
     """The base with a saved adapter applied: for inference, or to go on training it.
 
     ``base_id`` (``angiotune.model.sam3.base_model_id``) refuses an adapter saved for other base
-    weights: peft would apply it without complaint and the masks would be wrong.
+    weights: peft would apply it without complaint and the masks would be wrong. ``name``: the
+    LoRA adapter's name in the peft model (``add_adapter`` puts more beside it).
     """
-    record = read_adapter_record(Path(folder))
-    if base_id and record.get("base_model") and record["base_model"] != base_id:
-        raise ConfigError(f"{folder}: adapter saved for base model {record['base_model']}, not "
-                          f"{base_id}; load it with the base it was trained on (--model)")
-    settings = settings_of(record)
+    settings = _checked_settings(Path(folder), base_id)
     if settings.strategy == "lora":
         with warnings.catch_warnings():  # peft asks a transformers 5 property it deprecated
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-            model = PeftModel.from_pretrained(base, folder, is_trainable=trainable)
+            model = PeftModel.from_pretrained(base, folder, adapter_name=name,
+                                              is_trainable=trainable)
         return _freeze_text(model) if trainable else model.eval()
     state = load_file(folder / WEIGHTS_FILE)
     missing = set(state) - set(dict(base.named_parameters()))
@@ -163,3 +161,24 @@ def load_adapter(base: torch.nn.Module, folder: Path, trainable: bool = False,
                           "does not have (an adapter saved for another base?)")
     base.load_state_dict(state, strict=False)
     return _set_trainable(base, settings) if trainable else base.eval()
+
+
+def add_adapter(model: PeftModel, folder: Path, name: str, base_id: str | None = None) -> None:
+    """Another kept LoRA adapter beside those ``model`` carries, on the same base weights (one
+    base in memory for every vessel); ``model.set_adapter(name)`` chooses which one runs."""
+    settings = _checked_settings(Path(folder), base_id)
+    if settings.strategy != "lora":
+        raise ConfigError(f"{folder}: a {settings.strategy} adapter changes the base's own "
+                          "weights, so it cannot share a base with others")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        model.load_adapter(folder, adapter_name=name, is_trainable=False)
+    model.eval()
+
+
+def _checked_settings(folder: Path, base_id: str | None) -> AdapterSettings:
+    record = read_adapter_record(folder)
+    if base_id and record.get("base_model") and record["base_model"] != base_id:
+        raise ConfigError(f"{folder}: adapter saved for base model {record['base_model']}, not "
+                          f"{base_id}; load it with the base it was trained on (--model)")
+    return settings_of(record)

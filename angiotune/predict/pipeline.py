@@ -38,7 +38,14 @@ from angiotune.predict.routing import Route, route_by_angles, second_opinion
 from angiotune.predict.segment import Segmentation, segment_box
 from angiotune.qca import QCAError, measure
 from angiotune.qca.pixels import PIXEL_ONLY_NOTE, in_pixels
-from angiotune.registry.store import RegistryError, list_entries, load_best_model
+from angiotune.registry.store import (
+    ADAPTER,
+    RegistryError,
+    base_path_of,
+    list_entries,
+    load_best_model,
+    with_adapter_parts,
+)
 from angiotune.taxonomies.views import load_views
 
 log = logging.getLogger(__name__)
@@ -113,12 +120,18 @@ class PredictSummary:
 
 class KeptModels:
     """The kept adapters per registry key (the vessels and ``general``), loaded on first use
-    and then reused."""
+    and then reused. LoRA adapters of one base share it: the base is loaded once and each
+    key's adapter is a named peft adapter on it, switched to when that key is asked for
+    (``share_base=False``: one base per adapter, as before; ``benchmarks/inference_latency.py``
+    measures both)."""
 
-    def __init__(self, results: Path, device: str = "auto", model_path: Path | None = None) -> None:
+    def __init__(self, results: Path, device: str = "auto", model_path: Path | None = None,
+                 share_base: bool = True) -> None:
         self.results = Path(results)
         self.model_path = model_path
         self.device = resolve_device(device)
+        self.share_base = share_base
+        self._shared: dict[str | None, object] = {}  # base folder -> peft model carrying LoRAs
         kept = {v: e for v, e in list_entries(self.results).items() if e is not None}
         # Concept-model (text_box) adapters segment "things like this", not "inside this box".
         self.entries = {v: e for v, e in kept.items() if e.get("prompt_mode", "box") == "box"}
@@ -139,9 +152,32 @@ class KeptModels:
             raise RegistryError(f"no {vessel} adapter kept in {self.results / 'best'} "
                                 f"(kept: {', '.join(sorted(self.entries)) or 'none'})")
         if vessel not in self._models:
-            model = load_best_model(self.results, vessel, self.model_path)
-            self._models[vessel] = model.to(self.device)
-        return self._models[vessel]
+            self._models[vessel] = self._load(vessel).to(self.device)
+        model = self._models[vessel]
+        if vessel in (getattr(model.segmenter, "peft_config", None) or {}):
+            model.segmenter.set_adapter(vessel)  # a shared base: this key's LoRA runs
+        return model
+
+    def _load(self, vessel: str):
+        from angiotune.model.adapters import add_adapter, load_adapter, read_adapter_record
+        from angiotune.model.sam3 import base_model_id, load_base_model
+
+        entry = self.entries[vessel]
+        folder = Path(entry["path"]) / ADAPTER
+        lora = read_adapter_record(folder)["settings"].get("strategy", "lora") == "lora"
+        if not (self.share_base and lora):
+            return load_best_model(self.results, vessel, self.model_path)
+        base_path = base_path_of(entry, self.model_path)
+        base_id = base_model_id(base_path)
+        shared = self._shared.get(base_path)
+        if shared is None:
+            shared = load_adapter(load_base_model(base_path), folder, base_id=base_id,
+                                  name=vessel).to(self.device)
+            self._shared[base_path] = shared
+        else:
+            add_adapter(shared, folder, vessel, base_id)
+            shared.to(self.device)
+        return with_adapter_parts(shared, folder)
 
 
 def predict(source: str | Path, out: str | Path, settings: PredictSettings = PredictSettings(),

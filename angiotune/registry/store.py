@@ -286,16 +286,24 @@ def base_path_of(entry: dict, model: Path | None = None) -> str | None:
 
 def load_ready_model(folder: Path, base_model_path: str | None, mode: str = "box"):
     """An adapter folder (kept, or a trial's checkpoint) applied to its base, ready to run."""
-    from angiotune.model.adapters import crop_context_of, load_adapter
-    from angiotune.model.heads import has_heads, load_heads
-    from angiotune.model.lesion import LesionModel
-    from angiotune.model.refine import has_refiner, load_refiner
+    from angiotune.model.adapters import load_adapter
     from angiotune.model.sam3 import base_model_id, load_base_model
 
     model = load_adapter(load_base_model(base_model_path, mode), folder,
                          base_id=base_model_id(base_model_path, mode))
     if mode != "box":
         return model
-    return LesionModel(model, load_heads(folder) if has_heads(folder) else None,
+    return with_adapter_parts(model, folder)
+
+
+def with_adapter_parts(segmenter, folder: Path):
+    """``segmenter`` (the base with the adapter of ``folder`` applied) as a ``LesionModel``
+    with that adapter's heads, refiner and crop."""
+    from angiotune.model.adapters import crop_context_of
+    from angiotune.model.heads import has_heads, load_heads
+    from angiotune.model.lesion import LesionModel
+    from angiotune.model.refine import has_refiner, load_refiner
+
+    return LesionModel(segmenter, load_heads(folder) if has_heads(folder) else None,
                        crop_context_of(folder),
                        load_refiner(folder) if has_refiner(folder) else None).eval()
