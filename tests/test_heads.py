@@ -411,3 +411,22 @@ def test_a_trial_config_is_typed_checked_and_keeps_the_owners_defaults():
     with pytest.raises(ConfigError, match="vessel"):
         StartSettings(init="vessel", init_adapters={"LAD": "x"})
     assert RunSettings(epochs=1).precision is None  # follows the device
+
+
+def test_crop_readouts_never_stop_a_trial_whatever_the_mask():
+    """An untrained model's masks can be anything (specks, noise, a line one pixel wide, the
+    whole crop): each is measured or left NaN for the head to answer alone, never raised."""
+    from angiotune.qca.readout import READOUT_DIM, crop_readouts
+
+    rng = np.random.default_rng(0)
+    size = 64
+    masks = [np.zeros((size, size)), np.ones((size, size)), rng.random((size, size)),
+             np.pad(np.ones((1, 40)), ((30, 33), (10, 14))),  # a line one pixel wide
+             np.pad(np.ones((2, 2)), ((5, 57), (5, 57)))]  # a speck
+    masks += [(rng.random((size, size)) > threshold).astype(float)
+              for threshold in (0.3, 0.6, 0.9, 0.99)]
+    images = rng.random((len(masks), size, size)).astype(np.float32)
+    boxes = np.tile(np.array([[4.0, 4.0, 60.0, 60.0]], dtype=np.float32), (len(masks), 1))
+    values = crop_readouts(images, np.stack(masks).astype(np.float32), boxes)
+    assert values.shape == (len(masks), READOUT_DIM)
+    assert np.isnan(values[0]).all()  # nothing predicted, nothing read

@@ -24,6 +24,7 @@ The method is the edge-detection QCA of core labs:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -83,7 +84,9 @@ class QCAResult:
 
     @property
     def diameter_stenosis_pct(self) -> float:
-        return 100.0 * (1.0 - self.mld_mm / self.rvd_mm)
+        """NaN when there is no reference to compare with (a mask with no healthy width)."""
+        rvd = self.rvd_mm
+        return 100.0 * (1.0 - self.mld_mm / rvd) if rvd > 0 else math.nan
 
     @property
     def lesion_length_mm(self) -> float:

@@ -50,13 +50,16 @@ def crop_readouts(images: np.ndarray, probabilities: np.ndarray,
             continue
         for k, frame in enumerate((image, None)):
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), np.errstate(all="ignore"):
                     warnings.simplefilter("ignore", RuntimeWarning)
                     result = measure(mask, 1.0, probability, frame=frame,
                                      box=None if frame is None else np.asarray(box) * factor)
-            except QCAError as error:  # too small or too broken to measure: the head decides
+                    values = (result.diameter_stenosis_pct, result.mld_mm / factor,
+                              result.rvd_mm / factor)
+            except (QCAError, ArithmeticError, ValueError, IndexError) as error:
+                # Too small or too broken to measure (an untrained model's mask can be anything):
+                # the head answers alone for this lesion, and the trial goes on.
                 log.debug("no QCA of a predicted mask: %s", error)
                 continue
-            out[i, 3 * k:3 * k + 3] = (result.diameter_stenosis_pct,
-                                       result.mld_mm / factor, result.rvd_mm / factor)
+            out[i, 3 * k:3 * k + 3] = values
     return out
