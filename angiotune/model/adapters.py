@@ -139,6 +139,11 @@ def crop_context_of(folder: Path) -> float:
     return settings_of(read_adapter_record(Path(folder))).crop_context
 
 
+def strategy_of(folder: Path) -> str:
+    """How an adapter folder adapts its base (``lora`` adapters can share one base)."""
+    return settings_of(read_adapter_record(Path(folder))).strategy
+
+
 def load_adapter(base: torch.nn.Module, folder: Path, trainable: bool = False,
                  base_id: str | None = None, name: str = "default") -> torch.nn.Module:
     """The base with a saved adapter applied: for inference, or to go on training it.

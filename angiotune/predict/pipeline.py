@@ -159,12 +159,12 @@ class KeptModels:
         return model
 
     def _load(self, vessel: str):
-        from angiotune.model.adapters import add_adapter, load_adapter, read_adapter_record
+        from angiotune.model.adapters import add_adapter, load_adapter, strategy_of
         from angiotune.model.sam3 import base_model_id, load_base_model
 
         entry = self.entries[vessel]
         folder = Path(entry["path"]) / ADAPTER
-        lora = read_adapter_record(folder)["settings"].get("strategy", "lora") == "lora"
+        lora = strategy_of(folder) == "lora"
         if not (self.share_base and lora):
             return load_best_model(self.results, vessel, self.model_path)
         base_path = base_path_of(entry, self.model_path)

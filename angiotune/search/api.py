@@ -12,6 +12,7 @@ import numpy as np
 
 from angiotune import jsonio
 from angiotune.errors import AngiotuneError
+from angiotune.model.adapters import strategy_of
 from angiotune.model.heads import has_heads
 from angiotune.search.space import SearchSpace
 from angiotune.search.trial import with_checkpoint_paths
@@ -173,7 +174,7 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
         row, config, trial_id = candidate
         adapter = Path(row["checkpoint_path"]) / "adapter"
         record = {"metric": metric, "mode": "max", "score": float(row[metric]),
-                  "stage": space.stage, "strategy": _adapter_strategy(adapter),
+                  "stage": space.stage, "strategy": strategy_of(adapter),
                   "heads": has_heads(adapter),
                   "metrics": {k: float(v) for k, v in row.items() if _is_metric(k, v)},
                   "zero_shot": {k: v for k, v in baseline.items()},
@@ -365,12 +366,6 @@ def pareto_front(space: SearchSpace, run_dir: Path) -> list[dict]:
               "params": t.params} for t in study.best_trials]
     (run_dir / "pareto.json").write_text(jsonio.dumps(front, indent=1))
     return front
-
-
-def _adapter_strategy(adapter: Path) -> str:
-    from angiotune.model.adapters import read_adapter_record, settings_of
-
-    return settings_of(read_adapter_record(adapter)).strategy
 
 
 def _is_metric(key: str, value) -> bool:
