@@ -12,6 +12,7 @@ stays light; the CLI is a thin layer over the same functions)::
     angiotune.best("LAD")                                   # the kept adapter's entry
     table = angiotune.evaluate(Path("results"))             # the test split
     angiotune.predict("RUN.dcm", "predictions")             # segment and measure
+    angiotune.export_model("LAD", "exported/LAD")           # merged, for transformers alone
 """
 
 import os
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from angiotune.data.phantoms import PhantomSettings
     from angiotune.data.phantoms import generate_phantoms as phantoms
     from angiotune.evaluation.test_split import evaluate_kept as evaluate
+    from angiotune.export.model import export_model
     from angiotune.predict import PredictSettings
     from angiotune.qca import measure
     from angiotune.registry.store import best, load_best_model
@@ -44,6 +46,7 @@ _API = {
     "load_best_model": ("angiotune.registry.store", "load_best_model"),
     "evaluate": ("angiotune.evaluation.test_split", "evaluate_kept"),
     "predict": ("angiotune.predict", None),
+    "export_model": ("angiotune.export.model", "export_model"),
     "PredictSettings": ("angiotune.predict.pipeline", "PredictSettings"),
     "index": ("angiotune.data.ingest", "build_index"),
     "IndexSettings": ("angiotune.data.ingest", "IndexSettings"),
@@ -54,8 +57,8 @@ _API = {
     "measure": ("angiotune.qca.measure", "measure"),
 }
 __all__ = ["CocoSource", "IndexSettings", "PhantomSettings", "PredictSettings", "best",
-           "evaluate", "index", "index_coco", "load_best_model", "load_space", "measure",
-           "phantoms", "predict", "search"]
+           "evaluate", "export_model", "index", "index_coco", "load_best_model", "load_space",
+           "measure", "phantoms", "predict", "search"]
 
 
 def __getattr__(name: str):

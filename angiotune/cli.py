@@ -31,7 +31,7 @@ def _progress() -> Progress:
 @click.version_option(package_name="angiotune")
 def cli() -> None:
     """Fine-tune SAM 3 on coronary angiography lesions: phantoms, index, search, best,
-    evaluate, predict."""
+    evaluate, predict, export."""
 
 
 @cli.command()
@@ -203,7 +203,8 @@ def _print_index_summary(report) -> None:
                    "(marked so in best and predict); by default it is not kept.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override the space, validated like the file: samples=40, epochs=10, "
-                   "data.batch_size=2, resources.gpus_per_worker=1, fixed.rank=8. Repeatable.")
+                   "data.batch_size=2, resources.gpus_per_worker=1, fixed.rank=8; trackers: "
+                   "callbacks.mlflow={}, callbacks.wandb.mode=offline. Repeatable.")
 def search(space_file: str, data: Path | None, model: Path | None, name: str | None,
            results: Path, address: str | None, resume: bool, keep_below_zero_shot: bool,
            overrides: tuple[str, ...]) -> None:
@@ -435,6 +436,17 @@ def _box_option(_ctx, _param, value: str | None):
     return box
 
 
+def _kept_adapters_options(command):
+    """--results and --model, for the commands that load kept adapters."""
+    command = click.option(
+        "--model", type=click.Path(path_type=Path),
+        help="The SAM 3 folder the adapters were trained on, when it has moved since the "
+             "search (checked by its weights, not its path).")(command)
+    return click.option("--results", type=click.Path(file_okay=False, path_type=Path),
+                        default=Path("results"), show_default=True,
+                        help="Where the kept adapters are.")(command)
+
+
 def _angles_option(_ctx, _param, value: str | None):
     """"RAO 30, CAUDAL 25" -> (-30.0, -25.0): labelled, so no sign convention to get wrong."""
     if value is None:
@@ -473,24 +485,32 @@ def _angles_option(_ctx, _param, value: str | None):
 @click.option("--no-overlay", is_flag=True, help="JSON only.")
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda, cuda:1, ...; auto takes the GPU when there is one.")
-@click.option("--results", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("results"), show_default=True, help="Where the kept adapters are.")
-@click.option("--model", type=click.Path(path_type=Path),
-              help="The SAM 3 folder the adapters were trained on, when it has moved since the "
-                   "search (checked by its weights, not its path).")
+@_kept_adapters_options
+@click.option("--export", "exports", multiple=True, type=click.Choice(["coco", "dicom"]),
+              help="Also write a standard export into OUT: coco (a COCO dataset CVAT and "
+                   "FiftyOne open, in coco/) or dicom (overlay Secondary Capture and "
+                   "measurement Structured Report for a PACS, in dicom/). Repeatable.")
+@click.option("--dicom-identity", type=click.Choice(["pseudonym", "keep"]), default="pseudonym",
+              show_default=True, help="Patient and study of the DICOM export: a pseudonym, or "
+              "the source DICOM's own identifiers (the PACS files the results into its study).")
 def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | None, angles,
             pixel_spacing: float | None, calibration: float | None, max_proposals: int,
-            no_overlay: bool, device: str, results: Path, model: Path | None) -> None:
+            no_overlay: bool, device: str, results: Path, model: Path | None,
+            exports: tuple[str, ...], dicom_identity: str) -> None:
     """Segment and measure the lesions of SOURCE: a DICOM or NPY cine, a folder of them, or a
     lesion index (Parquet), with the kept adapter of the vessel in view."""
     from angiotune.predict import PredictSettings
     from angiotune.predict import predict as run_predict
 
+    if dicom_identity != "pseudonym" and "dicom" not in exports:
+        raise AngiotuneError("--dicom-identity applies to --export dicom, which was not asked "
+                             "for")
     settings = PredictSettings(results=results, vessel=vessel,
                                frame=frame, box=box, angles=angles,
                                pixel_spacing_mm=pixel_spacing,
                                calibration_px_per_mm=calibration, max_proposals=max_proposals,
-                               overlays=not no_overlay, device=device, model=model)
+                               overlays=not no_overlay, device=device, model=model,
+                               exports=exports, dicom_identity=dicom_identity)
     with _progress() as progress:
         task = progress.add_task("predicting", total=None)
         summary = run_predict(source, out_dir, settings, on_item=lambda done, total:
@@ -533,11 +553,55 @@ def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | N
     if below:
         console.print(f"[bold red]warning:[/] the {', '.join(below)} adapter(s) scored below the "
                       "zero-shot base in validation (kept with --keep-below-zero-shot)")
+    opens = {"coco": ("coco/", "a COCO dataset for CVAT or FiftyOne"),
+             "dicom": ("dicom/", f"Secondary Captures and Structured Reports for a PACS, "
+                                 f"{dicom_identity} identity")}
+    for name in settings.exports:
+        folder, what = opens[name]
+        out.print(f"Export {name}: {out_dir / folder} ({what})", soft_wrap=True)
     if summary.lesions:
         what = summary.lesions[0].report["what"]
         out.print(what[0].upper() + what[1:] + ".")
     else:
         raise AngiotuneError("no lesion could be measured (see the messages above)")
+
+
+@cli.group()
+def export() -> None:
+    """Standard exports of the kept models (predictions: angiotune predict --export)."""
+
+
+@export.command("model")
+@click.option("--vessel", required=True, type=click.Choice(["RCA", "LAD", "LCX", "general"],
+                                                           case_sensitive=False),
+              callback=_entry_key, help="The registry entry to export.")
+@click.option("--out", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="A new (or empty) folder for the Hugging Face model.")
+@_kept_adapters_options
+@click.option("--hub-id", default="facebook/sam3", show_default=True,
+              help="The hub name of the SAM 3 base, for the card's base_model (not used for "
+                   "the embedded tiny model, which is on no hub).")
+def export_model_command(vessel: str, out_dir: Path, results: Path, model: Path | None,
+                         hub_id: str) -> None:
+    """Merge the kept adapter of a vessel into its base and write a Hugging Face folder that
+    transformers loads without peft, with a model card."""
+    from angiotune.export.model import PARTS, export_model
+
+    with _progress() as progress:
+        progress.add_task("merging and saving", total=None)
+        done = export_model(vessel, out_dir, results, model, hub_id)
+    how = "LoRA merged into the weights" if done.merged else \
+        f"{done.strategy} weights saved as trained"
+    out.print(f"Wrote {done.folder}: {done.model_class} ({how}), processor and README.md model "
+              "card; load it with transformers' "
+              f"{done.model_class}.from_pretrained, no peft needed.", soft_wrap=True)
+    if done.parts:
+        out.print(f"angiotune's own modules, not part of the transformers model "
+                  f"({', '.join(done.parts)}), are in {done.folder / PARTS}.", soft_wrap=True)
+    if not done.tested:
+        out.print("No held-out test scores in the card: run `angiotune evaluate` first to "
+                  "have them there.")
 
 
 def _cell(value) -> str:

@@ -41,6 +41,11 @@ HEAD_METRICS = {"cass_accuracy": "max", "cass_macro_f1": "max", "stenosis_mae": 
 SEGMENTATION_METRICS = {"dice": "max", "iou": "max"}
 METRIC_MODES = {**SEGMENTATION_METRICS, **HEAD_METRICS, "objective": "max"}
 
+# Experiment trackers a space's ``callbacks`` section may turn on (angiotune.search.trackers),
+# each with the settings it takes; the name is also the Python package it needs.
+TRACKERS = {"mlflow": ("tracking_uri", "experiment"), "wandb": ("project", "entity", "mode")}
+WANDB_MODES = ("offline", "online")  # offline: nothing leaves the machine until `wandb sync`
+
 # Environment variables.
 FAULT_DIR_ENV = "ANGIOTUNE_FAULT_DIR"  # test hook: faults for trials to suffer (train.faults)
 HOME_ENV = "ANGIOTUNE_HOME"  # the private folder: pseudonym salt, remembered weight hashes

@@ -32,6 +32,8 @@ LESIONS = 800
 SPLITS = {"train": 0.70, "val": 0.15}  # angiotune's patient-level split (test 0.15 unused)
 # A search a core lab would run with full-size SAM 3 (the shipped spaces are sized for CPUs):
 # stage 3 trains each vessel's trials on that vessel's lesions (about a third each).
+SHARES = (0.5, 0.25, 0.125)  # lora_depth: the share of the encoder's last blocks LoRA adapts
+VIEWS = 4  # augmented views per training crop the prefix cache holds (augment_views)
 PLAN = {"stage 1 (lesion LoRA)": {"trials": 24, "epochs": 10, "asha": True, "share": 1.0},
         "stage 2 (heads)": {"trials": 12, "epochs": 10, "asha": True, "share": 1.0},
         "stage 3 (per vessel)": {"trials": 3 * 8, "epochs": 10, "asha": False,
@@ -50,9 +52,10 @@ def full_config(image_size: int):
     return config
 
 
-def build(config, device, rank: int | None):
-    """The tracker (random weights) with LoRA on the vision encoder's q/v and the mask decoder
-    trained, as ``lora_rank.yaml`` trains it; ``rank=None``: the bare tracker."""
+def build(config, device, rank: int | None, lora_depth: float = 1.0):
+    """The tracker (random weights) with LoRA on the vision encoder's q/v (its last
+    ``lora_depth`` share of blocks) and the mask decoder trained, as ``lora_rank.yaml`` trains
+    it; ``rank=None``: the bare tracker."""
     from transformers import Sam3TrackerModel
 
     from angiotune.model.adapters import AdapterSettings, adapt
@@ -62,7 +65,8 @@ def build(config, device, rank: int | None):
     if rank is None:
         return model
     return adapt(model, AdapterSettings(strategy="lora", rank=rank, alpha=2.0 * rank,
-                                        targets=("vision_qv",), train_decoder=True))
+                                        targets=("vision_qv",), train_decoder=True,
+                                        lora_depth=lora_depth))
 
 
 def count_flops(config, image_size: int, rank: int) -> dict[str, float]:
@@ -99,6 +103,34 @@ def count_flops(config, image_size: int, rank: int) -> dict[str, float]:
         with FlopCounterMode(display=False) as counter:
             _loss(decoder_only, images, boxes, target, embeddings).backward()
         counts["decoder_only_step_cached"] = counter.get_total_flops()
+        counts.update(_prefix_flops(config, images, boxes, target, rank))
+    return counts
+
+
+def _prefix_flops(config, images, boxes, target, rank: int) -> dict[str, float]:
+    """LoRA on the encoder's last blocks only, the frozen blocks' output read from the cache
+    (``lora_depth``; angiotune.model.encoder_prefix): what encoding the prefix once costs, and
+    what a training step and a validation forward cost after it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from angiotune.model.encoder_prefix import encode_prefix, encode_rest, frozen_prefix_depth
+    from angiotune.model.sam3 import enable_gradient_checkpointing
+
+    counts = {}
+    for share in SHARES:
+        model = build(config, "meta", rank, share)
+        depth = frozen_prefix_depth(model)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            hidden = encode_prefix(model, _pixels(images), depth)
+        counts[f"prefix_forward_{share}"] = counter.get_total_flops()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(image_embeddings=encode_rest(model, hidden, depth),
+                  input_boxes=boxes[:, None], multimask_output=False)
+        counts[f"rest_forward_{share}"] = counter.get_total_flops()
+        enable_gradient_checkpointing(model)
+        with FlopCounterMode(display=False) as counter:
+            _loss(model, images, boxes, target, prefix=(depth, hidden)).backward()
+        counts[f"lora_last_{share}_step_cached_checkpointed"] = counter.get_total_flops()
     return counts
 
 
@@ -108,10 +140,13 @@ def _pixels(images: torch.Tensor) -> torch.Tensor:
     return to_pixel_values(images)
 
 
-def _loss(model, images, boxes, target, embeddings=None):
+def _loss(model, images, boxes, target, embeddings=None, prefix=None):
     """The loss ``train_step`` takes for a box-prompted tracker (see LesionModel.forward)."""
+    from angiotune.model.encoder_prefix import encode_rest
     from angiotune.model.losses import LossWeights, segmentation_loss
 
+    if prefix is not None:
+        embeddings = encode_rest(model, prefix[1], prefix[0])
     inputs = ({"image_embeddings": embeddings} if embeddings is not None
               else {"pixel_values": _pixels(images)})
     out = model(**inputs, input_boxes=boxes[:, None], multimask_output=False)
@@ -226,6 +261,12 @@ def project(flops: dict, mfu: float, trial_startup_s: float, asha_fraction: floa
         cached_epoch = (train * flops["decoder_only_step_cached"]
                         + val * flops["decoder_forward"])
         encode_once = (train + val) * flops["encoder_forward"]
+        # LoRA on the last blocks: the frozen prefix of every view of every crop encoded once
+        # per base model; each epoch then runs the rest for training and validation.
+        share = SHARES[1]
+        prefix_epoch = (train * flops[f"lora_last_{share}_step_cached_checkpointed"]
+                        + val * flops[f"rest_forward_{share}"])
+        prefix_once = (train * VIEWS + val) * flops[f"prefix_forward_{share}"]
         for asha in (False, True):
             fraction = asha_fraction if asha and stage["asha"] else 1.0
             trial_epochs = stage["trials"] * stage["epochs"] * fraction
@@ -234,6 +275,9 @@ def project(flops: dict, mfu: float, trial_startup_s: float, asha_fraction: floa
                          "asha_applied": asha and stage["asha"],
                          "trial_epochs": trial_epochs,
                          "lora_hours": (trial_epochs * lora_epoch / rate + startup) / 3600,
+                         "lora_last_blocks_cached_hours":
+                             ((trial_epochs * prefix_epoch + prefix_once) / rate + startup)
+                             / 3600,
                          "frozen_encoder_cached_hours":
                              ((trial_epochs * cached_epoch + encode_once) / rate + startup)
                              / 3600})
@@ -308,8 +352,10 @@ def main() -> None:
     for variant in ("without ASHA", "with ASHA"):
         chosen = [r for r in record["projection"] if r["variant"] == variant]
         lora = sum(r["lora_hours"] for r in chosen)
+        last = sum(r["lora_last_blocks_cached_hours"] for r in chosen)
         cached = sum(r["frozen_encoder_cached_hours"] for r in chosen)
-        print(f"  {variant:<12}: LoRA on the encoder {lora:6.1f} h; frozen encoder + "
+        print(f"  {variant:<12}: LoRA on the encoder {lora:6.1f} h; LoRA on its last "
+              f"{SHARES[1]:g} + prefix cache ({VIEWS} views) {last:6.1f} h; frozen encoder + "
               f"embedding cache {cached:6.1f} h")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -79,11 +79,12 @@ class FakeBackend(TrainBackend):
 
 
 def phantom_datasets(rows: dict, root: Path, image_size: int,
-                     augment_pixels: bool = True) -> dict:
+                     augment_pixels: bool = True, augment_views: int = 0) -> dict:
     """The train and val splits as a trial streams them: training augmented (the box only,
-    without ``augment_pixels``, as a search with the embedding cache sets it), validation
-    fixed."""
+    without ``augment_pixels``, as a search with the embedding cache sets it; from a bank of
+    views with ``augment_views``), validation fixed."""
     return {"train": RowsDataset(rows["train"], root, SampleSettings(
-                image_size=image_size, augment=True, augment_pixels=augment_pixels)),
+                image_size=image_size, augment=True, augment_pixels=augment_pixels,
+                augment_views=augment_views)),
             "val": RowsDataset(rows["val"], root, SampleSettings(image_size=image_size,
                                                                  augment=False))}

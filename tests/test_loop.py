@@ -11,6 +11,7 @@ after the last epoch), and the embedding cache.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -51,12 +52,12 @@ def _config(tmp_path: Path, **changes) -> dict:
 
 
 def _run(config: dict, splits, tmp_path: Path, *, restore: Path | None = None,
-         augment_pixels: bool = True, name: str = "run") -> FakeBackend:
+         augment_pixels: bool = True, augment_views: int = 0, name: str = "run") -> FakeBackend:
     kept = tmp_path / name
     kept.mkdir()
     rows, root = splits
-    backend = FakeBackend(phantom_datasets(rows, root, EMBEDDED_IMAGE_SIZE, augment_pixels),
-                          kept, restore)
+    backend = FakeBackend(phantom_datasets(rows, root, EMBEDDED_IMAGE_SIZE, augment_pixels,
+                                           augment_views), kept, restore)
     run_training(config, backend)
     return backend
 
@@ -214,6 +215,26 @@ def test_the_embedding_cache_serves_the_second_epoch(splits, tmp_path):
                          lr=1e-3), splits, tmp_path, augment_pixels=False, name="other")
     [(metrics, _)] = other.reports
     assert (metrics["embedding_cache_misses"], metrics["embedding_cache_hits"]) == (0, crops)
+
+
+def test_lora_on_the_last_blocks_caches_the_frozen_blocks_output_per_augmented_view(
+        splits, tmp_path):
+    """lora_depth 0.5 leaves the embedded encoder's first 2 of 4 blocks frozen: the cache keeps
+    their output. With a bank of 2 augmented views per lesion, training crops are new only
+    while their views are; validation crops are read from the second epoch on."""
+    rows, _ = splits
+    train, val = len(rows["train"]), len(rows["val"])
+    backend = _run(_config(tmp_path, lora_depth=0.5, targets="vision_qv", embedding_cache=True,
+                           epochs=3), splits, tmp_path, augment_views=2)
+    reports = [m for m, _ in backend.reports]
+    assert all(0.0 <= m["dice"] <= 1.0 and math.isfinite(m["train_loss"]) for m in reports)
+    assert reports[0]["embedding_cache_misses"] == train + val
+    assert reports[-1]["embedding_cache_misses"] <= 2 * train + val  # at most 2 views each
+    assert reports[-1]["embedding_cache_hits"] >= 3 * (train + val) - (2 * train + val)
+    assert {p.parent.parent.name for p in (tmp_path / "cache").rglob("*.safetensors")} == {
+        "after-block-2"}
+    adapter = json.loads((backend.reports[-1][1] / "adapter" / "adapter_config.json").read_text())
+    assert "layers\\.(2|3)" in adapter["target_modules"]
 
 
 def test_the_embedding_cache_is_refused_when_the_encoder_trains(splits, tmp_path):

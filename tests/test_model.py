@@ -18,9 +18,16 @@ from angiotune.model.adapters import (
     trainable_parameters,
 )
 from angiotune.model.embedding_cache import EmbeddingCache, encoder_is_frozen
+from angiotune.model.encoder_prefix import encode_prefix, encode_rest, frozen_prefix_depth
 from angiotune.model.lesion import LesionModel
 from angiotune.model.losses import LossWeights, dice_loss, focal_loss, hard_iou, weighted_bce
-from angiotune.model.sam3 import EMBEDDED_IMAGE_SIZE, ModelError, base_model_id, load_base_model
+from angiotune.model.sam3 import (
+    EMBEDDED_IMAGE_SIZE,
+    ModelError,
+    base_model_id,
+    load_base_model,
+    to_pixel_values,
+)
 from angiotune.train.pretrain import shape_batch
 from angiotune.train.step import as_tensors, dice_scores, evaluate, predict_logits, train_step
 
@@ -387,3 +394,46 @@ def test_embedding_cache_gives_the_encoders_output_and_reuses_it(tmp_path, batch
     assert cache.misses == len(images) + 2
     # Another base model never shares entries.
     assert EmbeddingCache(tmp_path, "other@0").folder != cache.folder
+
+
+@pytest.mark.parametrize("depth, blocks", [(1.0, 4), (0.5, 2), (0.25, 1), (0.01, 1)])
+def test_lora_depth_confines_vision_lora_to_the_encoders_last_blocks(depth, blocks):
+    model = adapt(load_base_model(), AdapterSettings(lora_depth=depth,
+                                                     targets=("vision_qv", "vision_mlp")))
+    adapted = {int(name.split("layers.")[1].split(".")[0])
+               for name, p in model.named_parameters() if p.requires_grad and "lora_" in name}
+    assert adapted == set(range(4 - blocks, 4))
+    assert frozen_prefix_depth(model) == 4 - blocks
+    # SAM 3's 32 blocks: a quarter is the last 8.
+    assert AdapterSettings(lora_depth=0.25).adapted_blocks(32) == range(24, 32)
+
+
+def test_the_encoder_split_after_its_frozen_blocks_gives_the_trackers_embeddings_and_gradients(
+        batch):
+    """Cached prefix + the rest with gradients is the same model: same embeddings at every
+    depth, same logits and same LoRA gradients as the whole encoder run at once."""
+    torch.manual_seed(0)
+    segmenter = adapt(load_base_model(), AdapterSettings(lora_depth=0.5, dropout=0.0))
+    for name, parameter in segmenter.named_parameters():
+        if "lora_B" in name:  # LoRA starts as a no-op; make it count
+            torch.nn.init.normal_(parameter, std=0.05)
+    model = LesionModel(segmenter).train()
+    tensors = as_tensors(batch)
+    pixels = to_pixel_values(tensors["image"])
+    with torch.no_grad():
+        whole = segmenter.get_image_embeddings(pixels)
+        for depth in range(5):
+            split = encode_rest(segmenter, encode_prefix(segmenter, pixels, depth), depth)
+            assert len(split) == len(whole)
+            for a, b in zip(whole, split, strict=True):
+                assert torch.allclose(a, b, atol=1e-6)
+    grads = []
+    for prefix in (None, (2, encode_prefix(segmenter, pixels, 2).detach())):
+        model.zero_grad()
+        logits = model(tensors["image"], tensors["box"], prefix=prefix)["logits"]
+        logits.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None and "lora_" in n})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name

@@ -211,3 +211,16 @@ def test_a_mask_that_stops_before_the_lesion_is_traced_on_through_the_frame():
     spanning = measure(whole, SPACING_MM, frame=frame, box=box)
     assert not any("traced" in note for note in spanning.notes)
     assert spanning.mld_mm == pytest.approx(measure(whole, SPACING_MM, frame=frame).mld_mm)
+
+
+def test_a_reference_line_that_would_reach_zero_is_flat_and_positive():
+    """A few scattered healthy widths (a poor predicted mask) can fit a line that crosses zero
+    inside the segment; no vessel narrows to nothing, so the reference falls back to their
+    mean and says so, and the % DS stays a percentage."""
+    from angiotune.qca.measure import QCASettings, _reference
+
+    diameter = np.array([0.02, 0.64, 0.04, 0.02, 2.75, 0.3, 0.05, 7.56, 0.2, 0.08, 8.48, 4.0])
+    reference, healthy, notes = _reference(np.arange(12.0), diameter, 3, QCASettings())
+    assert reference.min() > 0 and np.ptp(reference) == 0
+    assert reference[0] == pytest.approx(diameter[healthy].mean())
+    assert any("too steeply" in note for note in notes)

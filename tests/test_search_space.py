@@ -98,6 +98,14 @@ def _broken(change):
     (lambda r: r["params"].update(embedding_cache={"type": "categorical",
                                                    "choices": [True, False]}),
      "params.embedding_cache"),  # fixed only
+    (lambda r: r["fixed"].update(lora_depth=0), "fixed.lora_depth"),
+    (lambda r: r["fixed"].update(lora_depth=1.5), "fixed.lora_depth"),
+    (lambda r: r["fixed"].update(augment_views=-1), "fixed.augment_views"),
+    (lambda r: r["params"].update(augment_views={"type": "int", "low": 0, "high": 4}),
+     "params.augment_views"),  # fixed only: the data every trial reads
+    (lambda r: r["fixed"].update(embedding_cache=True) or r["params"].update(
+        lora_depth={"type": "categorical", "choices": [0.5, 1.0]}),
+     "embedding_cache"),  # a trial with LoRA on every block would train the cached blocks
 ])
 def test_mistakes_are_refused_naming_the_key(change, key):
     with pytest.raises(ConfigError) as error:
@@ -250,3 +258,12 @@ def test_a_reader_opening_the_study_meanwhile_does_not_end_the_search(tmp_path):
         finally:
             stop.set()
             reader.join()
+
+
+def test_lora_on_the_last_blocks_may_use_the_embedding_cache_with_a_bank_of_views():
+    raw = copy.deepcopy(VALID)
+    raw["fixed"].update(embedding_cache=True, augment_views=4)
+    raw["params"]["lora_depth"] = {"type": "categorical", "choices": [0.25, 0.5]}
+    space = parse_space(raw, "space.yaml")
+    assert space.can_take("lora_depth", 1.0) == [0.25, 0.5]
+    assert space.fixed["augment_views"] == 4

@@ -55,6 +55,20 @@ def test_box_only_augmentation_keeps_the_pixels(stream_index):
     assert not np.array_equal(moved[0]["image"], moved[1]["image"])
 
 
+def test_a_bank_of_views_moves_the_pixels_among_a_few_fixed_views(stream_index):
+    """With an encoder cache, each lesion's warp and lighting come from ``augment_views``
+    fixed views (cached once each); the box prompt still varies on every draw."""
+    rows, root = load_rows(stream_index, "train")
+    row = rows.iloc[0].to_dict()
+    bank = SampleSettings(image_size=64, augment=True, augment_views=3)
+    draws = [prepare_sample(row, root, bank, np.random.default_rng(seed)) for seed in range(24)]
+    views = {d["image"].tobytes() for d in draws}
+    assert len(views) == 3
+    assert len({d["box"].tobytes() for d in draws}) > 3
+    other = prepare_sample(rows.iloc[1].to_dict(), root, bank, np.random.default_rng(0))
+    assert other["image"].tobytes() not in views
+
+
 @pytest.mark.slow  # on the session's Ray, whose start alone takes seconds
 @pytest.mark.ray
 def test_stream_validation_is_deterministic(ray_cluster, stream_index):

@@ -55,6 +55,9 @@ class SampleSettings:
     ``augment_pixels``: with ``augment``, also warp and re-light the image (off: only the box
     prompt is jittered, so the encoder sees the same pixels every epoch and its embeddings can
     be cached).
+    ``augment_views``: with ``augment_pixels``, draw each lesion's warp and lighting from a
+    fixed bank of that many views (0: fresh every epoch). An encoder cache then holds every
+    view after the first few epochs, so cached trials still train on moved pixels.
     """
 
     image_size: int = 224
@@ -63,12 +66,15 @@ class SampleSettings:
     augment: bool | None = None
     seed: int = 0
     augment_pixels: bool = True
+    augment_views: int = 0
 
     def __post_init__(self) -> None:
         if self.fit not in ("crop", "frame"):
             raise ConfigError(f"fit must be 'crop' or 'frame', got {self.fit!r}")
         if self.image_size < 16:
             raise ConfigError("image_size must be at least 16")
+        if self.augment_views < 0:
+            raise ConfigError("augment_views must be 0 or more")
 
 
 def prepare_sample(row: dict, root: Path, settings: SampleSettings,
@@ -91,15 +97,19 @@ def prepare_sample(row: dict, root: Path, settings: SampleSettings,
     size = settings.image_size
     affine = (box_to_square(box, size, settings.context) if settings.fit == "crop"
               else frame_to_square(frame.shape, size))
+    pixel_rng = rng
+    if move_pixels and settings.augment_views:
+        view = int(rng.integers(settings.augment_views))
+        pixel_rng = np.random.default_rng([settings.seed, _stable_int(row["sample_id"]), view])
     if move_pixels:
-        affine = affine.then(random_similarity(rng, size))
+        affine = affine.then(random_similarity(pixel_rng, size))
     image = normalise_intensity(warp(frame, affine, size, fill=float(np.median(frame))))
     out_mask = warp(mask, affine, size, nearest=True)
     out_box = mask_box(out_mask)
     if out_box is None:  # the mask left the grid: impossible unless the index is stale
         raise DataError("mask is empty after resampling", file=row["mask_path"])
     if move_pixels:
-        image = random_intensity(image, rng)
+        image = random_intensity(image, pixel_rng)
     if augment:
         out_box = jitter_box(out_box, rng, size)
     return {

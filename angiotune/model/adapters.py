@@ -8,6 +8,8 @@ What a strategy trains is saved on its own, never the base: LoRA as a peft adapt
 from __future__ import annotations
 
 import json
+import math
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +46,10 @@ class AdapterSettings:
     targets: tuple[str, ...] = ("vision_qv",)
     train_decoder: bool = True
     crop_context: float = DEFAULT_CROP_CONTEXT
+    # The share of the image encoder's blocks, counted from its output, that LoRA adapts: 1.0
+    # all of them; below 1 the blocks before stay the base's, and their output can be cached
+    # (angiotune.model.encoder_prefix). A share, not a count, so one space fits every model.
+    lora_depth: float = 1.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -56,20 +62,43 @@ class AdapterSettings:
             raise ConfigError("lora needs rank >= 1 and at least one target group")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout: {self.dropout} is not in [0, 1)")
+        if not 0 < self.lora_depth <= 1:
+            raise ConfigError(f"lora_depth: {self.lora_depth} is not in (0, 1] (the share of "
+                              "the image encoder's last blocks that LoRA adapts)")
         low, high = CROP_CONTEXT_RANGE
         if not low <= self.crop_context <= high:
             raise ConfigError(f"crop_context: {self.crop_context} is not in [{low:g}, {high:g}] "
                               "(the crop's side in lesion boxes)")
 
-    def target_regex(self) -> str:
-        return r".*(" + "|".join(TARGET_GROUPS[t] for t in self.targets) + r")"
+    def adapted_blocks(self, blocks: int) -> range:
+        """The encoder blocks (of ``blocks``) that LoRA's vision targets reach: the last ones."""
+        return range(blocks - max(1, math.ceil(self.lora_depth * blocks - 1e-9)), blocks)
+
+    def target_regex(self, blocks: int | None = None) -> str:
+        """peft's target pattern; with the encoder's block count, vision targets confined to
+        ``adapted_blocks``."""
+        patterns = [TARGET_GROUPS[t] for t in self.targets]
+        if blocks is not None and self.lora_depth < 1:
+            chosen = "|".join(str(i) for i in self.adapted_blocks(blocks))
+            blocks_prefix = rf"vision_encoder\.backbone\.layers\.({chosen})\..*\."
+            patterns = [p.replace(VISION_PREFIX, blocks_prefix) for p in patterns]
+        return r".*(" + "|".join(patterns) + r")"
+
+
+VISION_PREFIX = r"vision_encoder\..*\."  # how TARGET_GROUPS' encoder groups begin
+_BLOCK_NAME = re.compile(r"vision_encoder\.backbone\.layers\.(\d+)$")
+
+
+def encoder_block_count(model: torch.nn.Module) -> int:
+    return sum(1 for name, _ in model.named_modules() if _BLOCK_NAME.search(name))
 
 
 def adapt(base: torch.nn.Module, settings: AdapterSettings) -> torch.nn.Module:
     """The model to train: the base with only the strategy's weights left trainable."""
     if settings.strategy == "lora":
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
-                            lora_dropout=settings.dropout, target_modules=settings.target_regex(),
+                            lora_dropout=settings.dropout,
+                            target_modules=settings.target_regex(encoder_block_count(base)),
                             modules_to_save=["mask_decoder"] if settings.train_decoder else None)
         return _freeze_text(get_peft_model(base, config))
     return _set_trainable(base, settings)

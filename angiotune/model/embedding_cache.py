@@ -7,6 +7,10 @@ model (``base_model_id``: its weights, wherever they live) and by a hash of the 
 the encoder sees, so any change of frame, crop, size or normalisation is a different key,
 never a stale hit. Files are written whole and renamed into place, so workers and searches can
 share one.
+
+When LoRA adapts only the encoder's last blocks, the cache keeps the hidden states after the
+frozen blocks before them instead (``depth``; ``angiotune.model.encoder_prefix``), and a step
+runs the rest of the encoder with gradients.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from angiotune.model.encoder_prefix import encode_prefix
 from angiotune.model.sam3 import to_pixel_values
 
 ENCODER_PARTS = ("vision_encoder.", "no_memory_embedding")
@@ -33,10 +38,17 @@ def encoder_is_frozen(model: torch.nn.Module) -> bool:
 
 
 class EmbeddingCache:
-    def __init__(self, folder: Path, base_id: str) -> None:
+    """``depth`` None: the encoder's whole output (``image_embeddings``); an int: the hidden
+    states after that many blocks (one tensor)."""
+
+    def __init__(self, folder: Path, base_id: str, depth: int | None = None) -> None:
+        self.depth = depth
         self.folder = Path(folder) / hashlib.sha256(base_id.encode()).hexdigest()[:16]
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "base_model.txt").write_text(base_id + "\n")
+        if depth is not None:
+            self.folder = self.folder / f"after-block-{depth}"
+            self.folder.mkdir(exist_ok=True)
         self.hits = 0
         self.misses = 0
 
@@ -50,8 +62,9 @@ class EmbeddingCache:
 
     def embeddings(self, images: np.ndarray | torch.Tensor, segmenter: torch.nn.Module,
                    device: torch.device | str = "cpu") -> list[torch.Tensor]:
-        """The tracker's ``image_embeddings`` (one tensor per feature level, batch first) for
-        ``images`` (B, S, S) in [0, 1]: read where cached, else encoded in one batch and kept."""
+        """The tracker's ``image_embeddings`` (one tensor per feature level, batch first), or
+        with a ``depth`` the prefix's hidden states (a list of one), for ``images`` (B, S, S)
+        in [0, 1]: read where cached, else encoded in one batch and kept."""
         pixels = images.cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
         keys = [self.key(image) for image in pixels]
         found: dict[int, list[torch.Tensor]] = {}
@@ -69,7 +82,9 @@ class EmbeddingCache:
         if missing:
             batch = torch.as_tensor(pixels[missing], dtype=torch.float32, device=device)
             with torch.no_grad():
-                levels = segmenter.get_image_embeddings(to_pixel_values(batch))
+                normalised = to_pixel_values(batch)
+                levels = (segmenter.get_image_embeddings(normalised) if self.depth is None
+                          else [encode_prefix(segmenter, normalised, self.depth)])
             for j, i in enumerate(missing):
                 found[i] = [level[j].detach().cpu().contiguous() for level in levels]
                 self._store(keys[i], found[i])

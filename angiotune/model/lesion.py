@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from angiotune.data.transforms import DEFAULT_CROP_CONTEXT
+from angiotune.model.encoder_prefix import encode_rest
 from angiotune.model.heads import LesionHeads, pooled_features
 from angiotune.model.refine import MaskRefiner
 from angiotune.model.sam3 import to_pixel_values
@@ -42,12 +43,16 @@ class LesionModel(nn.Module):
     def forward(self, images: torch.Tensor, boxes: torch.Tensor,
                 context: torch.Tensor | None = None,
                 mm_per_pixel: torch.Tensor | None = None,
-                embeddings: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                embeddings: list[torch.Tensor] | None = None,
+                prefix: tuple[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``logits`` (B, S, S) at the input size, ``confidence`` (B,) from the IoU head, and
         the heads' outputs when there are heads (they need ``context`` and ``mm_per_pixel``).
         With a refiner, ``logits`` are refined and ``coarse_logits`` are the decoder's own.
         ``embeddings``: the images' encoder output, when a cache has it (the encoder is then
-        skipped; ``images`` still gives the output size)."""
+        skipped; ``images`` still gives the output size). ``prefix``: (depth, hidden states)
+        after the encoder's first ``depth`` blocks, when a cache has them: only the rest runs."""
+        if prefix is not None:
+            embeddings = encode_rest(self.segmenter, prefix[1], prefix[0])
         inputs = ({"image_embeddings": embeddings} if embeddings is not None
                   else {"pixel_values": to_pixel_values(images.float())})
         out = self.segmenter(**inputs, input_boxes=boxes.float()[:, None],

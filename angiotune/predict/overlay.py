@@ -23,6 +23,12 @@ EDGE, CENTRE, MLD, ENDS, BOX, REFERENCE, MASK = ("#ffd400", "#00d7ff", "#ff3030"
 
 def write_overlay(lesion, path: Path) -> Path:
     """Draw ``lesion`` (a ``LesionPrediction``) to ``path`` as PNG."""
+    draw_overlay(lesion).save(path)
+    return path
+
+
+def draw_overlay(lesion) -> Image.Image:
+    """The overlay picture of ``lesion`` (also the pixels of its DICOM Secondary Capture)."""
     report, frame, qca = lesion.report, lesion.frame, lesion.qca
     canvas = Image.new("RGB", (2 * PANEL + 24, PANEL + FOOTER), "#101010")
     draw = ImageDraw.Draw(canvas)
@@ -70,8 +76,7 @@ def write_overlay(lesion, path: Path) -> Path:
     if qca is not None:
         _diameter_plot(draw, qca, (PANEL + 24, PANEL + 12, 2 * PANEL + 14, PANEL + FOOTER - 14),
                        font, report.get("units", "mm"))
-    canvas.save(path)
-    return path
+    return canvas
 
 
 def _font(size: int):

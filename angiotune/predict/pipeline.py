@@ -31,6 +31,7 @@ from angiotune.data.readers import (
     read_header,
 )
 from angiotune.errors import AngiotuneError, ConfigError, DataError
+from angiotune.export import DICOM_IDENTITIES, PREDICTION_FORMATS, prediction_writers
 from angiotune.names import ADAPTER_VESSELS, GENERAL
 from angiotune.predict.frames import select_frame
 from angiotune.predict.proposals import propose_boxes
@@ -73,6 +74,9 @@ class PredictSettings:
     overlays: bool = True
     device: str = "auto"  # "auto": the GPU when there is one
     model: Path | None = None  # the base folder, when it has moved since the search
+    # Standard exports written beside the JSON (angiotune.export): "coco", "dicom".
+    exports: tuple[str, ...] = ()
+    dicom_identity: str = "pseudonym"  # or "keep": the source's patient and study identifiers
 
     def __post_init__(self) -> None:
         """Checked here, not only in the CLI: through the API a negative calibration would
@@ -97,6 +101,13 @@ class PredictSettings:
         if self.vessel is not None and self.vessel not in (*ADAPTER_VESSELS, GENERAL):
             raise ConfigError(f"vessel must be one of {(*ADAPTER_VESSELS, GENERAL)}, got "
                               f"{self.vessel!r}")
+        if isinstance(self.exports, str) or set(self.exports) - set(PREDICTION_FORMATS):
+            raise ConfigError(f"exports must be a tuple of {PREDICTION_FORMATS}, got "
+                              f"{self.exports!r}")
+        object.__setattr__(self, "exports", tuple(dict.fromkeys(self.exports)))
+        if self.dicom_identity not in DICOM_IDENTITIES:
+            raise ConfigError(f"dicom_identity must be one of {DICOM_IDENTITIES}, got "
+                              f"{self.dicom_identity!r}")
 
 
 @dataclass
@@ -194,6 +205,7 @@ def predict(source: str | Path, out: str | Path, settings: PredictSettings = Pre
                         file=str(source))
     summary = PredictSummary()
     salt = resolve_salt()
+    writers = prediction_writers(out, settings.exports, settings.dicom_identity, salt)
     try:
         for done, item in enumerate(items, start=1):
             key = item.get("sample_id") or input_key(str(item["path"].resolve()), salt)
@@ -204,6 +216,7 @@ def predict(source: str | Path, out: str | Path, settings: PredictSettings = Pre
                 lesions, failures = [], [{"error": describe(error)}]
             for lesion in lesions:
                 _write_outputs(lesion, out, settings, failures)
+                _export(lesion, item, writers, failures)
                 summary.lesions.append(lesion)
             for failure in failures:
                 failure = {"input": key, **failure}
@@ -213,6 +226,12 @@ def predict(source: str | Path, out: str | Path, settings: PredictSettings = Pre
             if on_item:
                 on_item(done, len(items))
     finally:  # what was measured is kept, even when the batch is interrupted
+        for name, writer in writers.items():
+            try:
+                writer.close()
+            except Exception as error:  # noqa: BLE001 - the JSON below must still be written
+                summary.failures.append({"input": f"the {name} export",
+                                         "error": f"not finished: {describe(error)}"})
         _write_json({"lesions": [lesion.report for lesion in summary.lesions],
                      "failures": summary.failures}, out / "predictions.json")
     return summary
@@ -228,6 +247,17 @@ def _write_outputs(lesion: LesionPrediction, out: Path, settings: PredictSetting
             lesion.paths.append(write_overlay(lesion, out / f"{lesion.key}.png"))
         except Exception as error:  # noqa: BLE001 - the numbers stand without the picture
             failures.append({"lesion": lesion.key, "error": f"overlay not drawn: "
+                                                           f"{describe(error)}"})
+
+
+def _export(lesion: LesionPrediction, item: dict, writers: dict,
+            failures: list[dict]) -> None:
+    """The lesion in each standard export asked for; a failed one is reported, not fatal."""
+    for name, writer in writers.items():
+        try:
+            lesion.paths.extend(writer.add(lesion, item["path"], item.get("row")))
+        except Exception as error:  # noqa: BLE001 - the JSON and overlay stand without it
+            failures.append({"lesion": lesion.key, "error": f"{name} export not written: "
                                                            f"{describe(error)}"})
 
 

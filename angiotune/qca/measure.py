@@ -314,6 +314,12 @@ def _reference(arclength: np.ndarray, diameter: np.ndarray, mld: int,
     line = _fit_line(arclength, diameter, healthy, mld)
     if not healthy[:mld].any() or not healthy[mld + 1:].any():
         notes.append("no healthy vessel on one side of the lesion: the reference is flat")
+    elif line.min() <= 0:  # a steep taper read off a few points: no vessel narrows to nothing
+        line = np.full(len(diameter), float(diameter[healthy].mean()))
+        notes.append("the healthy parts taper too steeply to extrapolate: the reference is "
+                     "flat")
+    if line.min() <= 0:
+        raise QCAError("no healthy lumen to take a reference diameter from")
     return line, healthy, notes
 
 

@@ -225,21 +225,31 @@ def promote(results: Path, vessel: str, adapter: Path, record: dict) -> tuple[bo
 STAGE_NAMES = {1: "stage 1 lesion LoRA", 2: "stage 2 multi-task", 3: "stage 3 vessel LoRA"}
 
 
-def model_card(manifest: dict) -> str:
+def model_card(manifest: dict, title: str = "angiotune adapter",
+               local_paths: bool = True) -> str:
+    """The entry's card in Markdown. ``title`` names what it describes (an exported merged
+    model reuses it); ``local_paths=False`` leaves out this machine's folders (a card that
+    travels with an export may name a user or a site in them): the index's file name only."""
     config = manifest.get("config", {})
     zero = manifest.get("zero_shot", {})
     heads = ("; heads for CASS segment, % diameter stenosis, MLD and reference diameter (mm)"
              if manifest.get("heads") else "")
     scope = ("every vessel (general)" if manifest["vessel"] == GENERAL
              else manifest["vessel"])
-    return f"""# angiotune adapter: {scope} lesion segmentation
+    index = manifest.get("index")
+    if not local_paths and index:
+        index = Path(index).name
+    origin = manifest.get("base_model_path")
+    origin = ("the embedded model" if not origin else
+              origin if local_paths else "a local SAM 3 folder")
+    return f"""# {title}: {scope} lesion segmentation
 
 - Task: segment the analysed coronary segment inside a box prompt (SAM 3 tracker){heads}.
 - Stage: {STAGE_NAMES.get(manifest.get('stage', 1))}
 - Data: {manifest.get('data_note', 'see the index named below')}
-- Index: {manifest.get('index')}
+- Index: {index}
 - Base model: {manifest.get('base_model')}
-  (from {manifest.get('base_model_path') or 'the embedded model'})
+  (from {origin})
 - Strategy: {manifest.get('strategy', config.get('strategy'))}, rank {config.get('rank')},
   targets {config.get('targets')}, lr {config.get('lr')}, init {config.get('init', 'none')}
 - Validation {manifest['metric']}: {manifest['score']:.4f}

@@ -195,6 +195,7 @@ def run_search(space: SearchSpace, settings: SearchSettings):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from angiotune.search.trackers import logger_callbacks
     from angiotune.search.trial import concurrent_trials, run_trial, trial_resources
 
     run_dir = settings.run_dir
@@ -218,6 +219,8 @@ def run_search(space: SearchSpace, settings: SearchSettings):
         tune.with_parameters(run_trial, constants=constants),
         trial_resources(space))
     tuner_path = run_dir / TUNE_DIR
+    # Built on resume too, to check the store and say where to look; Tune restores its own.
+    trackers = logger_callbacks(space.callbacks, run_dir, settings.name, settings.announce)
     if settings.resume:
         if not tune.Tuner.can_restore(str(tuner_path)):
             raise AngiotuneError(f"nothing to resume at {tuner_path}: no search named "
@@ -252,6 +255,8 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                                         trial_name_creator=short_trial_name,
                                         trial_dirname_creator=short_trial_name),
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(run_dir),
+                                      # MLflow, W&B; Tune adds TensorBoard, CSV and JSON.
+                                      callbacks=trackers,
                                       failure_config=tune.FailureConfig(
                                           max_failures=space.retries),
                                       # Trials that train in their own process: keep each

@@ -42,12 +42,19 @@ Stages (``stage: 1 | 2 | 3``, default 1) share the format:
   ``vessel`` (stage 3: the entry of the trial's own vessel), or ``none``.
 - ``sampler`` (default ``tpe``, seeded) or ``random``: the baseline TPE is measured against
   (``benchmarks/search_efficiency.py``); ``asha: off`` runs every trial to the end (FIFO).
+- ``lora_depth`` (fixed or searched, default 1) confines LoRA's encoder targets to that share of
+  the encoder's last blocks; with ``embedding_cache: true`` the frozen blocks' output is then
+  computed once per crop, and ``augment_views: N`` (fixed) keeps pixel augmentation on through
+  a bank of N augmented views per training lesion (``search_spaces/lora_last_blocks.yaml``).
 - ``select`` (default ``dice``) is the metric the registry compares per vessel (``dice/LAD``),
   the same across stages so that their adapters can replace one another.
+- ``callbacks`` turns on experiment trackers beside TensorBoard: ``{mlflow: {}, wandb: {}}``
+  with optional settings (``angiotune.search.trackers``; ``pip install 'angiotune[trackers]'``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,12 +76,15 @@ from angiotune.names import (
     PROMPT_MODES,
     STRATEGIES,
     TARGET_GROUPS,
+    TRACKERS,
     VESSELS,
+    WANDB_MODES,
 )
+from angiotune.search.trackers import is_uri
 
 TOP_KEYS = {"name", "stage", "metric", "mode", "samples", "max_concurrent", "epochs", "seed",
             "asha", "resources", "data", "fixed", "params", "objective", "select", "vessels",
-            "sampler"}
+            "sampler", "callbacks"}
 SAMPLERS = ("tpe", "random")
 SELECTS = ("dice", "iou")  # the registry compares every stage's adapters on segmentation
 AUTO = "auto"  # a size left to the model and the machine (angiotune.search.sizing)
@@ -89,9 +99,10 @@ TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", 
               "prompt_mode", "score_weight", "heads", "init", "segment_weight",
               "stenosis_weight", "mld_weight", "rvd_weight", "head_weighting", "class_loss",
               "class_weights", "head_hidden", "head_lr_ratio", "embedding_cache",
-              "crop_context", "refine"}
-# prompt_mode: one zero-shot base per search; embedding_cache: what may train depends on it.
-FIXED_ONLY = {"prompt_mode", "embedding_cache"}
+              "crop_context", "refine", "lora_depth", "augment_views"}
+# prompt_mode: one zero-shot base per search; embedding_cache: what may train depends on it;
+# augment_views: the data every trial of a search reads.
+FIXED_ONLY = {"prompt_mode", "embedding_cache", "augment_views"}
 # Each scalar field of a SearchSpace: its type, its minimum (None: any) and its key in a file,
 # which errors name. A field in AUTO_FIELDS may also be None: auto (angiotune.search.sizing).
 SCALAR_FIELDS = {
@@ -184,6 +195,7 @@ class SearchSpace:
     vessels: tuple[str, ...] = ()
     asha: bool = True
     sampler: str = "tpe"
+    callbacks: dict[str, dict[str, str]] = field(default_factory=dict)  # tracker -> settings
 
     def __post_init__(self) -> None:
         """Every rule, however the space is made (``parse_space``, ``dataclasses.replace``,
@@ -212,6 +224,7 @@ class SearchSpace:
         _check_trial_settings(self)
         _check_vessels(self)
         _check_consistency(self)
+        _check_callbacks(self)
 
     @property
     def trains_in_trial(self) -> bool:
@@ -386,7 +399,7 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         fixed=dict(fixed), params=_parse_params(raw.get("params"), source), stage=stage,
         objective=_parse_objective(raw.get("objective"), source), select=get("select", "dice"),
         vessels=_parse_vessels(raw.get("vessels"), source), asha=use_asha,
-        sampler=get("sampler", "tpe"))
+        sampler=get("sampler", "tpe"), callbacks=raw.get("callbacks"))
     with _in_file(source):
         return SearchSpace(**fields)
 
@@ -570,20 +583,60 @@ def _check_consistency(space: SearchSpace) -> None:
 
 
 def _check_frozen_encoder(space: SearchSpace) -> None:
-    """The embedding cache is right only if no trial trains the image encoder."""
+    """The embedding cache is right only if every trial leaves the image encoder, or a prefix
+    of its blocks (LoRA on the last blocks: ``lora_depth`` < 1), as the base has it."""
     searched = {p.name for p in space.params}
     strategy, targets = space.fixed.get("strategy", "lora"), space.fixed.get("targets")
+    shallow = all(float(v) < 1 for v in space.can_take("lora_depth", 1.0))
     frozen = "strategy" not in searched and (
         strategy == "decoder_only"
-        or (strategy == "lora" and "targets" not in searched and targets is not None
-            and set(str(targets).split("+")) == {"decoder_attn"}))
+        or (strategy == "lora" and (shallow or (
+            "targets" not in searched and targets is not None
+            and set(str(targets).split("+")) == {"decoder_attn"}))))
     if not frozen:
-        raise ConfigError("fixed.embedding_cache: every trial must leave the image encoder "
-                          "frozen: fix strategy decoder_only, or strategy lora with targets "
-                          "decoder_attn")
+        raise ConfigError("fixed.embedding_cache: every trial must leave the image encoder, or "
+                          "its first blocks, frozen: fix strategy decoder_only, or strategy "
+                          "lora with targets decoder_attn or every lora_depth below 1")
     if space.fixed.get("prompt_mode", "box") != "box" or space.init_choices() != {"none"}:
         raise ConfigError("fixed.embedding_cache: only for box prompts trained from the base "
                           "(init: none)")
+
+
+def _check_callbacks(space: SearchSpace) -> None:
+    """Known trackers with known settings, each a string, and the tracker's package installed:
+    a tracker that cannot start would otherwise fail the search after Ray and the zero-shot
+    baseline. ``mlflow:`` with no settings (None) means the defaults."""
+    block = {} if space.callbacks is None else space.callbacks
+    if not isinstance(block, dict):
+        raise ConfigError("callbacks: expected a mapping of tracker -> settings, e.g. "
+                          "{mlflow: {}, wandb: {mode: offline}}")
+    checked = {}
+    for name, settings in block.items():
+        if name not in TRACKERS:
+            raise ConfigError(f"callbacks.{name}: unknown tracker; known: {sorted(TRACKERS)}")
+        settings = {} if settings is None else settings
+        if not isinstance(settings, dict):
+            raise ConfigError(f"callbacks.{name}: expected a mapping of settings ({{}} for the "
+                              f"defaults); allowed: {list(TRACKERS[name])}")
+        for key, value in settings.items():
+            where = f"callbacks.{name}.{key}"
+            if key not in TRACKERS[name]:
+                raise ConfigError(f"{where}: unknown setting; allowed: {list(TRACKERS[name])}")
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+        if settings.get("mode", WANDB_MODES[0]) not in WANDB_MODES:
+            raise ConfigError(f"callbacks.{name}.mode: {settings['mode']!r} is not one of "
+                              f"{WANDB_MODES}")
+        uri = settings.get("tracking_uri", ".db")
+        if not is_uri(uri) and not uri.endswith(".db"):
+            raise ConfigError(f"callbacks.{name}.tracking_uri: {uri!r} would be a folder store, "
+                              "which MLflow 3.13+ refuses; name an SQLite file (mlflow.db) or a "
+                              "server (http://host:5000)")
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"callbacks.{name}: {name} is not installed; pip install "
+                              "'angiotune[trackers]'")
+        checked[name] = dict(settings)
+    object.__setattr__(space, "callbacks", checked)
 
 
 def _typed(value: Any, kind, where: str, minimum=None):
@@ -611,6 +664,14 @@ def _check_trial_value(name: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: {value!r} is not one of {tuple(choices[name])}")
     if name in ("embedding_cache", "refine") and not isinstance(value, bool):
         raise ConfigError(f"{where}: {value!r} must be true or false")
+    if name == "lora_depth" and (isinstance(value, bool) or not isinstance(value, int | float)
+                                 or not 0 < value <= 1):
+        raise ConfigError(f"{where}: {value!r} is not a share in (0, 1] of the image "
+                          "encoder's blocks (the last ones) that LoRA adapts")
+    if name == "augment_views" and (isinstance(value, bool) or not isinstance(value, int)
+                                    or value < 0):
+        raise ConfigError(f"{where}: {value!r} is not a number of augmented views per "
+                          "training lesion (0: fresh each epoch)")
     low, high = CROP_CONTEXT_RANGE
     if name == "crop_context" and (isinstance(value, bool) or not isinstance(value, int | float)
                                    or not low <= value <= high):

@@ -66,11 +66,13 @@ def run_trial(config: dict, constants: dict) -> None:
 
     settings = {**constants, **config}
     trial = TrialConfig.from_flat(settings)  # checked here, once, before any data is read
-    # With the embedding cache the encoder must see the same pixels every epoch: only the box
-    # prompt is augmented then.
+    # With the embedding cache the encoder must see pixels it has seen before: a bank of
+    # augmented views per lesion (augment_views), or only the box prompt augmented.
     samples = SampleSettings(image_size=int(settings["image_size"]), seed=trial.run.seed,
                              context=trial.adapter.crop_context,
-                             augment_pixels=trial.run.embedding_cache is None)
+                             augment_pixels=(trial.run.embedding_cache is None
+                                             or trial.run.augment_views > 0),
+                             augment_views=trial.run.augment_views)
     datasets = {}
     for split in ("train", "val"):
         rows, root = load_rows(settings["index"], split)

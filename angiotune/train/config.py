@@ -40,6 +40,7 @@ class RunSettings:
     objective: dict[str, float] | None = None
     vessel: str | None = None  # stage 3: the data is already narrowed to this vessel
     embedding_cache: str | None = None  # the shared cache's folder, when the space wants one
+    augment_views: int = 0  # augmented views per training lesion; 0: fresh every epoch
     fault_dir: str | None = None  # tests only (``angiotune.train.faults``)
 
     def __post_init__(self) -> None:
@@ -47,6 +48,8 @@ class RunSettings:
             raise ConfigError(f"epochs: {self.epochs} must be at least 1")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: {self.batch_size} must be at least 1")
+        if self.augment_views < 0:
+            raise ConfigError(f"augment_views: {self.augment_views} must be 0 or more")
         if self.precision is not None and self.precision not in PRECISION_NAMES:
             raise ConfigError(f"precision: {self.precision!r} is not one of {PRECISION_NAMES}")
         if self.prompt_mode not in PROMPT_MODES:
@@ -157,7 +160,8 @@ class TrialConfig:
                                   dropout=float(get("dropout", AdapterSettings.dropout)),
                                   targets=tuple(str(get("targets", "vision_qv")).split("+")),
                                   train_decoder=bool(get("train_decoder", True)),
-                                  crop_context=crop)
+                                  crop_context=crop,
+                                  lora_depth=float(get("lora_depth", AdapterSettings.lora_depth)))
         losses = LossWeights(**{name: cast(get(key)) for key, name, cast in _LOSS_KEYS
                                 if get(key) is not None})
         heads = None
@@ -174,6 +178,7 @@ class TrialConfig:
                           prompt_mode=str(get("prompt_mode", "box")), base_id=get("base_id"),
                           metrics=tuple(metrics), objective=get("objective"), vessel=vessel,
                           embedding_cache=get("cache_dir") if get("embedding_cache") else None,
+                          augment_views=int(get("augment_views", 0)),
                           fault_dir=get("fault_dir"))
         optimiser = OptimiserSettings(lr=float(get("lr", 1e-3)),
                                       weight_decay=float(get("weight_decay", 1e-4)),

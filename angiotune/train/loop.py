@@ -35,6 +35,7 @@ from angiotune.model.adapters import (
     settings_of,
 )
 from angiotune.model.embedding_cache import EmbeddingCache, encoder_is_frozen
+from angiotune.model.encoder_prefix import frozen_prefix_depth
 from angiotune.model.heads import (
     HeadSettings,
     LesionHeads,
@@ -216,23 +217,32 @@ class EpochClock:
 
 
 def embedding_cache_for(model: torch.nn.Module, trial: TrialConfig) -> EmbeddingCache | None:
-    """The shared cache of the base's image embeddings, when the search asked for one; refused
-    when the encoder trains, since its embeddings would change under the cache."""
+    """The shared cache of what the base's frozen encoder computes, when the search asked for
+    one: the whole encoder's output when nothing in it trains, else the hidden states after its
+    frozen leading blocks (LoRA on the last blocks only, ``lora_depth`` < 1); refused when the
+    first block trains, since nothing before it could be kept."""
     if not trial.run.embedding_cache:
         return None
-    if not encoder_is_frozen(model):
-        raise ConfigError("embedding_cache needs a frozen image encoder: use strategy "
-                          "decoder_only, or lora with targets decoder_attn only")
-    return EmbeddingCache(Path(trial.run.embedding_cache), trial_base_id(trial))
+    folder, base_id = Path(trial.run.embedding_cache), trial_base_id(trial)
+    if encoder_is_frozen(model):
+        return EmbeddingCache(folder, base_id)
+    depth = frozen_prefix_depth(getattr(unwrap(model), "segmenter", model))
+    if depth == 0:
+        raise ConfigError("embedding_cache needs a frozen image encoder or frozen leading "
+                          "blocks: use strategy decoder_only, lora with targets decoder_attn, "
+                          "or lora with lora_depth below 1")
+    return EmbeddingCache(folder, base_id, depth)
 
 
 def with_embeddings(batches, cache: EmbeddingCache | None, model: torch.nn.Module, device):
-    """Batches with ``image_embeddings`` from the cache added (unchanged without a cache)."""
+    """Batches with the cache's ``image_embeddings`` (or ``encoder_prefix``: depth and hidden
+    states) added; unchanged without a cache."""
     segmenter = getattr(unwrap(model), "segmenter", None)
     for batch in batches:
         if cache is not None and segmenter is not None:
-            batch = {**batch, "image_embeddings": cache.embeddings(batch["image"], segmenter,
-                                                                   device)}
+            found = cache.embeddings(batch["image"], segmenter, device)
+            batch = {**batch, **({"image_embeddings": found} if cache.depth is None
+                                 else {"encoder_prefix": (cache.depth, found[0])})}
         yield batch
 
 

@@ -66,7 +66,8 @@ def forward(model: torch.nn.Module, batch: dict, tokenizer=None) -> dict[str, to
     """Everything the model predicts for a batch: ``logits``, ``confidence``, head outputs."""
     if isinstance(unwrap(model), LesionModel):
         return model(batch["image"], batch["box"], batch.get("context"),
-                     batch.get("pixel_spacing_mm"), batch.get("image_embeddings"))
+                     batch.get("pixel_spacing_mm"), batch.get("image_embeddings"),
+                     batch.get("encoder_prefix"))
     logits, confidence = predict_logits(model, batch["image"], batch["box"], batch.get("prompt"),
                                         tokenizer)
     return {"logits": logits, "confidence": confidence}
