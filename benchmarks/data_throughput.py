@@ -3,7 +3,10 @@
 1. Samples/s of the Ray Data stream (``lesion_dataset``) against a PyTorch DataLoader with as
    many worker processes as the stream runs decoding tasks at once (CPUs / CPU per task), and
    a plain single-process loop: the same rows, the same decoding (``prepare_sample``), batches
-   of 8. ``--image-size 1008`` measures crops for the full-size model.
+   of 8. The stream as a search runs it keeps decoded frames and masks in a frame cache
+   (``angiotune.data.frame_cache``; measured warm, as every epoch after a search's first
+   finds it); the DataLoader decodes every pass, as one writes it, and again with the same
+   cache. ``--image-size 1008`` measures crops for the full-size model.
 2. Decoding only the analysed frame of a cine against decoding the whole cine, per layout
    (uncompressed DICOM, RLE DICOM, NPY).
 
@@ -18,6 +21,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -107,7 +111,10 @@ def main() -> None:
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
 
-    def stream_rate(reserve_per_operator: bool) -> float:
+    cached = replace(settings, frame_cache=str(work / "frames"))
+    [prepare_sample(r.to_dict(), root, cached) for r in records]  # fill it, as epoch 1 does
+
+    def stream_rate(reserve_per_operator: bool, settings: SampleSettings = settings) -> float:
         dataset = lesion_dataset(rows, None, settings=settings, data_root=root,
                                  cpus_per_task=args.task_cpus,
                                  reserve_per_operator=reserve_per_operator)
@@ -120,16 +127,25 @@ def main() -> None:
         return len(records) / best_of(2, stream)
 
     reserved_rate, unreserved_rate = stream_rate(True), stream_rate(False)
+    cached_rate = stream_rate(True, cached)
+    cached_unreserved_rate = stream_rate(False, cached)
     ray.shutdown()
     processes = max(1, int(args.cpus / args.task_cpus))
     loader_rate = len(records) / dataloader_seconds(records, root, settings, processes)
+    cached_loader_rate = len(records) / dataloader_seconds(records, root, cached, processes)
     print("\n1. sample preparation (decode frame + mask, crop, normalise)")
     print(f"   plain loop, 1 process              : {loop_rate:7.1f} samples/s")
     print(f"   PyTorch DataLoader, {processes} workers     : {loader_rate:7.1f} samples/s")
     print(f"   Ray Data stream, up to {processes} tasks    : {reserved_rate:7.1f} samples/s")
     print(f"   same, no per-operator reserve      : {unreserved_rate:7.1f} samples/s")
+    print(f"   stream with the frame cache (warm) : {cached_rate:7.1f} samples/s")
+    print(f"   same, no per-operator reserve      : {cached_unreserved_rate:7.1f} samples/s")
+    print(f"   DataLoader with the frame cache    : {cached_loader_rate:7.1f} samples/s")
     print(f"   ratio stream / DataLoader          : {reserved_rate / loader_rate:7.2f}x "
           f"({unreserved_rate / loader_rate:.2f}x without the reserve)")
+    print(f"   ratio cached stream / DataLoader   : {cached_rate / loader_rate:7.2f}x "
+          f"({cached_unreserved_rate / loader_rate:.2f}x without the reserve; "
+          f"{cached_rate / cached_loader_rate:.2f}x a DataLoader with the cache)")
     print(f"   ratio stream / loop                : {reserved_rate / loop_rate:7.2f}x")
 
     print("\n2. one frame vs the whole cine (per file, best of 3)")

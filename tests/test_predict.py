@@ -97,7 +97,7 @@ def test_an_index_is_predicted_row_by_row_beside_the_core_lab(phantom_index, kep
     measured = [qca for qca in qcas if "error" not in qca]
     for qca in measured:  # MLD 0: a mask interrupted across the lesion reads as an occlusion
         assert qca["MLD_mm"] >= 0 and qca["lesion_length_mm"] > 0, qca
-        assert 0 < qca["interpolated_RVD_mm"] and qca["MLD_mm"] <= qca["interpolated_RVD_mm"], qca
+        assert qca["interpolated_RVD_mm"] > 0 and qca["MLD_mm"] <= qca["interpolated_RVD_mm"], qca
     for qca in (qca for qca in qcas if "error" in qca):
         assert qca["error"] and "MLD_mm" not in qca and "lesion_length_mm" not in qca, qca
     assert len(measured) >= 0.75 * len(qcas), qcas

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from angiotune.data.context import view_context
+from angiotune.data.frame_cache import FrameCache
 from angiotune.data.index import index_metadata, read_index
 from angiotune.data.prompts import lesion_prompt, neighbour_prompt
 from angiotune.data.readers import read_frame, read_mask
@@ -58,6 +59,8 @@ class SampleSettings:
     ``augment_views``: with ``augment_pixels``, draw each lesion's warp and lighting from a
     fixed bank of that many views (0: fresh every epoch). An encoder cache then holds every
     view after the first few epochs, so cached trials still train on moved pixels.
+    ``frame_cache``: a folder where decoded frames and masks are kept (``FrameCache``), so
+    that each file is decoded once per search machine rather than once per epoch and trial.
     """
 
     image_size: int = 224
@@ -67,6 +70,7 @@ class SampleSettings:
     seed: int = 0
     augment_pixels: bool = True
     augment_views: int = 0
+    frame_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.fit not in ("crop", "frame"):
@@ -89,8 +93,13 @@ def prepare_sample(row: dict, root: Path, settings: SampleSettings,
     move_pixels = augment and settings.augment_pixels
     if rng is None:
         rng = np.random.default_rng([settings.seed, _stable_int(row["sample_id"])])
-    frame = read_frame(root / row["image_path"], int(row["frame_index"]))
-    mask = read_mask(root / row["mask_path"])
+    if settings.frame_cache is not None:
+        frames = FrameCache(settings.frame_cache)
+        frame = frames.frame(root / row["image_path"], int(row["frame_index"]))
+        mask = frames.mask(root / row["mask_path"])
+    else:
+        frame = read_frame(root / row["image_path"], int(row["frame_index"]))
+        mask = read_mask(root / row["mask_path"])
     if mask.shape != frame.shape:
         mask = resize_mask(mask, frame.shape)
     box = np.array([row["bbox_x0"], row["bbox_y0"], row["bbox_x1"], row["bbox_y1"]], dtype=float)

@@ -292,7 +292,8 @@ def stage_constants(space: SearchSpace, index: Path, results: Path, run_dir: Pat
     that promotions during or after the search cannot change a resumed trial's start)."""
     from angiotune.data.stream import load_rows
 
-    constants: dict = {}
+    # Decoded frames and masks, shared by every trial and search of this results folder.
+    constants: dict = {"frame_cache": str((results / "cache" / "frames").resolve())}
     if space.fixed.get("embedding_cache"):  # shared by every trial and search of this results
         constants["cache_dir"] = str((results / "cache" / "embeddings").resolve())
     if space.heads:

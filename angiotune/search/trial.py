@@ -72,7 +72,8 @@ def run_trial(config: dict, constants: dict) -> None:
                              context=trial.adapter.crop_context,
                              augment_pixels=(trial.run.embedding_cache is None
                                              or trial.run.augment_views > 0),
-                             augment_views=trial.run.augment_views)
+                             augment_views=trial.run.augment_views,
+                             frame_cache=settings.get("frame_cache"))
     datasets = {}
     for split in ("train", "val"):
         rows, root = load_rows(settings["index"], split)
