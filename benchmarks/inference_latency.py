@@ -25,7 +25,7 @@ from angiotune.data.readers import read_frame
 from angiotune.data.stream import load_rows
 from angiotune.predict import KeptModels, PredictSettings, predict_cine
 from angiotune.predict.overlay import write_overlay
-from angiotune.predict.segment import segment_box
+from angiotune.predict.segment import segment_box, segment_boxes
 from angiotune.qca import QCAError, measure
 from angiotune.registry.store import list_entries
 
@@ -82,6 +82,43 @@ def time_full_size(rows, root: Path, device: str, runs: int) -> dict[str, float]
         times.append(1000 * (time.perf_counter() - start))
     return {"median ms": statistics.median(times), "runs": runs,
             "parameters (M)": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def time_lesions_per_frame(rows, root: Path, model, device: str, runs: int,
+                           counts: tuple[int, ...] = (1, 3, 5)) -> dict[int, dict[str, float]]:
+    """The segment step of a frame with 1, 3 and 5 lesions: one model pass per lesion against
+    one pass for the frame's boxes together (``segment_boxes``, what predict does). The boxes
+    are the index's lesion boxes, moved onto the first frame."""
+    row = rows[0]
+    frame = read_frame(root / row["image_path"], int(row["frame_index"]))
+    boxes = [np.array([r[f"bbox_{k}"] for k in ("x0", "y0", "x1", "y1")], dtype=float)
+             for r in rows[:max(counts)]]
+    spacing = float(row["pixel_spacing_mm"])
+    figures = {}
+    for count in counts:
+        chosen = boxes[:count]
+
+        def one_by_one(chosen=chosen) -> None:
+            for box in chosen:
+                segment_box(model, frame, box, spacing)
+
+        def together(chosen=chosen) -> None:
+            segment_boxes(model, frame, chosen, spacing)
+
+        times = {}
+        for label, function in (("one pass per lesion", one_by_one),
+                                ("one pass per frame", together)):
+            function()  # warm-up
+            taken = []
+            for _ in range(runs):  # interleaved would favour neither; the same frame each run
+                _sync(device)
+                start = time.perf_counter()
+                function()
+                _sync(device)
+                taken.append(1000 * (time.perf_counter() - start))
+            times[label] = statistics.median(taken)
+        figures[count] = times
+    return figures
 
 
 def time_loading(results: Path, device: str) -> dict[str, dict[str, float]]:
@@ -153,6 +190,13 @@ def main() -> None:
         figures = time_predict(rows, root, models, args.runs, True, args.device)
     print("--frame given, heads answering alone (no QCA read): "
           + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+    vessel = next(v for v in ("LAD", "general", "RCA", "LCX") if v in models.available)
+    for count, times in time_lesions_per_frame(rows, root, models.get(vessel), args.device,
+                                               args.runs).items():
+        apart, together = times["one pass per lesion"], times["one pass per frame"]
+        print(f"segment step, {count} lesion(s) on a frame ({vessel} adapter): one pass per "
+              f"lesion {apart:.1f} ms, one pass per frame {together:.1f} ms "
+              f"({apart / together:.2f}x)")
     with tempfile.TemporaryDirectory() as scratch:
         print(f"overlay PNG: {time_overlay(rows, root, models, args.device, Path(scratch)):.1f} "
               "ms (not in the per-frame figures)")

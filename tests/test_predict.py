@@ -273,3 +273,27 @@ def test_kept_lora_adapters_share_one_base_and_switch_per_vessel(tmp_path):
         return sum(tensors.values())
 
     assert stored_bytes(shared) < 0.75 * stored_bytes(separate)
+
+
+def test_every_lesion_of_a_frame_is_segmented_in_one_pass_as_each_would_be_alone(
+        phantom_dir, kept_results):
+    """predict segments a frame's boxes as one batch (one encoder and decoder pass per frame):
+    each lesion's probability map, mask, confidence and head outputs are what segmenting it
+    alone gives."""
+    from angiotune.data.readers import read_frame
+    from angiotune.predict import KeptModels
+    from angiotune.predict.segment import segment_box, segment_boxes
+
+    model = KeptModels(kept_results, "cpu").get("LAD")  # with heads
+    frame = read_frame(sorted((phantom_dir / "dicom").glob("*.dcm"))[0], 0)
+    boxes = [np.array(b, dtype=float) for b in ((100, 100, 160, 150), (300, 220, 330, 300),
+                                                 (40, 380, 140, 420))]
+    together = segment_boxes(model, frame, boxes, 0.3, (30.0, 20.0))
+    assert len(together) == 3
+    for box, batched in zip(boxes, together, strict=True):
+        alone = segment_box(model, frame, box, 0.3, (30.0, 20.0))
+        assert np.allclose(batched.probability, alone.probability, atol=1e-4)
+        assert np.array_equal(batched.mask, alone.mask)
+        assert batched.confidence == pytest.approx(alone.confidence, abs=1e-5)
+        assert batched.heads["cass_segment"] == alone.heads["cass_segment"]
+        assert batched.heads["MLD_mm"] == pytest.approx(alone.heads["MLD_mm"], abs=1e-3)

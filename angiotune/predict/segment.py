@@ -33,37 +33,56 @@ class Segmentation:
     heads: dict | None  # CASS segment, stenosis, MLD, RVD, when the adapter has heads
 
 
-@torch.no_grad()
 def segment_box(model: LesionModel, frame: np.ndarray, box: np.ndarray, mm_per_pixel: float,
                 angles: tuple[float | None, float | None] = (None, None)) -> Segmentation:
     """Segment inside ``box`` (x0, y0, x1, y1 frame pixels) on ``frame`` (H x W in [0, 1])."""
+    return segment_boxes(model, frame, [box], mm_per_pixel, angles)[0]
+
+
+@torch.no_grad()
+def segment_boxes(model: LesionModel, frame: np.ndarray, boxes: list[np.ndarray],
+                  mm_per_pixel: float, angles: tuple[float | None, float | None] = (None, None)
+                  ) -> list[Segmentation]:
+    """Every lesion box of one frame in one pass of the model: each box's crop is a row of one
+    batch, so the encoder and decoder run once per frame, not once per lesion."""
     size = image_size_of(model.segmenter)
-    affine = box_to_square(np.asarray(box, dtype=float), size, model.crop_context)
-    image = normalise_intensity(warp(frame, affine, size, fill=float(np.median(frame))))
-    model_box = np.clip(affine.box(np.asarray(box, dtype=float)), 0, size).astype(np.float32)
     height, width = frame.shape
-    row = {"angle_lao_deg": angles[0], "angle_cranial_deg": angles[1], "frame_width": width,
-           "frame_height": height, **{f"bbox_{k}": float(v) for k, v in
-                                      zip(("x0", "y0", "x1", "y1"), box, strict=True)}}
+    fill = float(np.median(frame))
+    affines, images, model_boxes, contexts, spacings = [], [], [], [], []
+    for box in boxes:
+        box = np.asarray(box, dtype=float)
+        affine = box_to_square(box, size, model.crop_context)
+        affines.append(affine)
+        images.append(normalise_intensity(warp(frame, affine, size, fill=fill)))
+        model_boxes.append(np.clip(affine.box(box), 0, size).astype(np.float32))
+        row = {"angle_lao_deg": angles[0], "angle_cranial_deg": angles[1],
+               "frame_width": width, "frame_height": height,
+               **{f"bbox_{k}": float(v) for k, v in zip(("x0", "y0", "x1", "y1"), box,
+                                                         strict=True)}}
+        contexts.append(view_context(row))
+        spacings.append(mm_per_pixel / affine.scale)
     device = next(model.parameters()).device
-    out = model(torch.as_tensor(image[None], device=device),
-                torch.as_tensor(model_box[None], device=device),
-                torch.as_tensor(view_context(row)[None], device=device),
-                torch.tensor([mm_per_pixel / affine.scale], device=device))
-    logits = out["logits"][0].float().cpu().numpy()
-    frame_logits = warp(logits, affine.inverse(), (height, width), fill=_OUTSIDE_LOGIT)
-    probability = 1.0 / (1.0 + np.exp(-frame_logits))
-    mask = largest_component(probability >= 0.5)
-    return Segmentation(probability.astype(np.float32), mask, float(out["confidence"][0]),
-                        _head_outputs(model, out))
+    out = model(torch.as_tensor(np.stack(images), device=device),
+                torch.as_tensor(np.stack(model_boxes), device=device),
+                torch.as_tensor(np.stack(contexts), device=device),
+                torch.tensor(spacings, dtype=torch.float32, device=device))
+    found = []
+    for i, affine in enumerate(affines):
+        logits = out["logits"][i].float().cpu().numpy()
+        frame_logits = warp(logits, affine.inverse(), (height, width), fill=_OUTSIDE_LOGIT)
+        probability = 1.0 / (1.0 + np.exp(-frame_logits))
+        mask = largest_component(probability >= 0.5)
+        found.append(Segmentation(probability.astype(np.float32), mask,
+                                  float(out["confidence"][i]), _head_outputs(model, out, i)))
+    return found
 
 
-def _head_outputs(model: LesionModel, out: dict) -> dict | None:
+def _head_outputs(model: LesionModel, out: dict, i: int) -> dict | None:
     """The heads' answers, their segment codes read in the taxonomy they were trained on; the
     measurements only of heads that were trained."""
     if model.heads is None:
         return None
-    probabilities = torch.softmax(out["segment_logits"][0].float(), dim=0).cpu().numpy()
+    probabilities = torch.softmax(out["segment_logits"][i].float(), dim=0).cpu().numpy()
     best = int(np.argmax(probabilities))
     settings = model.heads.settings
     try:
@@ -84,5 +103,5 @@ def _head_outputs(model: LesionModel, out: dict) -> dict | None:
             "segment_name": segment.name if segment else None,
             "probability": round(float(probabilities[best]), 3),
             "vessel": vessel, "vessel_probability": round(by_vessel.get(vessel, 0.0), 3),
-            **{key: round(float(out[name][0]), places)
+            **{key: round(float(out[name][i]), places)
                for key, (task, name, places) in measured.items() if task in settings.tasks}}
