@@ -228,6 +228,19 @@ def test_trials_at_once_leave_the_data_tasks_a_cpu():
         concurrent_trials(space(workers=1, cpus_per_worker=2), 2)
 
 
+def test_the_stream_takes_whole_cpus_only_where_the_trials_leave_them():
+    """On 2 cores with one trial training, decoding tasks share the remaining core (half a
+    CPU each, Ray Data's reserve on); a workstation's spare cores get a task each."""
+    from angiotune.search.trial import stream_plan
+
+    one_cpu = parse_space({**VALID, "max_concurrent": 2,
+                           "resources": {"workers": 1, "cpus_per_worker": 1}}, "x.yaml")
+    assert stream_plan(one_cpu, 2, 1) == {"data_task_cpus": 0.5, "data_reserve": True}
+    assert stream_plan(one_cpu, 3, 2) == {"data_task_cpus": 0.5, "data_reserve": True}
+    assert stream_plan(one_cpu, 4, 2) == {"data_task_cpus": 1.0, "data_reserve": False}
+    assert stream_plan(one_cpu, 16, 2) == {"data_task_cpus": 1.0, "data_reserve": False}
+
+
 def _open_study_in_a_loop(path: str, stop) -> None:
     import contextlib
     import os

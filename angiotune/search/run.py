@@ -196,11 +196,18 @@ def run_search(space: SearchSpace, settings: SearchSettings):
     from ray.tune.schedulers import ASHAScheduler
 
     from angiotune.search.trackers import logger_callbacks
-    from angiotune.search.trial import concurrent_trials, run_trial, trial_resources
+    from angiotune.search.trial import (
+        concurrent_trials,
+        run_trial,
+        stream_plan,
+        trial_resources,
+    )
 
     run_dir = settings.run_dir
     check_writable(run_dir)
     ensure_ray(settings)
+    cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+    at_once = concurrent_trials(space, cluster_cpus)
     constants = {"epochs": space.epochs, "index": str(Path(settings.index).resolve()),
                  "model_path": str(settings.model_path) if settings.model_path else None,
                  "image_size": space.image_size, "batch_size": space.batch_size,
@@ -213,7 +220,7 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                  "metrics": list(space.metric) if space.multi_objective else [space.metric],
                  "fault_dir": os.environ.get(FAULT_DIR_ENV),
                  "mode": _first(space.mode), "objective": space.objective,
-                 **settings.trial_constants}
+                 **stream_plan(space, cluster_cpus, at_once), **settings.trial_constants}
     (run_dir / "space.json").write_text(jsonio.dumps(asdict(space), indent=1))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, constants=constants),
@@ -237,7 +244,6 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                                   stop_last_trials=False) if space.asha else None
         searcher = (_per_vessel_search(space, run_dir) if space.stage == 3
                     else _optuna_search(space, run_dir))
-        at_once = concurrent_trials(space, ray.cluster_resources().get("CPU", 0.0))
         if at_once < space.max_concurrent and settings.announce:
             settings.announce(f"{at_once} trial(s) at a time, not {space.max_concurrent}: that "
                               "leaves Ray Data CPUs to decode samples with")

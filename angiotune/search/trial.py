@@ -46,6 +46,23 @@ def concurrent_trials(space: SearchSpace, cluster_cpus: float) -> int:
     return min(space.max_concurrent, fit)
 
 
+def stream_plan(space: SearchSpace, cluster_cpus: float, at_once: int) -> dict:
+    """How the trials' Ray Data streams decode, from the CPUs the trials leave: with two or
+    more spare CPUs a decoding task gets a whole one and Ray Data keeps no per-operator reserve
+    (which idled half the decoders, ``benchmarks/data_throughput.py``); with fewer, as on two
+    cores where the step needs one, half a CPU per task and the reserve, which fed a search
+    faster there (``benchmarks/README.md``)."""
+    from angiotune.data.stream import DATA_TASK_CPUS
+
+    per_trial = trial_resources(space)["cpu"]
+    if not space.trains_in_trial:
+        per_trial += space.workers * space.cpus_per_worker
+    spare = cluster_cpus - at_once * per_trial
+    if spare >= 2:
+        return {"data_task_cpus": 1.0, "data_reserve": False}
+    return {"data_task_cpus": DATA_TASK_CPUS, "data_reserve": True}
+
+
 def with_checkpoint_paths(history: pd.DataFrame, trial_dir: Path) -> pd.DataFrame:
     """A trial's epoch history with ``checkpoint_path`` for every checkpointed epoch: Train
     runs report it, trials that train in their own process leave Tune's ``checkpoint_dir_name``
@@ -61,7 +78,7 @@ def with_checkpoint_paths(history: pd.DataFrame, trial_dir: Path) -> pd.DataFram
 
 
 def run_trial(config: dict, constants: dict) -> None:
-    from angiotune.data.stream import SampleSettings, lesion_dataset, load_rows
+    from angiotune.data.stream import DATA_TASK_CPUS, SampleSettings, lesion_dataset, load_rows
     from angiotune.train.config import TrialConfig
 
     settings = {**constants, **config}
@@ -79,7 +96,10 @@ def run_trial(config: dict, constants: dict) -> None:
         rows, root = load_rows(settings["index"], split)
         if settings.get("vessel"):  # stage 3: this trial's vessel only
             rows = rows[rows["vessel"] == settings["vessel"]].reset_index(drop=True)
-        datasets[split] = lesion_dataset(rows, split, settings=samples, data_root=root)
+        datasets[split] = lesion_dataset(
+            rows, split, settings=samples, data_root=root,
+            cpus_per_task=float(settings.get("data_task_cpus", DATA_TASK_CPUS)),
+            reserve_per_operator=bool(settings.get("data_reserve", True)))
     use_gpu = float(settings["gpus_per_worker"]) > 0
     if settings["in_trial"]:
         from angiotune.train.loop import TuneTrialBackend, run_training
