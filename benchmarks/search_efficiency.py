@@ -96,7 +96,8 @@ def report(runs: list[dict], args, raw: dict | None = None) -> None:
 
     raw = raw or yaml.safe_load(resolve_space_path("lora_rank.yaml").read_text())
     print(f"\n{raw['samples']} trials of up to {raw['epochs']} epochs per search, "
-          f"{raw['max_concurrent']} at a time; embedded phantoms and tiny model, CPU")
+          f"{raw.get('max_concurrent', 'auto')} at a time; embedded phantoms and tiny model, "
+          "CPU")
     seeds = sorted({r["seed"] for r in runs})
     for method in METHODS:
         mine = [r for r in runs if r["method"] == method]
@@ -122,8 +123,33 @@ def report(runs: list[dict], args, raw: dict | None = None) -> None:
                    f"{max(ratios):.2f}" if ratios else "no seed where both got there")
         print(f"trial-epochs ratio random + FIFO / TPE + ASHA, over the {reached} of "
               f"{len(seeds)} seeds where both got there: {summary}")
+    goal = _goal(runs, seeds)
     if args.out:
-        args.out.write_text(json.dumps({"runs": runs, "ratios": ratios}, indent=1))
+        args.out.write_text(json.dumps({"runs": runs, "ratios": ratios, "goal": goal}, indent=1))
+
+
+def _goal(runs: list[dict], seeds: list[int], tolerance: float = 0.01) -> list[dict]:
+    """Issue 20's test, per seed: did TPE + ASHA get within ``tolerance`` Dice of the best that
+    random search run to the end found, and with how many times fewer trial-epochs than that
+    random search spent in all (it cannot know its best before it ends)?"""
+    print(f"\nTPE + ASHA against the best of random + FIFO (within {tolerance} Dice), and the "
+          "compute ratio: random + FIFO's whole budget / TPE + ASHA's trial-epochs to get there")
+    rows = []
+    for seed in seeds:
+        pair = {r["method"]: r for r in runs if r["seed"] == seed}
+        random_run, tpe = pair["random + FIFO"], pair["TPE + ASHA"]
+        cost = cost_to_reach(tpe["values"], max(random_run["values"]) - tolerance)
+        ratio = len(random_run["values"]) / cost if cost else None
+        rows.append({"seed": seed, "random_best": max(random_run["values"]),
+                     "tpe_best": max(tpe["values"]), "tpe_cost": cost,
+                     "random_budget": len(random_run["values"]), "ratio": ratio})
+        print(f"  seed {seed}: random best {max(random_run['values']):.4f} in "
+              f"{len(random_run['values'])}; TPE + ASHA best {max(tpe['values']):.4f}, got there "
+              f"after {cost if cost else 'never'}"
+              + (f" ({ratio:.2f}x less compute)" if ratio else ""))
+    met = sum(1 for r in rows if r["ratio"] and r["ratio"] >= 2)
+    print(f"  met (within {tolerance} with at least 2x less compute): {met} of {len(rows)} seeds")
+    return rows
 
 
 def _mean_sd(values: list[float], digits: int = 4) -> str:
