@@ -252,7 +252,7 @@ def test_heads_remember_their_taxonomy_and_report_only_trained_tasks(tmp_path):
     model = LesionModel(adapt(load_base_model(), AdapterSettings(rank=2)), again)
     out = {"segment_logits": torch.tensor([[3.0, 0.0]]), "stenosis_pct": torch.tensor([40.0]),
            "mld_mm": torch.tensor([1.0]), "rvd_mm": torch.tensor([3.0])}
-    report = _head_outputs(model, out)
+    report = _head_outputs(model, out, 0)
     assert (report["cass_segment"], report["segment_name"]) == ("5", "left main")
     assert report["taxonomy"] == "SYNTAX"
     assert not {"diameter_stenosis_pct", "MLD_mm", "RVD_mm"} & set(report)

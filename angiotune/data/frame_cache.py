@@ -42,7 +42,7 @@ class FrameCache:
         key = hashlib.sha256(identity.encode()).hexdigest()
         stored = self.folder / key[:2] / f"{key}.npy"
         try:
-            return np.load(stored, mmap_mode="r")
+            return np.load(stored, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError):  # absent, or torn by a crash: decode again
             pass
         array = decode()
