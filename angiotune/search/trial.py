@@ -29,15 +29,21 @@ def trial_resources(space: SearchSpace) -> dict:
     return {"cpu": space.cpus_per_worker, **({"gpu": gpus} if gpus else {})}
 
 
+def trial_cpus(space: SearchSpace) -> float:
+    """The CPUs one trial holds: its own, plus its Train worker group's when it has one."""
+    held = trial_resources(space)["cpu"]
+    if not space.trains_in_trial:
+        held += space.workers * space.cpus_per_worker
+    return held
+
+
 def concurrent_trials(space: SearchSpace, cluster_cpus: float) -> int:
     """How many trials may run at once: no more than the space asks for, and few enough to
     leave Ray Data a decoding task's CPUs. Trials that hold every CPU wait forever for their
     data, and Ray 2.60 does not say so."""
     from angiotune.data.stream import DATA_TASK_CPUS
 
-    per_trial = trial_resources(space)["cpu"]
-    if not space.trains_in_trial:
-        per_trial += space.workers * space.cpus_per_worker
+    per_trial = trial_cpus(space)
     fit = int((cluster_cpus - DATA_TASK_CPUS) // per_trial)
     if fit < 1:
         raise ConfigError(f"a trial needs {per_trial:g} CPUs and its data tasks "
@@ -54,10 +60,7 @@ def stream_plan(space: SearchSpace, cluster_cpus: float, at_once: int) -> dict:
     faster there (``benchmarks/README.md``)."""
     from angiotune.data.stream import DATA_TASK_CPUS
 
-    per_trial = trial_resources(space)["cpu"]
-    if not space.trains_in_trial:
-        per_trial += space.workers * space.cpus_per_worker
-    spare = cluster_cpus - at_once * per_trial
+    spare = cluster_cpus - at_once * trial_cpus(space)
     if spare >= 2:
         return {"data_task_cpus": 1.0, "data_reserve": False}
     return {"data_task_cpus": DATA_TASK_CPUS, "data_reserve": True}
