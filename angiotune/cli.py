@@ -447,6 +447,58 @@ def _kept_adapters_options(command):
                         help="Where the kept adapters are.")(command)
 
 
+@cli.command()
+@click.option("--space", "space_file", default="distill.yaml", show_default=True,
+              help="Distillation space YAML (stage: distill; a path, or a file name in "
+                   "search_spaces/).")
+@click.option("--vessel", "vessels", multiple=True,
+              type=click.Choice(["RCA", "LAD", "LCX", "general"], case_sensitive=False),
+              help="Distil this kept model (repeatable; default: every kept box-prompt model).")
+@_kept_adapters_options
+@click.option("--name", help="Run name (default: the space's name).")
+@click.option("--address", help="Join an existing Ray cluster (e.g. 127.0.0.1:6379 or auto).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same name.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override the space, validated like the file: samples=12, epochs=20, "
+                   "fixed.frames_per_cine=8. Repeatable.")
+def distill(space_file: str, vessels: tuple[str, ...], results: Path, model: Path | None,
+            name: str | None, address: str | None, resume: bool,
+            overrides: tuple[str, ...]) -> None:
+    """Distil each kept model into a smaller student (Ray Tune + Optuna + ASHA), kept beside
+    its teacher; `angiotune predict --student` uses it."""
+    from dataclasses import replace
+
+    from angiotune.search import load_space
+    from angiotune.search.distill import distill as run
+
+    space = load_space(space_file, overrides)
+    if vessels:
+        space = replace(space, vessels=tuple(_entry_key(None, None, v) for v in vessels))
+    out.print(f"Distillation {name or space.name}: {space.samples} student trials of "
+              f"{space.epochs} epochs per kept model in {results}/best")
+    outcome = run(space, results=results, model=model, name=name, resume=resume,
+                  address=address, announce=out.print)
+    for message in outcome.messages:
+        out.print(message)
+    table = Table(title="Students (Dice on the test split's analysed frames; ms per lesion on "
+                        "an RTX 3090 at full size, estimated from FLOPs)")
+    for column in ("model", "encoder", "val Dice", "test Dice", "teacher test Dice",
+                   "agreement", "ms student", "ms teacher"):
+        table.add_column(column, no_wrap=True)
+    for key, record in outcome.students.items():
+        encoder, test = record["encoder"], record["test"]
+        ms = record["full_size_ms_per_lesion_rtx3090"]
+        table.add_row(key, f"{encoder['blocks']}x{encoder['hidden_size']} @ "
+                      f"{encoder['image_size']}px", _share(record["validation"].get("dice")),
+                      _share(test.get("dice")), _share(test.get("teacher_dice")),
+                      _share(test.get("agreement")), _cell(ms["student"]), _cell(ms["teacher"]))
+    out.print(table)
+    if outcome.students:
+        note = next(iter(outcome.students.values())).get("data_note")
+        if note:
+            out.print(f"Data: {note}.", soft_wrap=True)
+
+
 def _angles_option(_ctx, _param, value: str | None):
     """"RAO 30, CAUDAL 25" -> (-30.0, -25.0): labelled, so no sign convention to get wrong."""
     if value is None:
@@ -493,10 +545,12 @@ def _angles_option(_ctx, _param, value: str | None):
 @click.option("--dicom-identity", type=click.Choice(["pseudonym", "keep"]), default="pseudonym",
               show_default=True, help="Patient and study of the DICOM export: a pseudonym, or "
               "the source DICOM's own identifiers (the PACS files the results into its study).")
+@click.option("--student", is_flag=True, help="Segment with the distilled students "
+              "(`angiotune distill`) instead of the adapters: faster, no measurement heads.")
 def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | None, angles,
             pixel_spacing: float | None, calibration: float | None, max_proposals: int,
             no_overlay: bool, device: str, results: Path, model: Path | None,
-            exports: tuple[str, ...], dicom_identity: str) -> None:
+            exports: tuple[str, ...], dicom_identity: str, student: bool) -> None:
     """Segment and measure the lesions of SOURCE: a DICOM or NPY cine, a folder of them, or a
     lesion index (Parquet), with the kept adapter of the vessel in view."""
     from angiotune.predict import PredictSettings
@@ -510,7 +564,8 @@ def predict(source: Path, out_dir: Path, box, frame: int | None, vessel: str | N
                                pixel_spacing_mm=pixel_spacing,
                                calibration_px_per_mm=calibration, max_proposals=max_proposals,
                                overlays=not no_overlay, device=device, model=model,
-                               exports=exports, dicom_identity=dicom_identity)
+                               exports=exports, dicom_identity=dicom_identity,
+                               student=student)
     with _progress() as progress:
         task = progress.add_task("predicting", total=None)
         summary = run_predict(source, out_dir, settings, on_item=lambda done, total:
@@ -602,6 +657,11 @@ def export_model_command(vessel: str, out_dir: Path, results: Path, model: Path 
     if not done.tested:
         out.print("No held-out test scores in the card: run `angiotune evaluate` first to "
                   "have them there.")
+
+
+def _share(value) -> str:
+    """A Dice or agreement, to three places: differences of 0.01 matter."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _cell(value) -> str:

@@ -39,7 +39,8 @@ PROMPT_MODES = ("box", "text_box")
 HEAD_METRICS = {"cass_accuracy": "max", "cass_macro_f1": "max", "stenosis_mae": "min",
                 "mld_mae_mm": "min", "rvd_mae_mm": "min"}
 SEGMENTATION_METRICS = {"dice": "max", "iou": "max"}
-METRIC_MODES = {**SEGMENTATION_METRICS, **HEAD_METRICS, "objective": "max"}
+# agreement: a student's Dice against its teacher's masks (angiotune.train.distill).
+METRIC_MODES = {**SEGMENTATION_METRICS, **HEAD_METRICS, "objective": "max", "agreement": "max"}
 
 # Experiment trackers a space's ``callbacks`` section may turn on (angiotune.search.trackers),
 # each with the settings it takes; the name is also the Python package it needs.

@@ -77,6 +77,7 @@ class PredictSettings:
     # Standard exports written beside the JSON (angiotune.export): "coco", "dicom".
     exports: tuple[str, ...] = ()
     dicom_identity: str = "pseudonym"  # or "keep": the source's patient and study identifiers
+    student: bool = False  # segment with the distilled students (`angiotune distill`)
 
     def __post_init__(self) -> None:
         """Checked here, not only in the CLI: through the API a negative calibration would
@@ -134,10 +135,11 @@ class KeptModels:
     and then reused. LoRA adapters of one base share it: the base is loaded once and each
     key's adapter is a named peft adapter on it, switched to when that key is asked for
     (``share_base=False``: one base per adapter, as before; ``benchmarks/inference_latency.py``
-    measures both)."""
+    measures both). With ``student``, each key's distilled student segments instead of its
+    adapter, and only keys with a student whose teacher is still the kept one are available."""
 
     def __init__(self, results: Path, device: str = "auto", model_path: Path | None = None,
-                 share_base: bool = True) -> None:
+                 share_base: bool = True, student: bool = False) -> None:
         self.results = Path(results)
         self.model_path = model_path
         self.device = resolve_device(device)
@@ -148,11 +150,27 @@ class KeptModels:
         self.entries = {v: e for v, e in kept.items() if e.get("prompt_mode", "box") == "box"}
         self.skipped = sorted(set(kept) - set(self.entries))
         self._models: dict[str, object] = {}
+        self.students: dict[str, dict] = {}
+        if student:
+            self._keep_students()
         if not self.entries:
             skipped = (f" ({', '.join(self.skipped)} kept as text_box adapters, which predict "
                        "does not use)" if self.skipped else "")
             raise RegistryError(f"no box-prompted adapter kept in {self.results / 'best'}"
                                 f"{skipped}; run `angiotune search` first (or pass --results)")
+
+    def _keep_students(self) -> None:
+        from angiotune.registry.students import read_student
+
+        found = {v: read_student(self.results, v) for v in self.entries}
+        self.students = {v: e for v, e in found.items() if e is not None and not e["stale"]}
+        stale = sorted(v for v, e in found.items() if e is not None and e["stale"])
+        if not self.students:
+            why = (f" (the {', '.join(stale)} student(s) learned from teachers that have since "
+                   "been replaced)" if stale else "")
+            raise RegistryError(f"no distilled student kept in {self.results / 'best'}{why}; "
+                                "run `angiotune distill` first, or predict without --student")
+        self.entries = {v: e for v, e in self.entries.items() if v in self.students}
 
     @property
     def available(self) -> set[str]:
@@ -173,6 +191,10 @@ class KeptModels:
         from angiotune.model.adapters import add_adapter, load_adapter, strategy_of
         from angiotune.model.sam3 import base_model_id, load_base_model
 
+        if self.students:
+            from angiotune.registry.students import load_kept_student
+
+            return load_kept_student(self.results, vessel)
         entry = self.entries[vessel]
         folder = Path(entry["path"]) / ADAPTER
         lora = strategy_of(folder) == "lora"
@@ -198,7 +220,8 @@ def predict(source: str | Path, out: str | Path, settings: PredictSettings = Pre
     if not source.exists():
         raise DataError("no such file or folder", file=str(source))
     out.mkdir(parents=True, exist_ok=True)
-    models = KeptModels(settings.results, settings.device, settings.model)
+    models = KeptModels(settings.results, settings.device, settings.model,
+                        student=settings.student)
     items = list(_items(source, settings))
     if not items:
         raise DataError(f"no DICOM, NPY or image cines ({', '.join(CINE_SUFFIXES)}) found",
@@ -454,9 +477,11 @@ def _predict_lesion(frame, box, box_source, proposal, route: Route, fallback: bo
                     "strategy": entry.get("strategy"), "search": entry.get("search"),
                     "trial_id": entry.get("trial_id"), "validation_metric": entry.get("metric"),
                     "validation_score": round(float(entry["score"]), 4),
-                    "base_model": entry.get("base_model"), "heads": bool(entry.get("heads")),
+                    "base_model": entry.get("base_model"),
+                    "heads": bool(entry.get("heads")) and vessel not in models.students,
                     # Kept with --keep-below-zero-shot: the base alone scored better.
-                    "below_zero_shot": bool(entry.get("below_zero_shot"))},
+                    "below_zero_shot": bool(entry.get("below_zero_shot")),
+                    "student": _student_report(models.students.get(vessel))},
         "box": [round(float(v), 1) for v in box], "box_source": box_source,
         "proposal": proposal,
         "segmentation": {"confidence": round(segmentation.confidence, 3),
@@ -578,6 +603,17 @@ def _head_confirms(heads: dict, vessel: str) -> bool:
     views = load_views()
     return (views.adapter_for.get(heads["vessel"], heads["vessel"]) == vessel
             and heads["vessel_probability"] >= views.head_override_probability)
+
+
+def _student_report(student: dict | None) -> dict | None:
+    """The distilled student that segmented instead of the adapter (``--student``)."""
+    if student is None:
+        return None
+    return {"teacher_entry": student["teacher_entry"], "encoder": student.get("encoder"),
+            "test_dice": student.get("test", {}).get("dice"),
+            "teacher_test_dice": student.get("test", {}).get("teacher_dice"),
+            "test_agreement": student.get("test", {}).get("agreement"),
+            "search": student.get("search"), "trial_id": student.get("trial_id")}
 
 
 def _what(entry: dict) -> str:

@@ -97,8 +97,8 @@ def _verified(folder: Path) -> dict:
     except (OSError, ValueError) as error:
         raise RegistryError(f"{folder}: unreadable entry ({error}); rerun the search to replace "
                             "it") from None
-    if _checksums(folder / ADAPTER) != manifest.get("checksums"):
-        raise RegistryError(f"{folder}: adapter files do not match the manifest's checksums "
+    if _checksums(folder / manifest.get("payload", ADAPTER)) != manifest.get("checksums"):
+        raise RegistryError(f"{folder}: model files do not match the manifest's checksums "
                             "(damaged or edited); rerun the search to replace the entry")
     manifest["path"] = str(folder.resolve())
     return manifest
@@ -137,13 +137,14 @@ def _fsync(path: Path) -> None:
         os.close(handle)
 
 
-def _write_version(version: Path, adapter: Path, manifest: dict) -> None:
+def _write_version(version: Path, adapter: Path, manifest: dict, card) -> None:
     """A complete entry in a new folder, on disk before anything names it."""
-    shutil.copytree(adapter, version / ADAPTER)
-    manifest = {**manifest, "checksums": _checksums(version / ADAPTER)}
+    payload = manifest.get("payload", ADAPTER)
+    shutil.copytree(adapter, version / payload)
+    manifest = {**manifest, "checksums": _checksums(version / payload)}
     (version / MANIFEST).write_text(jsonio.dumps(manifest, indent=1, sort_keys=True) + "\n",
                                     encoding="utf-8")
-    (version / "README.md").write_text(model_card(manifest), encoding="utf-8")
+    (version / "README.md").write_text(card(manifest), encoding="utf-8")
     for path in [*version.rglob("*"), version, version.parent]:
         _fsync(path)
 
@@ -187,18 +188,24 @@ def _collect(folder: Path, key: str, keep: set[Path | None]) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def promote(results: Path, vessel: str, adapter: Path, record: dict) -> tuple[bool, str]:
-    """Keep ``adapter`` as the vessel's best if it beats the entry there; says why or why not."""
+def promote(results: Path, vessel: str, adapter: Path, record: dict, *,
+            supersedes=None, card=None, what: str = "adapter") -> tuple[bool, str]:
+    """Keep ``adapter`` as the vessel's best if it beats the entry there; says why or why not.
+
+    ``supersedes(current)``: True where the new entry replaces the current one whatever their
+    scores (a student of a newer teacher); ``card``: the model card's writer; ``what``: the
+    entry's kind in messages. ``record["payload"]`` names the entry's model folder."""
+    card = card or model_card
     with _locked(results) as folder:
         current = read_entry(results, vessel)
         score, mode = record["score"], record["mode"]
-        if current is not None:
+        if current is not None and not (supersedes and supersedes(current)):
             if current["validation_split"] != record["validation_split"]:
-                return False, (f"kept the existing {vessel} adapter: it was scored on another "
+                return False, (f"kept the existing {vessel} {what}: it was scored on another "
                                "validation split, so the two cannot be compared")
             better = score > current["score"] if mode == "max" else score < current["score"]
             if not better:
-                return False, (f"kept the existing {vessel} adapter ({record['metric']} "
+                return False, (f"kept the existing {vessel} {what} ({record['metric']} "
                                f"{current['score']:.4f} vs {score:.4f})")
         replaced = None if current is None else {
             key: current.get(key) for key in ("stage", "strategy", "score", "search", "trial_id")}
@@ -209,7 +216,8 @@ def promote(results: Path, vessel: str, adapter: Path, record: dict) -> tuple[bo
         try:
             _write_version(version, adapter,
                            {**record, "vessel": vessel, "angiotune_version": __version__,
-                            "replaced": replaced, "created": now.isoformat(timespec="seconds")})
+                            "replaced": replaced, "created": now.isoformat(timespec="seconds")},
+                           card)
             _switch(folder, vessel, version)
         except OSError as error:  # a full disk, most likely: the pointer names the old entry
             shutil.rmtree(version, ignore_errors=True)
@@ -219,7 +227,7 @@ def promote(results: Path, vessel: str, adapter: Path, record: dict) -> tuple[bo
         _fsync(folder)  # the pointer's new content, past a power cut
         _collect(folder, vessel, {version, previous})
         was = f" (was {current['score']:.4f})" if current else ""
-        return True, f"new best {vessel} adapter: {record['metric']} {score:.4f}{was}"
+        return True, f"new best {vessel} {what}: {record['metric']} {score:.4f}{was}"
 
 
 STAGE_NAMES = {1: "stage 1 lesion LoRA", 2: "stage 2 multi-task", 3: "stage 3 vessel LoRA"}

@@ -166,7 +166,7 @@ def search(space: SearchSpace, *, data: Path | None = None, model: Path | None =
     note = data_note(index, model)
     for vessel in registry_keys(space):
         metric = registry_metric(space.select, vessel)
-        candidate = _best_checkpoint(grid, metric, "max")
+        candidate = best_checkpoint(grid, metric, "max")
         if candidate is None:
             if vessel in validated:  # else the data names no such vessel: nothing to say
                 outcome.messages.append(f"{vessel}: no trial reported {metric}")
@@ -376,8 +376,9 @@ def _is_metric(key: str, value) -> bool:
             and isinstance(value, (int, float, np.floating, np.integer)))
 
 
-def _best_checkpoint(grid, metric: str, mode: str):
-    """The best epoch of any trial on ``metric`` whose checkpoint still exists."""
+def best_checkpoint(grid, metric: str, mode: str, payload: str = "adapter"):
+    """The best epoch of any trial on ``metric`` whose checkpoint (its ``payload`` folder: an
+    adapter, or a student) still exists."""
     best = None
     for result in grid:
         history = result.metrics_dataframe
@@ -385,7 +386,7 @@ def _best_checkpoint(grid, metric: str, mode: str):
             continue
         history = with_checkpoint_paths(history, Path(result.path))
         for _, row in history.dropna(subset=[metric, "checkpoint_path"]).iterrows():
-            if not (Path(row["checkpoint_path"]) / "adapter").exists():
+            if not (Path(row["checkpoint_path"]) / payload).exists():
                 continue
             score = float(row[metric])
             if best is None or (score > best[0] if mode == "max" else score < best[0]):

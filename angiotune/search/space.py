@@ -70,6 +70,7 @@ from angiotune.names import (
     ADAPTER_VESSELS,
     CLASS_LOSSES,
     CROP_CONTEXT_RANGE,
+    GENERAL,
     HEAD_METRICS,
     HEAD_WEIGHTINGS,
     METRIC_MODES,
@@ -88,7 +89,8 @@ TOP_KEYS = {"name", "stage", "metric", "mode", "samples", "max_concurrent", "epo
 SAMPLERS = ("tpe", "random")
 SELECTS = ("dice", "iou")  # the registry compares every stage's adapters on segmentation
 AUTO = "auto"  # a size left to the model and the machine (angiotune.search.sizing)
-STAGES = (1, 2, 3)
+DISTILL = "distill"  # the stage that trains students of the kept models (search.distill)
+STAGES = (1, 2, 3, DISTILL)
 DEFAULT_HEAD_WEIGHT = 1.0  # a head's loss weight when the space does not set it (train.loop)
 INIT_CHOICES = ("none", "best", "vessel", *ADAPTER_VESSELS)
 PARAM_TYPES = {"float", "int", "categorical"}
@@ -100,13 +102,19 @@ TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", 
               "stenosis_weight", "mld_weight", "rvd_weight", "head_weighting", "class_loss",
               "class_weights", "head_hidden", "head_lr_ratio", "embedding_cache",
               "crop_context", "refine", "lora_depth", "augment_views"}
+# What a student trial understands (stage: distill; angiotune.train.distill).
+DISTILL_KEYS = {"width_ratio", "depth_ratio", "input_ratio", "temperature", "distill_weight",
+                "lr", "weight_decay", "batch_size", "frames_per_cine", "max_ms_per_lesion",
+                "feature_weight"}
+DISTILL_METRICS = ("dice", "agreement")  # what a student trial reports and is selected on
 # prompt_mode: one zero-shot base per search; embedding_cache: what may train depends on it;
-# augment_views: the data every trial of a search reads.
-FIXED_ONLY = {"prompt_mode", "embedding_cache", "augment_views"}
+# augment_views, frames_per_cine: the data every trial of a search reads.
+FIXED_ONLY = {"prompt_mode", "embedding_cache", "augment_views", "frames_per_cine",
+              "max_ms_per_lesion"}
 # Each scalar field of a SearchSpace: its type, its minimum (None: any) and its key in a file,
 # which errors name. A field in AUTO_FIELDS may also be None: auto (angiotune.search.sizing).
 SCALAR_FIELDS = {
-    "stage": (int, None, "stage"), "samples": (int, 1, "samples"),
+    "samples": (int, 1, "samples"),
     "max_concurrent": (int, 1, "max_concurrent"), "epochs": (int, 1, "epochs"),
     "seed": (int, None, "seed"), "grace_period": (int, 1, "asha.grace_period"),
     "reduction_factor": (int, 2, "asha.reduction_factor"),
@@ -139,11 +147,13 @@ class Param:
         """A parameter checks itself, so one made by hand meets the file's rules; ``when``
         is checked by its space, which knows the earlier parameters."""
         where = f"params.{self.name}"
-        if self.name not in TRIAL_KEYS:
-            raise ConfigError(f"{where}: unknown parameter; known: {sorted(TRIAL_KEYS)}")
+        if self.name not in TRIAL_KEYS | DISTILL_KEYS:
+            raise ConfigError(f"{where}: unknown parameter; known: {sorted(TRIAL_KEYS)} (and "
+                              f"for stage: distill, {sorted(DISTILL_KEYS)})")
         if self.name in FIXED_ONLY:
             raise ConfigError(f"{where}: {self.name} cannot be searched; set it under 'fixed' "
-                              "(run one search per prompt mode: each has its own zero-shot base)")
+                              "(every trial of a search shares it: one zero-shot base per "
+                              "prompt mode, one data set per search)")
         _check_param_type(self.type, f"{where}.type")
         if not isinstance(self.when, dict):
             raise ConfigError(f"{where}.when: must map earlier parameter names to values")
@@ -209,8 +219,8 @@ class SearchSpace:
         for name in ("metric", "mode", "vessels"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage: {self.stage} must be one of {STAGES}")
+        if isinstance(self.stage, bool) or self.stage not in STAGES:
+            raise ConfigError(f"stage: {self.stage!r} must be one of 1, 2, 3 or distill")
         if not self.name:
             raise ConfigError("name: must not be empty (it names the study and its folder)")
         if self.select not in SELECTS:
@@ -528,6 +538,13 @@ def _check_trial_settings(space: SearchSpace) -> None:
         raise ConfigError("fixed: must be a mapping")
     for key, value in space.fixed.items():
         _check_trial_value(key, value, f"fixed.{key}")
+    allowed = DISTILL_KEYS if space.stage == DISTILL else TRIAL_KEYS
+    for key, where in [*((k, f"fixed.{k}") for k in space.fixed),
+                       *((p.name, f"params.{p.name}") for p in space.params)]:
+        if key not in allowed:
+            kind = "a student trial" if space.stage == DISTILL else "an adapter trial"
+            raise ConfigError(f"{where}: not a setting of {kind} (stage {space.stage}); "
+                              f"known: {sorted(allowed)}")
     if space.stage == 2 and space.fixed.get("heads") is not True:
         raise ConfigError("fixed.heads: stage 2 trains the heads; it must be true")
     if not space.params:
@@ -547,6 +564,13 @@ def _check_trial_settings(space: SearchSpace) -> None:
 
 
 def _check_vessels(space: SearchSpace) -> None:
+    if space.stage == DISTILL:  # the registry entries to distil (default: every kept one)
+        keys = (*ADAPTER_VESSELS, GENERAL)
+        if any(v not in keys for v in space.vessels) or len(set(space.vessels)) != len(
+                space.vessels):
+            raise ConfigError(f"vessels: {list(space.vessels)} must be distinct registry "
+                              f"entries from {list(keys)}")
+        return
     if space.stage != 3:
         if space.vessels:
             raise ConfigError("vessels: only a stage-3 search has one study per vessel")
@@ -562,6 +586,15 @@ def _check_vessels(space: SearchSpace) -> None:
 def _check_consistency(space: SearchSpace) -> None:
     """Rules that span sections: what the metrics need, and where ``init`` can point."""
     metrics = space.metric if space.multi_objective else (space.metric,)
+    if space.stage == DISTILL:
+        if space.multi_objective or space.metric not in DISTILL_METRICS or space.objective:
+            raise ConfigError(f"metric: a distillation search selects students on one of "
+                              f"{DISTILL_METRICS} (validation Dice, or agreement with the "
+                              "teacher), without a vessel or an objective")
+        return
+    if "agreement" in metrics:
+        raise ConfigError("metric: agreement compares a student with its teacher; only a "
+                          "distillation search (stage: distill) reports it")
     if space.stage == 3 and (space.multi_objective or "/" in space.metric):
         raise ConfigError("metric: stage 3 takes one metric without a vessel (each trial is "
                           "scored on its own vessel's lesions)")
@@ -652,8 +685,22 @@ def _typed(value: Any, kind, where: str, minimum=None):
 
 
 def _check_trial_value(name: str, value: Any, where: str) -> None:
-    if name not in TRIAL_KEYS:
-        raise ConfigError(f"{where}: unknown parameter; known: {sorted(TRIAL_KEYS)}")
+    if name not in TRIAL_KEYS | DISTILL_KEYS:
+        raise ConfigError(f"{where}: unknown parameter; known: {sorted(TRIAL_KEYS)} (and for "
+                          f"stage: distill, {sorted(DISTILL_KEYS)})")
+    number = not isinstance(value, bool) and isinstance(value, int | float)
+    if name in ("width_ratio", "depth_ratio", "input_ratio") and not (number and 0 < value <= 1):
+        raise ConfigError(f"{where}: {value!r} is not a share in (0, 1] of the teacher's")
+    if name == "temperature" and not (number and value > 0):
+        raise ConfigError(f"{where}: {value!r} is not a temperature above 0")
+    if name == "max_ms_per_lesion" and not (number and value > 0):
+        raise ConfigError(f"{where}: {value!r} is not a time in ms above 0")
+    if name == "distill_weight" and not (number and 0 <= value <= 1):
+        raise ConfigError(f"{where}: {value!r} is not a share in [0, 1] of the loss")
+    if name == "frames_per_cine" and not (isinstance(value, int) and not isinstance(value, bool)
+                                          and value >= 1):
+        raise ConfigError(f"{where}: {value!r} is not a number of frames (1: the analysed "
+                          "frame only)")
     if name == "strategy" and value not in STRATEGIES:
         raise ConfigError(f"{where}: {value!r} is not one of {STRATEGIES}")
     if name == "prompt_mode" and value not in PROMPT_MODES:
