@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from angiotune.data.phantoms import generate_phantoms as phantoms
     from angiotune.evaluation.test_split import evaluate_kept as evaluate
     from angiotune.export.model import export_model
+    from angiotune.search.distill import distill
     from angiotune.predict import PredictSettings
     from angiotune.qca import measure
     from angiotune.registry.store import best, load_best_model
@@ -47,6 +48,7 @@ _API = {
     "evaluate": ("angiotune.evaluation.test_split", "evaluate_kept"),
     "predict": ("angiotune.predict", None),
     "export_model": ("angiotune.export.model", "export_model"),
+    "distill": ("angiotune.search.distill", "distill"),
     "PredictSettings": ("angiotune.predict.pipeline", "PredictSettings"),
     "index": ("angiotune.data.ingest", "build_index"),
     "IndexSettings": ("angiotune.data.ingest", "IndexSettings"),
@@ -57,7 +59,7 @@ _API = {
     "measure": ("angiotune.qca.measure", "measure"),
 }
 __all__ = ["CocoSource", "IndexSettings", "PhantomSettings", "PredictSettings", "best",
-           "evaluate", "export_model", "index", "index_coco", "load_best_model", "load_space",
+           "distill", "evaluate", "export_model", "index", "index_coco", "load_best_model", "load_space",
            "measure", "phantoms", "predict", "search"]
 
 

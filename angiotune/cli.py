@@ -326,6 +326,23 @@ def _print_best_table(results: Path, entries: dict | None = None) -> None:
             line += (f", {entry['score'] - replaced['score']:+.3f} over the "
                      f"{STAGE_NAMES.get(replaced.get('stage') or 1)} adapter it replaced")
         out.print(line + f"; {entry['path']}", soft_wrap=True)
+        _print_student(results, vessel)
+
+
+def _print_student(results: Path, vessel: str) -> None:
+    """The distilled student kept beside a vessel's adapter, when there is one."""
+    from angiotune.registry.students import read_student
+
+    student = read_student(results, vessel)
+    if student is None:
+        return
+    test, encoder = student.get("test", {}), student.get("encoder", {})
+    stale = (" [bold red](stale: its teacher has since been replaced; distil again)[/]"
+             if student["stale"] else "")
+    out.print(f"  student: {encoder.get('blocks')} blocks x {encoder.get('hidden_size')} at "
+              f"{encoder.get('image_size')} px, test Dice {_share(test.get('dice'))} (teacher "
+              f"{_share(test.get('teacher_dice'))}), agreement {_share(test.get('agreement'))}"
+              f"{stale}", soft_wrap=True)
 
 
 @cli.command()

@@ -297,6 +297,10 @@ def main() -> None:
     parser.add_argument("--asha-fraction", type=float, default=0.67,
                         help="Trial-epochs ASHA runs, as a share of the full budget "
                              "(benchmarks/search_efficiency.py measures it).")
+    parser.add_argument("--student-shape", type=float, nargs=3, default=[1.0, 0.25, 0.5],
+                        metavar=("WIDTH", "DEPTH", "INPUT"),
+                        help="A distilled student's shape (shares of the encoder's width, "
+                             "blocks and input side; angiotune.model.student), timed beside.")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -340,6 +344,22 @@ def main() -> None:
                                           args.lesions_per_frame, repeats=5 if args.small
                                           else 10)
     print(json.dumps(record["inference"]))
+    from angiotune.model.student import StudentShape, frame_flops, student_config
+
+    shape = StudentShape(*args.student_shape)
+    student = student_config(config, shape)
+    student_size = student.vision_config.backbone_config.image_size
+    record["student"] = {"shape": shape.__dict__, "image_size": student_size,
+                         "flops_per_lesion": frame_flops(student),
+                         "teacher_flops_per_lesion": frame_flops(config),
+                         **inference_speed(student, student_size, device, dtype,
+                                           args.lesions_per_frame,
+                                           repeats=5 if args.small else 10)}
+    print(json.dumps(record["student"]))
+    print(f"student {shape}: {record['student']['whole_model_ms']:.1f} ms per lesion against "
+          f"{record['inference']['whole_model_ms']:.1f} ms for the teacher "
+          f"({record['inference']['whole_model_ms'] / record['student']['whole_model_ms']:.1f}x "
+          "measured side by side)")
 
     measured = [r["mfu"] for r in rows if r.get("mfu") and r["gradient_checkpointing"]]
     mfu = max(measured) if measured else 0.35

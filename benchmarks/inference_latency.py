@@ -1,7 +1,9 @@
 """Milliseconds per frame for the whole predict path: decode, choose the frame, route, segment,
 measure; the overlay apart. With the kept adapters of ``--results`` (the embedded model unless
 the search used a real checkpoint), on CPU or the GPU; optionally the full-size SAM 3 tracker
-configuration (random weights: timing only) on the same path.
+configuration (random weights: timing only) on the same path. Where `angiotune distill` kept a
+student, its segment step is timed beside its teacher's for 1, 3 and 5 lesions on a frame,
+and with --full-size a student of the same shape made from the full-size tracker beside it.
 
     python benchmarks/inference_latency.py [--results results] [--runs 10] [--device cpu]
         [--full-size] [--full-size-runs 1]
@@ -59,13 +61,19 @@ def time_overlay(rows, root: Path, models: KeptModels, device: str, out: Path) -
     return 1000 * (time.perf_counter() - start)
 
 
-def time_full_size(rows, root: Path, device: str, runs: int) -> dict[str, float]:
-    """The same segment + measure step with the full SAM 3 tracker (1008 px, random weights)."""
+def time_full_size(rows, root: Path, device: str, runs: int,
+                   shape=None) -> dict[str, float]:
+    """The same segment + measure step with the full SAM 3 tracker (1008 px, random weights),
+    or with a student of ``shape`` (``angiotune.model.student``) made from it."""
     from transformers import Sam3TrackerConfig, Sam3TrackerModel
 
     from angiotune.model.lesion import LesionModel
+    from angiotune.model.student import student_config
 
-    model = LesionModel(Sam3TrackerModel(Sam3TrackerConfig())).eval().to(device)
+    config = Sam3TrackerConfig()
+    if shape is not None:
+        config = student_config(config, shape)
+    model = LesionModel(Sam3TrackerModel(config)).eval().to(device)
     row = rows[0]
     frame = read_frame(root / row["image_path"], int(row["frame_index"]))
     box = np.array([row[f"bbox_{k}"] for k in ("x0", "y0", "x1", "y1")], dtype=float)
@@ -152,6 +160,18 @@ def heads_without_qca_read(models: KeptModels):
             models._models[vessel].heads.calibrated.copy_(flags)
 
 
+def kept_student(results: Path, vessel: str):
+    """The vessel's distilled student and its shape, or None when none is kept fresh."""
+    from angiotune.model.student import StudentShape, load_student, read_student_record
+    from angiotune.registry.students import STUDENT, read_student
+
+    entry = read_student(results, vessel)
+    if entry is None or entry["stale"]:
+        return None
+    folder = Path(entry["path"]) / STUDENT
+    return load_student(folder), StudentShape(**read_student_record(folder)["shape"])
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -191,12 +211,20 @@ def main() -> None:
     print("--frame given, heads answering alone (no QCA read): "
           + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
     vessel = next(v for v in ("LAD", "general", "RCA", "LCX") if v in models.available)
-    for count, times in time_lesions_per_frame(rows, root, models.get(vessel), args.device,
-                                               args.runs).items():
+    teacher = time_lesions_per_frame(rows, root, models.get(vessel), args.device, args.runs)
+    for count, times in teacher.items():
         apart, together = times["one pass per lesion"], times["one pass per frame"]
         print(f"segment step, {count} lesion(s) on a frame ({vessel} adapter): one pass per "
               f"lesion {apart:.1f} ms, one pass per frame {together:.1f} ms "
               f"({apart / together:.2f}x)")
+    student = kept_student(args.results, vessel)
+    if student is not None:
+        timed = time_lesions_per_frame(rows, root, student[0].to(args.device), args.device,
+                                       args.runs)
+        for count, times in timed.items():
+            mine, theirs = times["one pass per frame"], teacher[count]["one pass per frame"]
+            print(f"segment step, {count} lesion(s) on a frame, one pass per frame: {vessel} "
+                  f"student {mine:.1f} ms, its teacher {theirs:.1f} ms ({theirs / mine:.2f}x)")
     with tempfile.TemporaryDirectory() as scratch:
         print(f"overlay PNG: {time_overlay(rows, root, models, args.device, Path(scratch)):.1f} "
               "ms (not in the per-frame figures)")
@@ -204,6 +232,12 @@ def main() -> None:
         figures = time_full_size(rows, root, args.device, args.full_size_runs)
         print("full-size SAM 3 tracker, segment + measure: " +
               ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+        if student is not None:
+            shape = student[1]
+            small = time_full_size(rows, root, args.device, args.full_size_runs, shape)
+            print(f"a student of the {vessel} student's shape made from it ({shape}), segment + "
+                  "measure: " + ", ".join(f"{k} {v:.1f}" for k, v in small.items())
+                  + f" ({figures['median ms'] / small['median ms']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -322,6 +322,8 @@ def test_angiotune_distill_searches_keeps_and_predicts_with_students(
     assert entry["full_size_ms_per_lesion_rtx3090"]["teacher"] > 100
     assert read_student(results, "LAD") is None  # only general was asked for
     assert "general" in output and "test Dice" in output
+    assert main(["best", "--vessel", "general", "--results", str(results)]) == 0
+    assert "student: " in capsys.readouterr().out
     code = main(["predict", str(phantom_index.out), "--out", str(tmp_path / "p"),
                  "--results", str(results), "--student", "--vessel", "general",
                  "--no-overlay"])

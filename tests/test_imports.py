@@ -28,7 +28,8 @@ def _printed_in_fresh_python(code: str) -> Any:
 
 def test_search_modules_import_without_the_training_stack():
     loaded = _printed_in_fresh_python(
-        "import angiotune.search.space, angiotune.search.trial, angiotune.search.run; "
+        "import angiotune.search.space, angiotune.search.trial, angiotune.search.run, "
+        "angiotune.search.distill; "
         "import sys; "
         "print(sorted(m for m in ('torch','transformers','peft') if m in sys.modules))")
     assert loaded == [], f"importing the search modules loaded {loaded}"

@@ -29,7 +29,7 @@ A space says what it searches; sizes follow the model and the machine unless it 
 overrides such as ``samples=40`` or ``data.batch_size=2`` to the YAML before it is validated,
 so they are checked exactly as the file is.
 
-Stages (``stage: 1 | 2 | 3``, default 1) share the format:
+Stages (``stage: 1 | 2 | 3 | distill``, default 1) share the format:
 
 - ``stage: 2`` trains the measurement heads with the adapter (``heads: true`` is implied) and may
   optimise an ``objective``: a weighted sum of metrics, e.g. ``{dice: 1, stenosis_mae: -0.01}``
@@ -37,6 +37,12 @@ Stages (``stage: 1 | 2 | 3``, default 1) share the format:
   [max, min]``: an Optuna multi-objective search whose Pareto front is reported; no ASHA).
 - ``stage: 3`` runs one study per vessel in ``vessels`` on that vessel's lesions, ``samples``
   trials each, all in one Tune run sharing the cluster.
+- ``stage: distill`` searches students of the kept models (``angiotune distill``,
+  ``search_spaces/distill.yaml``): its parameters are a student's shape as shares of the
+  teacher's encoder (``width_ratio``, ``depth_ratio``, ``input_ratio``) and its loss and
+  optimiser (``temperature``, ``distill_weight``, ``feature_weight``, ``lr``, ...); fixed
+  ``frames_per_cine`` and ``max_ms_per_lesion``; ``vessels`` names the registry entries to
+  distil (default: every kept one); ``metric`` is ``dice`` or ``agreement``.
 - ``init`` (fixed or searched) starts trials from a kept adapter: ``best`` (the general adapter
   with the best overall validation score), ``RCA``/``LAD``/``LCX`` (that vessel's entry),
   ``vessel`` (stage 3: the entry of the trial's own vessel), or ``none``.
