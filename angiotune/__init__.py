@@ -33,11 +33,11 @@ if TYPE_CHECKING:
     from angiotune.data.phantoms import generate_phantoms as phantoms
     from angiotune.evaluation.test_split import evaluate_kept as evaluate
     from angiotune.export.model import export_model
-    from angiotune.search.distill import distill
     from angiotune.predict import PredictSettings
     from angiotune.qca import measure
     from angiotune.registry.store import best, load_best_model
     from angiotune.search import load_space
+    from angiotune.search.distill import distill
 
 # Public name -> (module, name there; None: the module itself, a ``CallableModule``).
 _API = {
@@ -59,8 +59,8 @@ _API = {
     "measure": ("angiotune.qca.measure", "measure"),
 }
 __all__ = ["CocoSource", "IndexSettings", "PhantomSettings", "PredictSettings", "best",
-           "distill", "evaluate", "export_model", "index", "index_coco", "load_best_model", "load_space",
-           "measure", "phantoms", "predict", "search"]
+           "distill", "evaluate", "export_model", "index", "index_coco", "load_best_model",
+           "load_space", "measure", "phantoms", "predict", "search"]
 
 
 def __getattr__(name: str):

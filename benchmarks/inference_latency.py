@@ -221,10 +221,16 @@ def main() -> None:
     if student is not None:
         timed = time_lesions_per_frame(rows, root, student[0].to(args.device), args.device,
                                        args.runs)
+        with heads_without_qca_read(models):  # the student has no heads: the model alone
+            bare = time_lesions_per_frame(rows, root, models.get(vessel), args.device,
+                                          args.runs)
         for count, times in timed.items():
             mine, theirs = times["one pass per frame"], teacher[count]["one pass per frame"]
+            alone = bare[count]["one pass per frame"]
             print(f"segment step, {count} lesion(s) on a frame, one pass per frame: {vessel} "
-                  f"student {mine:.1f} ms, its teacher {theirs:.1f} ms ({theirs / mine:.2f}x)")
+                  f"student {mine:.1f} ms, its teacher {theirs:.1f} ms ({theirs / mine:.2f}x), "
+                  f"the teacher without its heads' QCA read {alone:.1f} ms "
+                  f"({alone / mine:.2f}x)")
     with tempfile.TemporaryDirectory() as scratch:
         print(f"overlay PNG: {time_overlay(rows, root, models, args.device, Path(scratch)):.1f} "
               "ms (not in the per-frame figures)")

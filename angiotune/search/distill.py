@@ -17,7 +17,7 @@ from pathlib import Path
 
 from angiotune import jsonio
 from angiotune.errors import AngiotuneError
-from angiotune.search.space import SearchSpace
+from angiotune.search.space import DISTILL, SearchSpace
 
 STATE_FILE = "distill_state.pt"
 STUDENT_DIR = "student"
@@ -40,7 +40,7 @@ def distill(space: SearchSpace, results: str | Path = "results", model: Path | N
     from angiotune.registry.students import promote_student
     from angiotune.search.run import SearchSettings, check_writable, ensure_ray
 
-    if space.stage != "distill":
+    if space.stage != DISTILL:
         raise AngiotuneError(f"space {space.name!r} is a stage-{space.stage} space; "
                              "`angiotune distill` takes a space with stage: distill "
                              "(search_spaces/distill.yaml)")
@@ -61,7 +61,11 @@ def distill(space: SearchSpace, results: str | Path = "results", model: Path | N
         entry = read_entry(results, key)
         base = str(model) if model is not None else entry.get("base_model_path")
         targets = _targets(space, entry, key, base, run_dir / "targets" / key, results, resume)
+        outcome.messages.extend(_left_out(key, targets))
         grid = _search(space, key, offset, run_dir, targets, entry, base, resume)
+        outcome.messages.extend(
+            f"{key}: trial {r.metrics.get('trial_id')} failed: {r.metrics['failed']}"
+            for r in grid if r.metrics and r.metrics.get("failed"))
         best = _best_student(grid, space.metric)
         if best is None:
             outcome.messages.append(f"{key}: no student trial finished")
@@ -160,6 +164,15 @@ def _targets(space: SearchSpace, entry: dict, key: str, base: str | None, folder
     _on_trial_resources(space, _teacher_pass, entry, key, base, str(folder), frames, cache,
                         space.batch_size)
     return folder
+
+
+def _left_out(key: str, targets: Path) -> list[str]:
+    """The lesions the teacher pass could not read, named by pseudonymous sample id."""
+    from angiotune.train.distill import DistillTargets
+
+    skipped = DistillTargets(targets).meta.get("skipped", [])
+    return [f"{key}: lesion {s['sample_id']} left out of distillation ({s['reason']})"
+            for s in skipped]
 
 
 def _device(gpus: float):
