@@ -79,7 +79,8 @@ class DistillTargets:
         try:
             self.meta = json.loads((self.folder / TARGETS_FILE).read_text(encoding="utf-8"))
             for name in _ARRAYS:
-                setattr(self, name, np.load(self.folder / f"{name}.npy", mmap_mode="r"))
+                setattr(self, name, np.load(self.folder / f"{name}.npy", mmap_mode="r",
+                                            allow_pickle=False))
         except (OSError, ValueError) as error:
             raise DataError(f"{self.folder}: distillation targets unreadable ({error}); "
                             "delete the folder to compute them again") from None
