@@ -208,6 +208,21 @@ def _gap_to_teacher(student, targets: DistillTargets, size: int) -> float:
     return float((torch.sigmoid(logits) - torch.sigmoid(batch["teacher"])).abs().mean())
 
 
+def test_a_lesion_whose_cine_cannot_be_read_is_left_out_and_named(
+        teacher_results, phantom_index, tmp_path):
+    rows, root = load_rows(phantom_index.out)
+    rows = rows.head(3).copy()
+    rows.loc[1, "image_path"] = "dicom/missing.dcm"
+    targets = teacher_targets(load_best_model(teacher_results, "LAD"), rows, root,
+                              tmp_path / "t", frames_per_cine=2)
+    kept = [0, 2]
+    assert len(targets) == sum(len(cine_frames(int(rows.frame_index[i]), int(rows.frames[i]), 2))
+                               for i in kept)
+    assert sorted(set(np.asarray(targets.lesion))) == kept
+    assert [s["sample_id"] for s in targets.meta["skipped"]] == [rows.sample_id[1]]
+    assert not list((tmp_path / "t").glob("*.part"))
+
+
 def test_a_student_trained_on_targets_comes_closer_to_its_teacher(lad_targets, teacher_results):
     teacher = load_best_model(teacher_results, "LAD")
     student = LesionModel(build_student(merged_tracker(teacher), StudentShape(1.0, 0.5, 0.75)),

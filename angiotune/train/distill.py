@@ -121,57 +121,86 @@ def teacher_targets(teacher: LesionModel, rows: pd.DataFrame, root: Path, folder
                     frames_per_cine: int = 4, frame_cache: str | None = None,
                     batch_size: int = 8) -> DistillTargets:
     """Run ``teacher`` over ``frames_per_cine`` frames of each row's cine (the analysed one
-    first) and store what ``DistillTargets`` reads. A row whose files cannot be read is left
-    out and named in ``targets.json``, as a search leaves out a bad sample."""
+    first) and store what ``DistillTargets`` reads, written as it goes (at 1008 px a crop's
+    arrays are about 5 MB: a few hundred lesions would not fit in memory at once). A row whose
+    files cannot be read is left out and named in ``targets.json``, as a search leaves out a
+    bad sample."""
     teacher = LesionModel(teacher.segmenter, None, teacher.crop_context, teacher.refiner).eval()
     size = image_size_of(teacher.segmenter)
     device = next(teacher.parameters()).device
     frames = FrameCache(frame_cache) if frame_cache else None
-    columns: dict[str, list] = {name: [] for name in _ARRAYS}
+    records = rows.to_dict("records")
+    planned = sum(len(cine_frames(int(r["frame_index"]), int(r.get("frames") or 1),
+                                  frames_per_cine)) for r in records)
+    out = _ArrayWriter(Path(folder), planned)
     skipped = []
-    for position, row in enumerate(rows.to_dict("records")):
+    for position, row in enumerate(records):
         try:
             crops = _lesion_crops(row, root, size, teacher.crop_context, frames_per_cine, frames)
         except DataError as error:
             skipped.append({"sample_id": row["sample_id"], "reason": str(error)})
             continue
-        for image, box, truth in crops:
-            columns["images"].append(np.round(image * 255).astype(np.uint8))
-            columns["boxes"].append(box)
-            columns["truth"].append(truth if truth is not None
-                                    else np.zeros((size, size), np.uint8))
-            columns["has_truth"].append(truth is not None)
-            columns["split"].append(SPLITS.index(row["split"]))
-            columns["lesion"].append(position)
-    if not columns["images"]:
+        for start in range(0, len(crops), batch_size):
+            chosen = crops[start:start + batch_size]
+            images = np.stack([np.round(image * 255).astype(np.uint8) for image, _, _ in chosen])
+            boxes = np.stack([box for _, box, _ in chosen]).astype(np.float32)
+            pixels = torch.as_tensor(images / np.float32(255), device=device)
+            levels = teacher.segmenter.get_image_embeddings(to_pixel_values(pixels))
+            logits = teacher(pixels, torch.as_tensor(boxes, device=device),
+                             embeddings=levels)["logits"]
+            out.add(images=images, boxes=boxes,
+                    teacher=logits.float().cpu().numpy().astype(np.float16),
+                    embeddings=levels[-1].float().cpu().numpy().astype(np.float16),
+                    truth=np.stack([np.zeros((size, size), np.uint8) if truth is None
+                                    else truth.astype(np.uint8) for _, _, truth in chosen]),
+                    has_truth=np.array([truth is not None for _, _, truth in chosen]),
+                    split=np.full(len(chosen), SPLITS.index(row["split"]), np.int8),
+                    lesion=np.full(len(chosen), position, np.int32))
+    if out.count == 0:
         raise DataError("no lesion could be read for distillation", file=str(root))
-    images = np.stack(columns["images"])
-    boxes = np.stack(columns["boxes"]).astype(np.float32)
-    logits, embeddings = [], []
-    for start in range(0, len(images), batch_size):
-        crops = torch.as_tensor(images[start:start + batch_size] / np.float32(255),
-                                device=device)
-        levels = teacher.segmenter.get_image_embeddings(to_pixel_values(crops))
-        out = teacher(crops, torch.as_tensor(boxes[start:start + batch_size], device=device),
-                      embeddings=levels)
-        logits.append(out["logits"].float().cpu().numpy().astype(np.float16))
-        embeddings.append(levels[-1].float().cpu().numpy().astype(np.float16))
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"images": images, "boxes": boxes, "teacher": np.concatenate(logits),
-              "embeddings": np.concatenate(embeddings),
-              "truth": np.stack(columns["truth"]).astype(np.uint8),
-              "has_truth": np.array(columns["has_truth"], dtype=bool),
-              "split": np.array(columns["split"], dtype=np.int8),
-              "lesion": np.array(columns["lesion"], dtype=np.int32)}
-    for name, array in arrays.items():
-        np.save(folder / f"{name}.npy", array)
-    (folder / TARGETS_FILE).write_text(json.dumps(
+    out.finish()
+    (Path(folder) / TARGETS_FILE).write_text(json.dumps(
         {"image_size": size, "crop_context": teacher.crop_context,
-         "frames_per_cine": frames_per_cine, "samples": len(images),
+         "frames_per_cine": frames_per_cine, "samples": out.count,
          "lesions": int(len(rows) - len(skipped)), "skipped": skipped}, indent=1),
         encoding="utf-8")
     return DistillTargets(folder)
+
+
+class _ArrayWriter:
+    """Rows appended to ``.npy`` files on disk (memory-mapped), cut to the rows written."""
+
+    def __init__(self, folder: Path, planned: int) -> None:
+        self.folder, self.planned, self.count = folder, planned, 0
+        self.arrays: dict[str, np.ndarray] = {}
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, **parts: np.ndarray) -> None:
+        rows = len(next(iter(parts.values())))
+        for name, part in parts.items():
+            if name not in self.arrays:
+                self.arrays[name] = np.lib.format.open_memmap(
+                    self.folder / f"{name}.npy", mode="w+", dtype=part.dtype,
+                    shape=(self.planned, *part.shape[1:]))
+            self.arrays[name][self.count:self.count + rows] = part
+        self.count += rows
+
+    def finish(self) -> None:
+        """Flush, and where lesions were left out, cut each file to the rows written (the
+        full-length map is let go first: Windows cannot replace a file that is mapped)."""
+        for name in list(self.arrays):
+            array = self.arrays.pop(name)
+            array.flush()
+            if self.count == self.planned:
+                continue
+            path = self.folder / f"{name}.npy"
+            part = path.with_suffix(".part")
+            cut = np.lib.format.open_memmap(part, mode="w+", dtype=array.dtype,
+                                            shape=(self.count, *array.shape[1:]))
+            cut[:] = array[:self.count]
+            cut.flush()
+            del cut, array
+            part.replace(path)
 
 
 def _lesion_crops(row: dict, root: Path, size: int, context: float, wanted: int,
