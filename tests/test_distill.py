@@ -345,3 +345,28 @@ def test_angiotune_distill_searches_keeps_and_predicts_with_students(
     assert code == 0
     report = json.loads((tmp_path / "p" / "predictions.json").read_text())["lesions"][0]
     assert report["adapter"]["student"]["teacher_entry"] == entry["teacher_entry"]
+
+
+@pytest.mark.slow  # builds a full-width SAM 3 in the hub's layout
+def test_a_student_of_a_teacher_in_the_hubs_layout_builds_saves_and_runs(tmp_path):
+    """The users' path: the base is the hub's facebook/sam3 folder (sam3_video, prefixed keys,
+    1008 px; here one block deep), with a LoRA adapter on it."""
+    from hub_layout import build_hub_layout
+
+    from angiotune.model.sam3 import model_config
+
+    folder = build_hub_layout(tmp_path / "sam3", layers=1, seed=0)
+    teacher = LesionModel(adapt(load_base_model(folder), AdapterSettings(rank=2)), None, 1.5)
+    shape = StudentShape(1.0, 1.0, 0.5)
+    student = build_student(merged_tracker(teacher), shape)
+    assert student.config.vision_config.backbone_config.image_size == 504
+    source, own = merged_tracker(teacher).state_dict(), student.state_dict()
+    token = "mask_decoder.iou_token.weight"
+    assert torch.equal(own[token], source[token])
+    assert frame_flops(student_config(model_config(folder, "box"), shape)) < frame_flops(
+        model_config(folder, "box")) / 3
+    save_student(student, tmp_path / "student", {"crop_context": 1.5, "shape": {}})
+    with torch.no_grad():
+        logits = load_student(tmp_path / "student")(torch.rand(1, 504, 504),
+                                                    torch.tensor([[100.0, 120, 300, 260]]))
+    assert logits["logits"].shape == (1, 504, 504)
