@@ -247,6 +247,18 @@ def inference_speed(config, image_size: int, device, dtype, lesions: int,
             f"frame_with_{lesions}_lesions_ms_encode_once": encode + decode * lesions}
 
 
+def validated_share(epochs: int, asha: bool, grace: int = 2, factor: int = 2) -> float:
+    """The share of a trial's epochs that validate with ``validate: rungs`` (the shipped
+    spaces' grace period and reduction factor), as ``SearchSpace.validation_epochs`` says."""
+    from angiotune.search.space import load_space
+
+    overrides = [f"epochs={epochs}", "fixed.validate=rungs",
+                 f"asha.grace_period={grace}", f"asha.reduction_factor={factor}"]
+    if not asha:
+        overrides.append("asha=off")
+    return len(load_space("lora_rank.yaml", overrides).validation_epochs()) / epochs
+
+
 def project(flops: dict, mfu: float, trial_startup_s: float, asha_fraction: float) -> list[dict]:
     """Wall time of PLAN over LESIONS lesions on two RTX 3090s (data-parallel, one trial at a
     time on both), at the MFU measured here."""
@@ -271,12 +283,20 @@ def project(flops: dict, mfu: float, trial_startup_s: float, asha_fraction: floa
             fraction = asha_fraction if asha and stage["asha"] else 1.0
             trial_epochs = stage["trials"] * stage["epochs"] * fraction
             startup = stage["trials"] * trial_startup_s
+            # validate: rungs: a validation pass only at ASHA's milestones and the last epoch
+            # (all of a full trial's share of them; without ASHA, the last epoch only).
+            validated = validated_share(stage["epochs"], asha and stage["asha"])
+            rungs_epoch = (train * flops[f"lora_last_{share}_step_cached_checkpointed"]
+                           + validated * val * flops[f"rest_forward_{share}"])
             rows.append({"stage": name, "variant": "with ASHA" if asha else "without ASHA",
                          "asha_applied": asha and stage["asha"],
                          "trial_epochs": trial_epochs,
                          "lora_hours": (trial_epochs * lora_epoch / rate + startup) / 3600,
                          "lora_last_blocks_cached_hours":
                              ((trial_epochs * prefix_epoch + prefix_once) / rate + startup)
+                             / 3600,
+                         "lora_last_blocks_cached_validate_rungs_hours":
+                             ((trial_epochs * rungs_epoch + prefix_once) / rate + startup)
                              / 3600,
                          "frozen_encoder_cached_hours":
                              ((trial_epochs * cached_epoch + encode_once) / rate + startup)
@@ -373,10 +393,11 @@ def main() -> None:
         chosen = [r for r in record["projection"] if r["variant"] == variant]
         lora = sum(r["lora_hours"] for r in chosen)
         last = sum(r["lora_last_blocks_cached_hours"] for r in chosen)
+        rungs = sum(r["lora_last_blocks_cached_validate_rungs_hours"] for r in chosen)
         cached = sum(r["frozen_encoder_cached_hours"] for r in chosen)
         print(f"  {variant:<12}: LoRA on the encoder {lora:6.1f} h; LoRA on its last "
-              f"{SHARES[1]:g} + prefix cache ({VIEWS} views) {last:6.1f} h; frozen encoder + "
-              f"embedding cache {cached:6.1f} h")
+              f"{SHARES[1]:g} + prefix cache ({VIEWS} views) {last:6.1f} h, validating at the "
+              f"rungs only {rungs:6.1f} h; frozen encoder + embedding cache {cached:6.1f} h")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1, default=str))

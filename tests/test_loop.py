@@ -23,6 +23,7 @@ from angiotune.data.stream import load_rows
 from angiotune.errors import ConfigError
 from angiotune.model.adapters import read_adapter_record, settings_of
 from angiotune.model.sam3 import EMBEDDED_IMAGE_SIZE
+from angiotune.train.config import TrialConfig
 from angiotune.train.loop import (
     ADAPTER_DIR,
     OOM_HINT,
@@ -241,3 +242,15 @@ def test_the_embedding_cache_is_refused_when_the_encoder_trains(splits, tmp_path
     with pytest.raises(ConfigError, match="embedding_cache needs a frozen image encoder"):
         _run(_config(tmp_path, strategy="lora", targets="vision_qv", embedding_cache=True),
              splits, tmp_path)
+
+
+def test_a_trial_that_validates_at_the_rungs_only_reports_there(splits, tmp_path):
+    """``validate: rungs``: the epochs between ASHA's milestones train without a validation
+    pass, a report or a checkpoint; the last epoch always reports."""
+    backend = _run(_config(tmp_path, epochs=3, validate_at=[2, 3]), splits, tmp_path)
+    assert [m["epoch"] for m, _ in backend.reports] == [2, 3]
+    assert backend.datasets["train"].passes == 3
+    first = torch.load(backend.reports[0][1] / STATE_FILE, weights_only=True)
+    assert first["epoch"] == 2
+    with pytest.raises(ConfigError, match="must include the last epoch"):
+        TrialConfig.from_flat(_config(tmp_path, epochs=3, validate_at=[2]))

@@ -280,3 +280,17 @@ def test_lora_on_the_last_blocks_may_use_the_embedding_cache_with_a_bank_of_view
     space = parse_space(raw, "space.yaml")
     assert space.can_take("lora_depth", 1.0) == [0.25, 0.5]
     assert space.fixed["augment_views"] == 4
+
+
+def test_validate_rungs_validates_where_asha_decides_and_at_the_end():
+    space = load_space("lora_rank.yaml", ["fixed.validate=rungs"])  # grace 2, factor 2, 6 epochs
+    assert space.validation_epochs() == (2, 4, 6)
+    assert load_space("lora_rank.yaml").validation_epochs() is None  # every epoch
+    assert load_space("lora_rank.yaml", ["fixed.validate=rungs", "asha=off"]) \
+        .validation_epochs() == (6,)
+    with pytest.raises(ConfigError, match="not one of"):
+        load_space("lora_rank.yaml", ["fixed.validate=sometimes"])
+    raw = copy.deepcopy(VALID)
+    raw["params"]["validate"] = {"type": "categorical", "choices": ["every", "rungs"]}
+    with pytest.raises(ConfigError, match="cannot be searched"):
+        parse_space(raw, "space.yaml")

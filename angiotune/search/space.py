@@ -52,6 +52,9 @@ Stages (``stage: 1 | 2 | 3 | distill``, default 1) share the format:
   the encoder's last blocks; with ``embedding_cache: true`` the frozen blocks' output is then
   computed once per crop, and ``augment_views: N`` (fixed) keeps pixel augmentation on through
   a bank of N augmented views per training lesion (``search_spaces/lora_last_blocks.yaml``).
+- ``validate: rungs`` (fixed; default ``every``) validates a trial only at the epochs where
+  ASHA compares it (``grace_period`` times powers of ``reduction_factor``) and at its last;
+  the registry then chooses among those epochs (``validation_epochs``).
 - ``select`` (default ``dice``) is the metric the registry compares per vessel (``dice/LAD``),
   the same across stages so that their adapters can replace one another.
 - ``callbacks`` turns on experiment trackers beside TensorBoard: ``{mlflow: {}, wandb: {}}``
@@ -107,7 +110,7 @@ TRIAL_KEYS = {"strategy", "rank", "alpha", "alpha_ratio", "dropout", "targets", 
               "prompt_mode", "score_weight", "heads", "init", "segment_weight",
               "stenosis_weight", "mld_weight", "rvd_weight", "head_weighting", "class_loss",
               "class_weights", "head_hidden", "head_lr_ratio", "embedding_cache",
-              "crop_context", "refine", "lora_depth", "augment_views"}
+              "crop_context", "refine", "lora_depth", "augment_views", "validate"}
 # What a student trial understands (stage: distill; angiotune.train.distill).
 DISTILL_KEYS = {"width_ratio", "depth_ratio", "input_ratio", "temperature", "distill_weight",
                 "lr", "weight_decay", "batch_size", "frames_per_cine", "max_ms_per_lesion",
@@ -115,8 +118,10 @@ DISTILL_KEYS = {"width_ratio", "depth_ratio", "input_ratio", "temperature", "dis
 DISTILL_METRICS = ("dice", "agreement")  # what a student trial reports and is selected on
 # prompt_mode: one zero-shot base per search; embedding_cache: what may train depends on it;
 # augment_views, frames_per_cine: the data every trial of a search reads.
+# validate: when a trial validates, which its scheduler's rungs decide.
 FIXED_ONLY = {"prompt_mode", "embedding_cache", "augment_views", "frames_per_cine",
-              "max_ms_per_lesion"}
+              "max_ms_per_lesion", "validate"}
+VALIDATE = ("every", "rungs")  # every epoch, or only where ASHA decides and at the end
 # Each scalar field of a SearchSpace: its type, its minimum (None: any) and its key in a file,
 # which errors name. A field in AUTO_FIELDS may also be None: auto (angiotune.search.sizing).
 SCALAR_FIELDS = {
@@ -285,6 +290,19 @@ class SearchSpace:
             if every or any(float(v) > 0 for v in self.can_take(weight, DEFAULT_HEAD_WEIGHT)):
                 needed += [c for c in columns if c not in needed]
         return tuple(needed)
+
+    def validation_epochs(self) -> tuple[int, ...] | None:
+        """The epochs a trial validates at with ``validate: rungs`` (ASHA's milestones, as
+        Ray's scheduler places them, and the last epoch); None: every epoch."""
+        if self.fixed.get("validate", "every") == "every":
+            return None
+        rungs = set()
+        if self.asha:
+            milestone = self.grace_period
+            while milestone < self.epochs:
+                rungs.add(milestone)
+                milestone *= self.reduction_factor
+        return tuple(sorted(rungs | {self.epochs}))
 
     def define_by_run(self, trial) -> dict[str, Any]:
         """Suggest this space's parameters on an Optuna trial; returns the fixed values."""
@@ -699,6 +717,8 @@ def _check_trial_value(name: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: {value!r} is not a share in (0, 1] of the teacher's")
     if name == "temperature" and not (number and value > 0):
         raise ConfigError(f"{where}: {value!r} is not a temperature above 0")
+    if name == "validate" and value not in VALIDATE:
+        raise ConfigError(f"{where}: {value!r} is not one of {VALIDATE}")
     if name == "max_ms_per_lesion" and not (number and value > 0):
         raise ConfigError(f"{where}: {value!r} is not a time in ms above 0")
     if name == "distill_weight" and not (number and 0 <= value <= 1):

@@ -41,6 +41,7 @@ class RunSettings:
     vessel: str | None = None  # stage 3: the data is already narrowed to this vessel
     embedding_cache: str | None = None  # the shared cache's folder, when the space wants one
     augment_views: int = 0  # augmented views per training lesion; 0: fresh every epoch
+    validate_at: tuple[int, ...] | None = None  # epochs to validate (and report) at; None: all
     fault_dir: str | None = None  # tests only (``angiotune.train.faults``)
 
     def __post_init__(self) -> None:
@@ -56,6 +57,9 @@ class RunSettings:
             raise ConfigError(f"prompt_mode: {self.prompt_mode!r} is not one of {PROMPT_MODES}")
         if not self.metrics:
             raise ConfigError("a trial needs at least one metric to report")
+        if self.validate_at is not None and self.epochs not in self.validate_at:
+            raise ConfigError(f"validate_at {self.validate_at} must include the last epoch "
+                              f"({self.epochs}): a trial reports its final scores there")
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,8 @@ class TrialConfig:
                           metrics=tuple(metrics), objective=get("objective"), vessel=vessel,
                           embedding_cache=get("cache_dir") if get("embedding_cache") else None,
                           augment_views=int(get("augment_views", 0)),
+                          validate_at=(None if get("validate_at") is None else
+                                       tuple(int(e) for e in get("validate_at"))),
                           fault_dir=get("fault_dir"))
         optimiser = OptimiserSettings(lr=float(get("lr", 1e-3)),
                                       weight_decay=float(get("weight_decay", 1e-4)),

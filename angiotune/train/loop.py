@@ -459,6 +459,9 @@ def run_training(config: dict | TrialConfig, backend: TrainBackend) -> None:
         if readouts is not None:
             readouts.fit()  # the heads' QCA read, before validation scores it
         clock.mark("train_s")
+        validate_at = trial.run.validate_at
+        if validate_at is not None and epoch + 1 not in validate_at:
+            continue  # validate: rungs: nothing decides on this epoch's scores
         val_batches = with_embeddings(validation.batches(val_shard, batch_size), cache, model,
                                       device)
         metrics = evaluate(model, val_batches, tokenizer)
