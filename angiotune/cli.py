@@ -331,9 +331,14 @@ def _print_best_table(results: Path, entries: dict | None = None) -> None:
 
 def _print_student(results: Path, vessel: str) -> None:
     """The distilled student kept beside a vessel's adapter, when there is one."""
+    from angiotune.registry.store import RegistryError
     from angiotune.registry.students import read_student
 
-    student = read_student(results, vessel)
+    try:
+        student = read_student(results, vessel)
+    except RegistryError as error:  # one damaged student must not hide the other entries
+        out.print(f"  student: [bold red]damaged[/] ({error})", soft_wrap=True)
+        return
     if student is None:
         return
     test, encoder = student.get("test", {}), student.get("encoder", {})

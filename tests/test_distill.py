@@ -147,6 +147,8 @@ def test_distill_spaces_are_validated_on_load():
          "cannot be searched"),
         ({**base, "vessels": ["LM"]}, "registry entries"),
         ({**base, "stage": "distil"}, "must be one of"),
+        ({**base, "fixed": {"batch_size": 0}}, "batch size"),
+        ({**base, "fixed": {"feature_weight": -1}}, "0 or more"),
     ]
     for raw, message in refusals:
         with pytest.raises(ConfigError, match=message):
@@ -275,6 +277,8 @@ def test_students_are_kept_beside_their_teacher_and_go_stale_with_it(teacher_res
     assert read_student(results, "LAD")["stale"]
     with pytest.raises(RegistryError, match="since been replaced"):
         load_kept_student(results, "LAD")
+    kept, why = promote_student(results, "LAD", folder, _student_record(teacher, 0.99))
+    assert not kept and "no longer the kept" in why  # a student of the old teacher
     newest = Path(read_student.__globals__["entry_dir"](results, "LAD")).name
     assert promote_student(results, "LAD", folder, _student_record(newest, 0.1))[0]
     assert not read_student(results, "LAD")["stale"]
@@ -345,6 +349,15 @@ def test_angiotune_distill_searches_keeps_and_predicts_with_students(
     assert code == 0
     report = json.loads((tmp_path / "p" / "predictions.json").read_text())["lesions"][0]
     assert report["adapter"]["student"]["teacher_entry"] == entry["teacher_entry"]
+    # A new teacher since: resuming would mix targets of two teachers, and is refused.
+    teacher = Path(read_student.__globals__["entry_dir"](results, "general"))
+    promote(results, "general", teacher / "adapter", {
+        "metric": "dice", "mode": "max", "score": 0.9, "validation_split": "s", "config": {},
+        "base_model": base_model_id(), "index": str(phantom_index.out)})
+    capsys.readouterr()
+    assert main(["distill", "--results", str(results), "--vessel", "general", "--resume"]) == 2
+    assert "changed since this run started" in capsys.readouterr().err
+    assert read_student(results, "general")["stale"]
 
 
 @pytest.mark.slow  # builds a full-width SAM 3 in the hub's layout

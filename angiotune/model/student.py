@@ -141,6 +141,9 @@ def load_student(folder: Path) -> LesionModel:
     from transformers.utils import logging as transformers_logging
 
     record = read_student_record(folder)
+    if record.get("format", 0) > STUDENT_FORMAT:
+        raise ModelError(f"{folder}: a student of format {record['format']}, newer than this "
+                         f"angiotune reads ({STUDENT_FORMAT}); upgrade angiotune")
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
@@ -161,16 +164,16 @@ def encoder_summary(config: Sam3TrackerConfig) -> dict:
             "heads": backbone.num_attention_heads, "image_size": backbone.image_size}
 
 
-def frame_flops(config: Sam3TrackerConfig, lesions: int = 1) -> float:
-    """FLOPs to segment ``lesions`` box crops with a tracker of ``config`` (one crop each, as
-    ``angiotune.predict`` runs them), counted on the meta device: no weights, any size."""
+def frame_flops(config: Sam3TrackerConfig) -> float:
+    """FLOPs to segment one lesion's box crop with a tracker of ``config``, counted on the
+    meta device: no weights, any size."""
     from torch.utils.flop_counter import FlopCounterMode
 
     size = config.vision_config.backbone_config.image_size
     with torch.device("meta"):
         model = Sam3TrackerModel(config).eval().requires_grad_(False)
-        pixels = torch.zeros(lesions, 3, size, size)
-        boxes = torch.tensor([[size * 0.3, size * 0.3, size * 0.6, size * 0.6]] * lesions)
+        pixels = torch.zeros(1, 3, size, size)
+        boxes = torch.tensor([[size * 0.3, size * 0.3, size * 0.6, size * 0.6]])
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             # In two calls, as gpu_sam3.py counts them: the counter's module hooks fail on the
             # prompt encoder's outputs inside one whole forward.

@@ -162,12 +162,19 @@ class KeptModels:
     def _keep_students(self) -> None:
         from angiotune.registry.students import read_student
 
-        found = {v: read_student(self.results, v) for v in self.entries}
+        found, damaged = {}, []
+        for vessel in self.entries:
+            try:
+                found[vessel] = read_student(self.results, vessel)
+            except RegistryError as error:  # one damaged entry must not stop the others
+                log.warning("angiotune: %s", error)
+                damaged.append(vessel)
         self.students = {v: e for v, e in found.items() if e is not None and not e["stale"]}
         stale = sorted(v for v, e in found.items() if e is not None and e["stale"])
         if not self.students:
             why = (f" (the {', '.join(stale)} student(s) learned from teachers that have since "
                    "been replaced)" if stale else "")
+            why += f" (damaged: {', '.join(damaged)}; distil again)" if damaged else ""
             raise RegistryError(f"no distilled student kept in {self.results / 'best'}{why}; "
                                 "run `angiotune distill` first, or predict without --student")
         self.entries = {v: e for v, e in self.entries.items() if v in self.students}
@@ -587,7 +594,8 @@ def _start_route(route: Route, models: KeptModels,
 def _fallback_vessel(models: KeptModels) -> tuple[str, str]:
     """Without angles: an adapter with heads (its CASS head can route; the general one first),
     else the general adapter, else the only one."""
-    with_heads = [v for v in ADAPTER_ORDER if models.entries.get(v, {}).get("heads")]
+    with_heads = [v for v in ADAPTER_ORDER if models.entries.get(v, {}).get("heads")
+                  and v not in models.students]  # a student has no heads
     if with_heads:
         return with_heads[0], "it has a CASS head to route by"
     if GENERAL in models.available:

@@ -40,6 +40,7 @@ from angiotune.names import ADAPTER_VESSELS, GENERAL
 
 MANIFEST = "manifest.json"
 ADAPTER = "adapter"
+PAYLOADS = (ADAPTER, "student")  # what an entry's model folder may be called
 VERSIONS = "versions"
 ENTRY_KEYS = (*ADAPTER_VESSELS, GENERAL)  # one registry entry each
 
@@ -97,7 +98,11 @@ def _verified(folder: Path) -> dict:
     except (OSError, ValueError) as error:
         raise RegistryError(f"{folder}: unreadable entry ({error}); rerun the search to replace "
                             "it") from None
-    if _checksums(folder / manifest.get("payload", ADAPTER)) != manifest.get("checksums"):
+    payload = manifest.get("payload", ADAPTER)
+    if payload not in PAYLOADS:
+        raise RegistryError(f"{folder}: the manifest names {payload!r} as its model folder, "
+                            f"not one of {PAYLOADS} (edited?); rerun the search to replace it")
+    if _checksums(folder / payload) != manifest.get("checksums"):
         raise RegistryError(f"{folder}: model files do not match the manifest's checksums "
                             "(damaged or edited); rerun the search to replace the entry")
     manifest["path"] = str(folder.resolve())

@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from angiotune.names import GENERAL
-from angiotune.registry.store import RegistryError, entry_dir, promote, read_entry
+from angiotune.registry.store import PAYLOADS, RegistryError, entry_dir, promote, read_entry
 
-STUDENT = "student"
+STUDENT = PAYLOADS[1]
 
 
 def student_key(vessel: str) -> str:
@@ -24,13 +24,21 @@ def student_key(vessel: str) -> str:
 
 def promote_student(results: Path, vessel: str, student: Path, record: dict
                     ) -> tuple[bool, str]:
-    """Keep ``student`` for ``vessel`` if it beats the student kept for the same teacher."""
-    def newer_teacher(current: dict) -> bool:
+    """Keep ``student`` for ``vessel`` if it beats the student kept for the same teacher on
+    validation Dice; it replaces a stale one (whose teacher has been replaced) outright. A
+    student of a teacher that is no longer the kept one is refused."""
+    teacher = entry_dir(Path(results), vessel)
+    if teacher is None or teacher.name != record["teacher_entry"]:
+        return False, (f"{vessel}: the student was not kept: its teacher "
+                       f"{record['teacher_entry']} is no longer the kept {vessel} model; run "
+                       "`angiotune distill` again")
+
+    def stale(current: dict) -> bool:
         return current.get("teacher_entry") != record["teacher_entry"]
 
     return promote(results, student_key(vessel), student,
                    {**record, "payload": STUDENT, "teacher_vessel": vessel},
-                   supersedes=newer_teacher, card=student_card, what="student")
+                   supersedes=stale, card=student_card, what="student")
 
 
 def read_student(results: Path, vessel: str) -> dict | None:
@@ -39,6 +47,9 @@ def read_student(results: Path, vessel: str) -> dict | None:
     entry = read_entry(Path(results), student_key(vessel))
     if entry is None:
         return None
+    if entry.get("payload") != STUDENT:
+        raise RegistryError(f"{entry['path']}: not a student entry (edited?); run `angiotune "
+                            "distill` again")
     teacher = entry_dir(Path(results), vessel)
     entry["stale"] = teacher is None or teacher.name != entry["teacher_entry"]
     return entry

@@ -11,6 +11,7 @@ the test split beside its teacher and kept as ``<KEY>.student`` (``registry.stud
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,10 @@ from angiotune.search.space import DISTILL, SearchSpace
 
 STATE_FILE = "distill_state.pt"
 STUDENT_DIR = "student"
-DEFAULT_BUDGET_MS = 50.0  # per lesion on an RTX 3090, at full size (the plan's goal)
+TEACHER_FILE = "teacher.json"  # which kept model the targets came from
+# Per lesion on an RTX 3090 (the plan's goal), estimated from the student's FLOPs as made from
+# the user's own teacher: with the full-size SAM 3 it bites, with the embedded model it cannot.
+DEFAULT_BUDGET_MS = 50.0
 
 
 @dataclass
@@ -47,11 +51,12 @@ def distill(space: SearchSpace, results: str | Path = "results", model: Path | N
     results = Path(results).resolve()
     check_writable(results)
     name = name or space.name
-    run_dir = (results / "searches" / name).resolve()
-    if not resume and run_dir.exists() and any(run_dir.glob("tune-*")):
+    run_dir = (results / "distills" / name).resolve()
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise AngiotuneError(f"a distillation named {name!r} already exists in {run_dir}; use "
                              "--resume to continue it or another --name")
-    keys, messages = _teachers(space, results)
+    model = Path(model).resolve() if model is not None else None
+    keys, messages = _teachers(space, results, model)
     settings = SearchSettings(index=Path("."), name=name, results=results, address=address,
                               announce=announce)
     cluster = ensure_ray(settings)
@@ -82,10 +87,14 @@ def distill(space: SearchSpace, results: str | Path = "results", model: Path | N
     return outcome
 
 
-def _teachers(space: SearchSpace, results: Path) -> tuple[list[str], list[str]]:
-    """The registry entries to distil, refused before Ray starts when there are none."""
+def _teachers(space: SearchSpace, results: Path,
+              model: Path | None) -> tuple[list[str], list[str]]:
+    """The registry entries to distil, refused before Ray starts when there are none, or
+    when the base they need is not at hand."""
+    from angiotune.model.sam3 import base_model_id
     from angiotune.names import ADAPTER_VESSELS, GENERAL
     from angiotune.registry.store import read_entry
+    from angiotune.search.api import check_weights
 
     wanted = space.vessels or (*ADAPTER_VESSELS, GENERAL)
     keys, messages = [], []
@@ -112,7 +121,15 @@ def _teachers(space: SearchSpace, results: Path) -> tuple[list[str], list[str]]:
                 raise AngiotuneError(why + "; leave it out of vessels")
             messages.append(why + ": not distilled")
             continue
+        base = model if model is not None else entry.get("base_model_path")
+        if base_model_id(base) != entry.get("base_model", base_model_id(base)):
+            raise AngiotuneError(f"{key}: its model was trained on {entry['base_model']}, not "
+                                 f"on the weights in {base or 'the embedded model'}; pass the "
+                                 "SAM 3 folder it was searched on with --model")
         keys.append(key)
+    for base in {model if model is not None else read_entry(results, k).get("base_model_path")
+                 for k in keys}:
+        check_weights(None if base is None else Path(base), "box")
     if not keys:
         raise AngiotuneError(f"no kept box-prompt model to distil in {results / 'best'}; run "
                              "`angiotune search --space lora_rank.yaml` first")
@@ -132,11 +149,15 @@ def _missing_splits(index: str, key: str) -> list[str]:
 def _sized(space: SearchSpace, cluster_gpus: float) -> SearchSpace:
     """GPUs per trial and trials at once as a search sizes them (``search.sizing``); the
     batch, 8 unless the space sets it: the student's inputs are small."""
+    from angiotune.errors import ConfigError
     from angiotune.search.sizing import CPU_TRIALS
 
     gpus = space.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if cluster_gpus >= 1 else 0.0
+    if gpus > cluster_gpus:  # else the teacher's task would wait for a GPU forever
+        raise ConfigError(f"resources: a student trial needs {gpus:g} GPU(s) but the Ray "
+                          f"cluster has {cluster_gpus:g}; lower resources.gpus_per_worker")
     at_once = space.max_concurrent or (max(1, int(cluster_gpus // gpus)) if gpus
                                        else CPU_TRIALS)
     return replace(space, gpus_per_worker=gpus, max_concurrent=at_once,
@@ -150,19 +171,37 @@ def _on_trial_resources(space: SearchSpace, function, *args):
 
     task = ray.remote(max_calls=1)(function).options(num_cpus=space.cpus_per_worker,
                                                      num_gpus=space.gpus_per_worker or 0)
-    return ray.get(task.remote(*args))
+    try:
+        return ray.get(task.remote(*args))
+    except ray.exceptions.RayTaskError as error:  # a user's error: its message, not Ray's
+        if isinstance(error.cause, AngiotuneError):
+            raise error.cause from None
+        raise
 
 
 def _targets(space: SearchSpace, entry: dict, key: str, base: str | None, folder: Path,
              results: Path, resume: bool) -> Path:
+    import shutil
+
+    from angiotune.registry.store import ADAPTER
     from angiotune.train.distill import TARGETS_FILE
 
-    if resume and (folder / TARGETS_FILE).exists():
+    teacher = {"teacher_entry": Path(entry["path"]).name,
+               "frames_per_cine": int(space.fixed.get("frames_per_cine", 4))}
+    record = folder / TEACHER_FILE
+    if resume and (folder / TARGETS_FILE).exists() and record.exists():
+        if json.loads(record.read_text(encoding="utf-8")) != teacher:
+            raise AngiotuneError(f"{key}: the kept model or frames_per_cine changed since this "
+                                 "run started, so its students learned from other targets; "
+                                 "start a new run (another --name) instead of --resume")
         return folder
-    frames = int(space.fixed.get("frames_per_cine", 4))
+    # The trials start from a copy: the registry may drop the teacher's folder meanwhile.
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(Path(entry["path"]) / ADAPTER, folder / "teacher")
     cache = str((results / "cache" / "frames").resolve())
-    _on_trial_resources(space, _teacher_pass, entry, key, base, str(folder), frames, cache,
-                        space.batch_size)
+    _on_trial_resources(space, _teacher_pass, str(folder / "teacher"), entry["index"], key,
+                        base, str(folder), teacher["frames_per_cine"], cache, space.batch_size)
+    record.write_text(json.dumps(teacher), encoding="utf-8")
     return folder
 
 
@@ -181,19 +220,19 @@ def _device(gpus: float):
     return torch.device("cuda", 0) if gpus and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _teacher_pass(entry: dict, key: str, base: str | None, folder: str, frames: int,
-                  cache: str, batch_size: int) -> None:
+def _teacher_pass(adapter: str, index: str, key: str, base: str | None, folder: str,
+                  frames: int, cache: str, batch_size: int) -> None:
     """The teacher over its lesions' frames (a Ray task: ``_on_trial_resources``)."""
     import ray
 
     from angiotune.data.stream import load_rows
     from angiotune.names import GENERAL
-    from angiotune.registry.store import ADAPTER, load_ready_model
+    from angiotune.registry.store import load_ready_model
     from angiotune.train.distill import teacher_targets
 
-    teacher = load_ready_model(Path(entry["path"]) / ADAPTER, base)
+    teacher = load_ready_model(Path(adapter), base)
     teacher.to(_device(len(ray.get_gpu_ids())))
-    rows, root = load_rows(entry["index"])
+    rows, root = load_rows(index)
     if key != GENERAL:  # learns from every training cine; scored on its vessel's lesions
         rows = rows[(rows["split"] == "train") | (rows["vessel"] == key)].reset_index(drop=True)
     teacher_targets(teacher, rows, root, Path(folder), frames, cache, batch_size)
@@ -222,7 +261,7 @@ def _search(space: SearchSpace, key: str, offset: int, run_dir: Path, targets: P
     from angiotune.search.run import _optuna_search, short_trial_name
     from angiotune.search.trackers import logger_callbacks
 
-    constants = {"targets": str(targets), "teacher": str(Path(entry["path"]) / "adapter"),
+    constants = {"targets": str(targets), "teacher": str(targets / "teacher"),
                  "base": base, "epochs": space.epochs, "seed": space.seed,
                  "batch_size": space.batch_size, "gpus": space.gpus_per_worker or 0.0,
                  "teacher_entry": Path(entry["path"]).name}
@@ -306,7 +345,8 @@ def run_student_trial(config: dict, constants: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             student = load_student(Path(folder) / STUDENT_DIR).train()
-            saved = torch.load(Path(folder) / STATE_FILE, weights_only=True)
+            saved = torch.load(Path(folder) / STATE_FILE, weights_only=True,
+                               map_location="cpu")
         start, state = int(saved["epoch"]), saved["optimiser"]
     else:
         teacher = load_ready_model(Path(settings["teacher"]), settings["base"])
@@ -359,7 +399,9 @@ def _record(space: SearchSpace, entry: dict, base: str | None, row, config: dict
         "teacher_entry": Path(entry["path"]).name, "teacher_score": entry["score"],
         "teacher_trial_id": entry.get("trial_id"), "index": entry.get("index"),
         "validation_split": entry.get("validation_split"),
-        "metric": space.metric, "mode": "max", "score": float(row[space.metric]),
+        # The registry compares students on validation Dice, whatever chose among the trials.
+        "selected_on": space.metric, "metric": "dice", "mode": "max",
+        "score": float(row["dice"]),
         "validation": {k: float(row[k]) for k in ("dice", "agreement", "agreement_all_frames",
                                                   "teacher_dice") if k in row},
         "test": tests, "config": config, "trial_id": trial_id, "epoch": int(row["epoch"]),

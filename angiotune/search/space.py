@@ -719,6 +719,11 @@ def _check_trial_value(name: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: {value!r} is not a temperature above 0")
     if name == "validate" and value not in VALIDATE:
         raise ConfigError(f"{where}: {value!r} is not one of {VALIDATE}")
+    if name == "batch_size" and not (isinstance(value, int) and not isinstance(value, bool)
+                                     and value >= 1):
+        raise ConfigError(f"{where}: {value!r} is not a batch size (a whole number, 1 or more)")
+    if name in ("weight_decay", "feature_weight") and not (number and value >= 0):
+        raise ConfigError(f"{where}: {value!r} must be a number, 0 or more")
     if name == "max_ms_per_lesion" and not (number and value > 0):
         raise ConfigError(f"{where}: {value!r} is not a time in ms above 0")
     if name == "distill_weight" and not (number and 0 <= value <= 1):

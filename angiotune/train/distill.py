@@ -88,15 +88,8 @@ class DistillTargets:
     def __len__(self) -> int:
         return len(self.split)
 
-    @property
-    def image_size(self) -> int:
-        return int(self.images.shape[-1])
-
-    def where(self, split: str, truth_only: bool = False) -> np.ndarray:
-        chosen = np.asarray(self.split) == SPLITS.index(split)
-        if truth_only:
-            chosen &= np.asarray(self.has_truth, dtype=bool)
-        return np.flatnonzero(chosen)
+    def where(self, split: str) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.split) == SPLITS.index(split))
 
     def batch(self, rows: np.ndarray, device: torch.device | str = "cpu") -> dict:
         rows = np.sort(rows)
