@@ -181,6 +181,7 @@ def lad_targets(teacher_results, phantom_index, tmp_path_factory) -> DistillTarg
                            frames_per_cine=3)
 
 
+@pytest.mark.slow  # the teacher over the session's phantom cines
 def test_teacher_targets_hold_every_chosen_frame_and_truth_on_the_analysed_one(
         lad_targets, phantom_index, teacher_results):
     rows, _ = load_rows(phantom_index.out)
@@ -210,6 +211,7 @@ def _gap_to_teacher(student, targets: DistillTargets, size: int) -> float:
     return float((torch.sigmoid(logits) - torch.sigmoid(batch["teacher"])).abs().mean())
 
 
+@pytest.mark.slow  # the teacher over the session's phantom cines
 def test_a_lesion_whose_cine_cannot_be_read_is_left_out_and_named(
         teacher_results, phantom_index, tmp_path):
     rows, root = load_rows(phantom_index.out)
@@ -225,6 +227,7 @@ def test_a_lesion_whose_cine_cannot_be_read_is_left_out_and_named(
     assert not list((tmp_path / "t").glob("*.part"))
 
 
+@pytest.mark.slow  # the teacher over the session's phantom cines
 def test_a_student_trained_on_targets_comes_closer_to_its_teacher(lad_targets, teacher_results):
     teacher = load_best_model(teacher_results, "LAD")
     student = LesionModel(build_student(merged_tracker(teacher), StudentShape(1.0, 0.5, 0.75)),
@@ -289,6 +292,7 @@ def test_students_are_kept_beside_their_teacher_and_go_stale_with_it(teacher_res
         read_student(results, "LAD")
 
 
+@pytest.mark.slow  # the teacher over the session's phantom cines
 def test_predict_with_students_reports_the_student_and_refuses_without_one(
         teacher_results, phantom_index, tmp_path, capsys):
     import shutil
