@@ -40,9 +40,10 @@ def distill(space: SearchSpace, results: str | Path = "results", model: Path | N
             name: str | None = None, resume: bool = False, address: str | None = None,
             announce=None) -> DistillOutcome:
     """Distil every kept model the space names; returns what was kept and why."""
-    from angiotune.registry.store import read_entry
+    from angiotune.model.sam3 import image_size_of, model_config
     from angiotune.registry.students import promote_student
     from angiotune.search.run import SearchSettings, check_writable, ensure_ray
+    from angiotune.search.sizing import SMALL_BATCH, fit_space
 
     if space.stage != DISTILL:
         raise AngiotuneError(f"space {space.name!r} is a stage-{space.stage} space; "
@@ -56,15 +57,18 @@ def distill(space: SearchSpace, results: str | Path = "results", model: Path | N
         raise AngiotuneError(f"a distillation named {name!r} already exists in {run_dir}; use "
                              "--resume to continue it or another --name")
     model = Path(model).resolve() if model is not None else None
-    keys, messages = _teachers(space, results, model)
+    teachers, messages = _teachers(space, results, model)
     settings = SearchSettings(index=Path("."), name=name, results=results, address=address,
                               announce=announce)
     cluster = ensure_ray(settings)
-    space = _sized(space, cluster.get("GPU", 0.0))
+    # Sized as a search is (GPUs per trial, trials at once); the batch is 8 unless the space
+    # says otherwise: a student's inputs are small.
+    first = next(iter(teachers.values()))
+    space = fit_space(replace(space, batch_size=space.batch_size or SMALL_BATCH),
+                      image_size_of(model_config(first["base"], "box")), cluster.get("GPU", 0.0))
     outcome = DistillOutcome(name, run_dir, messages=messages)
-    for offset, key in enumerate(keys):
-        entry = read_entry(results, key)
-        base = str(model) if model is not None else entry.get("base_model_path")
+    for offset, (key, entry) in enumerate(teachers.items()):
+        base = entry["base"]
         targets = _targets(space, entry, key, base, run_dir / "targets" / key, results, resume)
         outcome.messages.extend(_left_out(key, targets))
         grid = _search(space, key, offset, run_dir, targets, entry, base, resume)
@@ -88,8 +92,9 @@ def distill(space: SearchSpace, results: str | Path = "results", model: Path | N
 
 
 def _teachers(space: SearchSpace, results: Path,
-              model: Path | None) -> tuple[list[str], list[str]]:
-    """The registry entries to distil, refused before Ray starts when there are none, or
+              model: Path | None) -> tuple[dict[str, dict], list[str]]:
+    """The registry entries to distil (key -> manifest, with ``base``: the base folder to
+    load, or None for the embedded model), refused before Ray starts when there are none, or
     when the base they need is not at hand."""
     from angiotune.model.sam3 import base_model_id
     from angiotune.names import ADAPTER_VESSELS, GENERAL
@@ -97,7 +102,7 @@ def _teachers(space: SearchSpace, results: Path,
     from angiotune.search.api import check_weights
 
     wanted = space.vessels or (*ADAPTER_VESSELS, GENERAL)
-    keys, messages = [], []
+    teachers, messages, base_ids = {}, [], {}
     for key in wanted:
         entry = read_entry(results, key)
         if entry is None:
@@ -121,19 +126,19 @@ def _teachers(space: SearchSpace, results: Path,
                 raise AngiotuneError(why + "; leave it out of vessels")
             messages.append(why + ": not distilled")
             continue
-        base = model if model is not None else entry.get("base_model_path")
-        if base_model_id(base) != entry.get("base_model", base_model_id(base)):
+        base = str(model) if model is not None else entry.get("base_model_path")
+        if base not in base_ids:  # the weights checked once per base, by their content
+            check_weights(None if base is None else Path(base), "box")
+            base_ids[base] = base_model_id(base)
+        if base_ids[base] != entry.get("base_model", base_ids[base]):
             raise AngiotuneError(f"{key}: its model was trained on {entry['base_model']}, not "
                                  f"on the weights in {base or 'the embedded model'}; pass the "
                                  "SAM 3 folder it was searched on with --model")
-        keys.append(key)
-    for base in {model if model is not None else read_entry(results, k).get("base_model_path")
-                 for k in keys}:
-        check_weights(None if base is None else Path(base), "box")
-    if not keys:
+        teachers[key] = {**entry, "base": base}
+    if not teachers:
         raise AngiotuneError(f"no kept box-prompt model to distil in {results / 'best'}; run "
                              "`angiotune search --space lora_rank.yaml` first")
-    return keys, messages
+    return teachers, messages
 
 
 def _missing_splits(index: str, key: str) -> list[str]:
@@ -144,24 +149,6 @@ def _missing_splits(index: str, key: str) -> list[str]:
     if key != GENERAL:
         rows = rows[rows["vessel"] == key]
     return [split for split in ("val", "test") if not (rows["split"] == split).any()]
-
-
-def _sized(space: SearchSpace, cluster_gpus: float) -> SearchSpace:
-    """GPUs per trial and trials at once as a search sizes them (``search.sizing``); the
-    batch, 8 unless the space sets it: the student's inputs are small."""
-    from angiotune.errors import ConfigError
-    from angiotune.search.sizing import CPU_TRIALS
-
-    gpus = space.gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if cluster_gpus >= 1 else 0.0
-    if gpus > cluster_gpus:  # else the teacher's task would wait for a GPU forever
-        raise ConfigError(f"resources: a student trial needs {gpus:g} GPU(s) but the Ray "
-                          f"cluster has {cluster_gpus:g}; lower resources.gpus_per_worker")
-    at_once = space.max_concurrent or (max(1, int(cluster_gpus // gpus)) if gpus
-                                       else CPU_TRIALS)
-    return replace(space, gpus_per_worker=gpus, max_concurrent=at_once,
-                   batch_size=space.batch_size or 8)
 
 
 def _on_trial_resources(space: SearchSpace, function, *args):
