@@ -8,9 +8,10 @@ start-up, checkpoint writes, Optuna, the registry.
 
     python benchmarks/search_overhead.py [--lesions 240] [--trials 3] [--epochs 12]
 
-Runs the search twice, side by side: with a Ray Train worker group per trial
-(``resources.worker_group: true``) and training in Tune's trial process (the default for one
-worker per trial).
+Runs the search three ways, side by side: with a Ray Train worker group per trial
+(``resources.worker_group: true``), training in Tune's trial process (the default for one
+worker per trial) with one Ray Data stream for all of a trial's epochs (``data.stream: trial``,
+the default), and the same with a fresh stream per epoch (``data.stream: epoch``, as before).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+WAYS = ("worker-group", "in-trial", "in-trial-epoch-stream")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,8 +31,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--concurrent", type=int, default=1)
-    parser.add_argument("--only", choices=("worker-group", "in-trial"),
-                        help="run one way only (default: both, side by side)")
+    parser.add_argument("--only", choices=WAYS, action="append",
+                        help="run only these ways (repeatable; default: all, side by side)")
     args = parser.parse_args()
 
     from angiotune.data.ingest import IndexSettings, build_index
@@ -40,21 +43,25 @@ def main() -> None:
                                                          frames=3, seed=0))
     index = work / "index.parquet"
     build_index(work / "phantoms" / "manifest.csv", index, IndexSettings(salt="benchmark"))
-    ways = [args.only] if args.only else ["worker-group", "in-trial"]
-    figures = {way: measure(index, work / way, args, worker_group=way == "worker-group")
+    ways = args.only or list(WAYS)
+    figures = {way: measure(index, work / way, args, worker_group=way == "worker-group",
+                            stream="epoch" if way == "in-trial-epoch-stream" else "trial")
                for way in ways}
     print(f"\n{args.trials} trials x {args.epochs} epochs, {args.concurrent} at a time, "
           f"{args.lesions} phantom lesions, embedded tiny model, CPU")
-    print(f"{'':34}" + "".join(f"{way:>14}" for way in ways))
+    print(f"{'':38}" + "".join(f"{way:>23}" for way in ways))
     for name in next(iter(figures.values())):
-        cells = "".join(f"{figures[way][name]:14.3f}" for way in ways)
-        print(f"{name:34}{cells}")
-    if len(ways) == 2:
-        ratio = figures["in-trial"]["search wall s"] / figures["worker-group"]["search wall s"]
-        print(f"wall time ratio, in-trial / worker group: {ratio:.2f}")
+        cells = "".join(f"{figures[way][name]:23.3f}" for way in ways)
+        print(f"{name:38}{cells}")
+    for way, base in (("in-trial", "worker-group"), ("in-trial", "in-trial-epoch-stream")):
+        if way in figures and base in figures:
+            for name in ("search wall s", "data_wait_s (all trials)"):
+                ratio = figures[way][name] / max(figures[base][name], 1e-9)
+                print(f"{name} ratio, {way} / {base}: {ratio:.2f}")
 
 
-def measure(index: Path, folder: Path, args, worker_group: bool) -> dict[str, float]:
+def measure(index: Path, folder: Path, args, worker_group: bool,
+            stream: str) -> dict[str, float]:
     """One search; where its wall time went, from what every trial reported per epoch."""
     import ray
 
@@ -64,7 +71,8 @@ def measure(index: Path, folder: Path, args, worker_group: bool) -> dict[str, fl
     space = parse_space({
         "name": "overhead", "metric": "dice", "mode": "max", "samples": args.trials,
         "max_concurrent": args.concurrent, "epochs": args.epochs, "seed": 0, "asha": None,
-        "data": {"image_size": 112, "batch_size": 8}, "fixed": {"strategy": "lora"},
+        "data": {"image_size": 112, "batch_size": 8, "stream": stream},
+        "fixed": {"strategy": "lora"},
         "resources": {"worker_group": worker_group},
         "params": {"lr": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}}},
         "overhead.yaml")

@@ -87,6 +87,7 @@ def _broken(change):
     (lambda r: r["fixed"].update(crop_context=0.5), "fixed.crop_context"),  # inside its box
     (lambda r: r["fixed"].update(refine="yes"), "fixed.refine"),
     (lambda r: r.update(sampler="grid"), "sampler"),
+    (lambda r: r.update(data={"stream": "block"}), "data.stream"),
     (lambda r: r["fixed"].update(embedding_cache="yes"), "fixed.embedding_cache"),
     (lambda r: r["fixed"].update(embedding_cache=True), "embedding_cache"),  # lora on vision
     (lambda r: r.update(fixed={"embedding_cache": True},
@@ -139,6 +140,7 @@ def test_a_replaced_space_is_checked_again():
     ({"objective": {"speed": 1.0}}, "objective.speed"),
     ({"select": "stenosis_mae"}, "select"),
     ({"sampler": "grid"}, "sampler"),
+    ({"stream": "forever"}, "data.stream"),
     ({"fixed": {"strategy": "adapters"}}, "fixed.strategy"),
     ({"fixed": {"strategy": "lora", "init": "vessel"}}, "init"),
     ({"params": ()}, "params"),

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from angiotune.data.ingest import IndexSettings, build_index
-from angiotune.data.stream import SampleSettings, lesion_dataset, load_rows, prepare_sample
+from angiotune.data.stream import (
+    SampleSettings,
+    TrialStream,
+    lesion_dataset,
+    load_rows,
+    prepare_sample,
+)
 
 SETTINGS = SampleSettings(image_size=64)
 
@@ -91,6 +97,108 @@ def test_stream_training_augments(ray_cluster, stream_index):
     assert len(train) == len(plain)
     changed = sum(not np.array_equal(s["image"], plain[s["sample_id"]]["image"]) for s in train)
     assert changed == len(train)
+
+
+class _Labelled:
+    """What ``lesion_dataset(..., passes=n)`` serves, without Ray: rows 0..size-1 of each pass,
+    labelled with it, in batches that straddle the passes."""
+
+    def __init__(self, size: int, passes: int) -> None:
+        self.size, self.passes = size, passes
+
+    def iter_batches(self, batch_size: int):
+        rows = np.arange(self.size * self.passes)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            yield {"sample_id": chunk % self.size, "_pass": chunk // self.size}
+
+
+@pytest.mark.parametrize("size, batch_size", [(10, 4), (12, 4), (3, 8)])
+def test_a_trial_stream_cuts_its_passes_into_whole_epochs(size, batch_size):
+    stream = TrialStream(lambda passes: _Labelled(size, passes), 3)
+    for _ in range(3):
+        batches = list(stream.iter_batches(batch_size))
+        assert np.concatenate([b["sample_id"] for b in batches]).tolist() == list(range(size))
+        assert [len(b["sample_id"]) for b in batches] == [
+            min(batch_size, size - start) for start in range(0, size, batch_size)]
+        assert "_pass" not in batches[0]
+    with pytest.raises(ValueError, match="3 epochs"):
+        stream.iter_batches(batch_size)
+
+
+def test_closing_a_trial_stream_stops_its_execution():
+    """What ``run_trial`` does when Tune stops a trial: Ray Data's iterator shuts its
+    executor down when its generator is closed."""
+    closed = []
+
+    class Source(_Labelled):
+        def iter_batches(self, batch_size):
+            try:
+                yield from super().iter_batches(batch_size)
+            finally:
+                closed.append(True)
+
+    stream = TrialStream(lambda passes: Source(10, passes), 3)
+    next(stream.iter_batches(4))
+    stream.close()
+    assert closed == [True]
+    with pytest.raises(ValueError, match="closed"):
+        stream.iter_batches(4)
+
+
+def test_a_started_trial_stream_serves_the_same_epochs():
+    """``start`` fetches the first batch in the background; the epochs are unchanged."""
+    stream = TrialStream(lambda passes: _Labelled(10, passes), 2)
+    stream.start(4)
+    for _ in range(2):
+        batches = list(stream.iter_batches(4))
+        assert np.concatenate([b["sample_id"] for b in batches]).tolist() == list(range(10))
+    started = TrialStream(lambda passes: _Labelled(10, passes), 2)
+    started.start(4)
+    started.close()  # before anything was read: waits for the background fetch, then closes
+    with pytest.raises(ValueError, match="closed"):
+        started.iter_batches(4)
+
+
+def test_a_trial_stream_refuses_another_batch_size():
+    stream = TrialStream(lambda passes: _Labelled(10, passes), 3)
+    list(stream.iter_batches(4))
+    with pytest.raises(ValueError, match="batches of 4"):
+        stream.iter_batches(5)
+
+
+@pytest.mark.slow  # on the session's Ray, whose start alone takes seconds
+@pytest.mark.ray
+def test_a_trial_stream_serves_every_epoch_whole_from_one_execution(ray_cluster, stream_index):
+    """Each epoch gets every training lesion exactly once, in index order, however the batches
+    fall across the passes (a batch size that does not divide the split), and freshly
+    augmented; an epoch left half-read (a failed step) does not leak into the next."""
+    rows, _ = load_rows(stream_index, "train")
+    made = []
+
+    def make(passes):
+        made.append(passes)
+        return lesion_dataset(stream_index, "train", settings=SETTINGS, passes=passes)
+
+    stream = TrialStream(make, 4)
+    batch_size = 5 if len(rows) % 5 else 7
+    assert len(rows) % batch_size
+    epochs = []
+    for _ in range(2):
+        batches = list(stream.iter_batches(batch_size))
+        assert "_pass" not in batches[0]
+        assert {len(batch["sample_id"]) for batch in batches[:-1]} == {batch_size}
+        epochs.append({name: np.concatenate([b[name] for b in batches]) for name in batches[0]})
+    half = next(iter(stream.iter_batches(batch_size)))  # the third epoch, left after one batch
+    assert len(half["sample_id"]) == batch_size
+    fourth = list(stream.iter_batches(batch_size))
+    epochs.append({name: np.concatenate([b[name] for b in fourth]) for name in fourth[0]})
+    assert made == [4]  # one execution for the trial
+    for epoch in epochs:
+        assert list(epoch["sample_id"]) == list(rows["sample_id"])
+    assert not np.array_equal(epochs[0]["image"], epochs[1]["image"])  # fresh augmentation
+    with pytest.raises(ValueError, match="4 epochs"):
+        stream.iter_batches(batch_size)
 
 
 @pytest.mark.slow  # on the session's Ray, whose start alone takes seconds

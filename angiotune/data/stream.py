@@ -9,8 +9,10 @@ for the same reason.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -43,6 +45,7 @@ META_COLUMNS = ("sample_id", "split", "vessel", "segment", "diameter_stenosis_pc
                 "rvd_mm", "angle_lao_deg", "angle_cranial_deg")
 DATA_TASK_CPUS = 0.5  # 0.25 oversubscribes 2 cores: 3.5x slower (benchmarks/README.md)
 ROWS_PER_BLOCK = 8  # enough rows per task to amortise its start, few enough to spread
+PASS_COLUMN = "_pass"  # which pass over the split a sample of a multi-pass stream belongs to
 
 
 @dataclass(frozen=True)
@@ -144,9 +147,13 @@ def _prepare_batch(rows: pd.DataFrame, root: Path, settings: SampleSettings) -> 
     for row in rows.to_dict("records"):
         rng = np.random.default_rng() if settings.augment else None
         try:
-            samples.append(prepare_sample(row, root, settings, rng))
+            sample = prepare_sample(row, root, settings, rng)
         except DataError as error:
             log.warning("angiotune: skipped sample %s (%s)", row["sample_id"], error)
+            continue
+        if PASS_COLUMN in row:
+            sample[PASS_COLUMN] = row[PASS_COLUMN]
+        samples.append(sample)
     if not samples:
         return {}
     return {name: np.stack([s[name] for s in samples]) for name in samples[0]}
@@ -182,8 +189,12 @@ def load_rows(index: str | Path | pd.DataFrame, split: str | None = None,
 def lesion_dataset(index: str | Path | pd.DataFrame, split: str | None = None, *,
                    settings: SampleSettings = SampleSettings(),
                    data_root: str | Path | None = None,
-                   cpus_per_task: float = DATA_TASK_CPUS, reserve_per_operator: bool = True):
-    """A Ray Dataset of prepared samples for one split, decoded lazily in Ray tasks."""
+                   cpus_per_task: float = DATA_TASK_CPUS, reserve_per_operator: bool = True,
+                   passes: int = 1):
+    """A Ray Dataset of prepared samples for one split, decoded lazily in Ray tasks.
+
+    ``passes`` > 1: the split that many times over, in order, each sample labelled with its
+    pass in ``PASS_COLUMN`` (``TrialStream`` cuts it into epochs)."""
     import ray.data
 
     rows, root = load_rows(index, split, data_root)
@@ -192,10 +203,13 @@ def lesion_dataset(index: str | Path | pd.DataFrame, split: str | None = None, *
             index, pd.DataFrame) else None, field="split")
     if settings.augment is None:
         settings = replace(settings, augment=split == "train")
+    records = rows.to_dict("records")
+    if passes > 1:
+        records = [{**record, PASS_COLUMN: number} for number in range(passes)
+                   for record in records]
     # from_items only puts objects; from_pandas / from_arrow start a metadata task that asks
     # for a whole CPU and waits forever while training workers hold them (seen on Ray 2.60).
-    dataset = ray.data.from_items(rows.to_dict("records"),
-                                  override_num_blocks=-(-len(rows) // ROWS_PER_BLOCK))
+    dataset = ray.data.from_items(records, override_num_blocks=-(-len(records) // ROWS_PER_BLOCK))
     dataset = dataset.map_batches(partial(_prepare_batch, root=root, settings=settings),
                                   batch_size=ROWS_PER_BLOCK, batch_format="pandas",
                                   num_cpus=cpus_per_task)
@@ -203,4 +217,103 @@ def lesion_dataset(index: str | Path | pd.DataFrame, split: str | None = None, *
     # alone decodes 2x faster on 2 cores, but in a search there, where the step needs one of the
     # two cores, it was no faster (benchmarks/README.md), so the reserve stays by default.
     dataset.context.op_resource_reservation_enabled = reserve_per_operator
+    if passes > 1:  # a pass must end before the next begins
+        dataset.context.execution_options.preserve_order = True
     return dataset
+
+
+class TrialStream:
+    """A trial's training samples for all its epochs as one Ray Data stream.
+
+    Each ``iter_batches`` call (one per epoch, as on a Dataset) serves the next pass. A Dataset
+    starts a fresh execution for every epoch: Ray Data launching its tasks again was the data
+    wait left with a warm frame cache (0.3-0.6 s per epoch, ``benchmarks/README.md``). One
+    execution decodes the next epoch's first samples while this one trains. ``make(passes)``
+    builds the dataset (a ``lesion_dataset`` partial); it is made on the first call,
+    inside the trial, for ``passes`` epochs at most (a trial resumed later uses fewer; what the
+    stream decoded ahead for them is dropped)."""
+
+    def __init__(self, make: Callable[[int], object], passes: int) -> None:
+        self.make, self.passes = make, passes
+        self._batches: Iterator[dict] | None = None
+        self._batch_size: int | None = None
+        self._first: concurrent.futures.Future | None = None
+        self._pending: dict | None = None
+        self._served = 0
+
+    def start(self, batch_size: int) -> None:
+        """Start decoding now, in the background: the first batch then comes while the trial
+        loads its model rather than after (it was most of a trial's data wait)."""
+        self._open(batch_size)
+        pool = concurrent.futures.ThreadPoolExecutor(1, "trial-stream")
+        self._first = pool.submit(next, self._batches, None)
+        pool.shutdown(wait=False)  # its one task runs on; the thread ends with it
+
+    def iter_batches(self, batch_size: int) -> Iterator[dict]:
+        self._open(batch_size)
+        if self._served >= self.passes:
+            raise ValueError(f"the trial stream was made for {self.passes} epochs, or closed")
+        number, self._served = self._served, self._served + 1
+        return self._pass(number)
+
+    def close(self) -> None:
+        """Stop decoding ahead: a trial stopped early (ASHA) leaves its process to the next
+        trial (Tune reuses it), which must not share the cores with a stream nobody reads."""
+        if self._first is not None:  # a generator cannot be closed while another thread runs it
+            concurrent.futures.wait([self._first])
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()
+        self._served = self.passes  # nothing more to serve
+
+    def _open(self, batch_size: int) -> None:
+        if self._batches is None:
+            self._batches = iter(self.make(passes=self.passes).iter_batches(batch_size=batch_size))
+            self._batch_size = batch_size
+        elif batch_size != self._batch_size:
+            raise ValueError(f"a trial stream serves batches of {self._batch_size}, "
+                             f"not {batch_size}")
+
+    def _next(self) -> dict | None:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first.result()
+        return next(self._batches, None)
+
+    def _pass(self, number: int) -> Iterator[dict]:
+        """Pass ``number``'s rows in batches of the stream's size (the last one short), as a
+        Dataset of the split alone would serve them."""
+        held: dict | None = None
+        for piece in self._pieces(number):
+            held = piece if held is None else {name: np.concatenate([held[name], piece[name]])
+                                               for name in piece}
+            while len(held["sample_id"]) >= self._batch_size:
+                yield {name: values[:self._batch_size] for name, values in held.items()}
+                held = {name: values[self._batch_size:] for name, values in held.items()}
+        if held is not None and len(held["sample_id"]):
+            yield held
+
+    def _pieces(self, number: int) -> Iterator[dict]:
+        """Pass ``number``'s rows as the stream's batches hold them: a batch across two passes
+        is cut, and the next pass's part kept for it."""
+        while True:
+            batch, self._pending = self._pending, None
+            if batch is None:
+                batch = self._next()
+            if batch is None:
+                return
+            labels = np.asarray(batch[PASS_COLUMN])
+            mine = _rows(batch, labels == number)  # an unfinished earlier pass's rows: dropped
+            if mine is not None:
+                yield mine
+            if labels.max() > number:  # the next pass starts inside this batch
+                self._pending = _rows(batch, labels > number, keep_label=True)
+                return
+
+
+def _rows(batch: dict, keep: np.ndarray, keep_label: bool = False) -> dict | None:
+    """The kept rows of a batch (without the pass label unless asked); None if none are kept."""
+    if not keep.any():
+        return None
+    return {name: np.asarray(values)[keep] for name, values in batch.items()
+            if keep_label or name != PASS_COLUMN}

@@ -221,6 +221,7 @@ def run_search(space: SearchSpace, settings: SearchSettings):
                  "fault_dir": os.environ.get(FAULT_DIR_ENV),
                  "mode": _first(space.mode), "objective": space.objective,
                  "validate_at": space.validation_epochs(),
+                 "stream": space.stream,
                  **stream_plan(space, cluster_cpus, at_once), **settings.trial_constants}
     (run_dir / "space.json").write_text(jsonio.dumps(asdict(space), indent=1))
     trainable = tune.with_resources(

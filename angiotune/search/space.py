@@ -121,6 +121,9 @@ DISTILL_METRICS = ("dice", "agreement")  # what a student trial reports and is s
 # validate: when a trial validates, which its scheduler's rungs decide.
 FIXED_ONLY = {"prompt_mode", "embedding_cache", "augment_views", "frames_per_cine",
               "max_ms_per_lesion", "validate"}
+# trial: one Ray Data stream for all of a trial's epochs; epoch: a fresh stream per epoch (what
+# a Ray Train worker group always uses: its ranks split each epoch's stream).
+STREAMS = ("trial", "epoch")
 VALIDATE = ("every", "rungs")  # every epoch, or only where ASHA decides and at the end
 # Each scalar field of a SearchSpace: its type, its minimum (None: any) and its key in a file,
 # which errors name. A field in AUTO_FIELDS may also be None: auto (angiotune.search.sizing).
@@ -135,6 +138,7 @@ SCALAR_FIELDS = {
     "retries": (int, 0, "resources.retries"),
     "worker_group": (bool, None, "resources.worker_group"),
     "image_size": (int, 32, "data.image_size"), "batch_size": (int, 1, "data.batch_size"),
+    "stream": (str, None, "data.stream"),
     "asha": (bool, None, "asha"), "name": (str, None, "name"), "select": (str, None, "select"),
     "sampler": (str, None, "sampler"),
 }
@@ -217,6 +221,7 @@ class SearchSpace:
     asha: bool = True
     sampler: str = "tpe"
     callbacks: dict[str, dict[str, str]] = field(default_factory=dict)  # tracker -> settings
+    stream: str = "trial"  # one of STREAMS
 
     def __post_init__(self) -> None:
         """Every rule, however the space is made (``parse_space``, ``dataclasses.replace``,
@@ -239,6 +244,8 @@ class SearchSpace:
                               "compares every stage's adapters on segmentation)")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler: {self.sampler!r} must be one of {SAMPLERS}")
+        if self.stream not in STREAMS:
+            raise ConfigError(f"data.stream: {self.stream!r} must be one of {STREAMS}")
         _check_metrics(self)
         _check_asha(self)
         _check_objective(self)
@@ -429,7 +436,7 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         **section("asha", {"grace_period": 1, "reduction_factor": 2}),
         **section("resources", {"workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": AUTO,
                                 "retries": 1, "worker_group": False}),
-        **section("data", {"image_size": AUTO, "batch_size": AUTO}),
+        **section("data", {"image_size": AUTO, "batch_size": AUTO, "stream": "trial"}),
         fixed=dict(fixed), params=_parse_params(raw.get("params"), source), stage=stage,
         objective=_parse_objective(raw.get("objective"), source), select=get("select", "dice"),
         vessels=_parse_vessels(raw.get("vessels"), source), asha=use_asha,

@@ -12,6 +12,7 @@ when they run: a trial loads the training stack to build its configuration and t
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -81,7 +82,13 @@ def with_checkpoint_paths(history: pd.DataFrame, trial_dir: Path) -> pd.DataFram
 
 
 def run_trial(config: dict, constants: dict) -> None:
-    from angiotune.data.stream import DATA_TASK_CPUS, SampleSettings, lesion_dataset, load_rows
+    from angiotune.data.stream import (
+        DATA_TASK_CPUS,
+        SampleSettings,
+        TrialStream,
+        lesion_dataset,
+        load_rows,
+    )
     from angiotune.train.config import TrialConfig
 
     settings = {**constants, **config}
@@ -99,10 +106,14 @@ def run_trial(config: dict, constants: dict) -> None:
         rows, root = load_rows(settings["index"], split)
         if settings.get("vessel"):  # stage 3: this trial's vessel only
             rows = rows[rows["vessel"] == settings["vessel"]].reset_index(drop=True)
-        datasets[split] = lesion_dataset(
-            rows, split, settings=samples, data_root=root,
-            cpus_per_task=float(settings.get("data_task_cpus", DATA_TASK_CPUS)),
-            reserve_per_operator=bool(settings.get("data_reserve", True)))
+        make = partial(lesion_dataset, rows, split, settings=samples, data_root=root,
+                       cpus_per_task=float(settings.get("data_task_cpus", DATA_TASK_CPUS)),
+                       reserve_per_operator=bool(settings.get("data_reserve", True)))
+        # Training in the trial's own process streams all its epochs at once; a Ray Train
+        # worker group splits a fresh stream per epoch among its ranks.
+        one_stream = (split == "train" and settings["in_trial"]
+                      and settings.get("stream", "trial") == "trial")
+        datasets[split] = TrialStream(make, trial.run.epochs) if one_stream else make()
     use_gpu = float(settings["gpus_per_worker"]) > 0
     if settings["in_trial"]:
         from angiotune.train.loop import TuneTrialBackend, run_training
@@ -110,7 +121,14 @@ def run_trial(config: dict, constants: dict) -> None:
         # A search started before its constants named the Tune folder has none: only the
         # injected kill fault needs it.
         tune_dir = settings.get("tune_dir")
-        run_training(trial, TuneTrialBackend(datasets, use_gpu, tune_dir and Path(tune_dir)))
+        if isinstance(datasets["train"], TrialStream):
+            datasets["train"].start(trial.run.batch_size)  # decodes while the model loads
+        try:
+            run_training(trial, TuneTrialBackend(datasets, use_gpu,
+                                                 tune_dir and Path(tune_dir)))
+        finally:  # also when Tune stops the trial (SystemExit in its report)
+            if isinstance(datasets["train"], TrialStream):
+                datasets["train"].close()
         return
     _fit_worker_group(settings, datasets, use_gpu)
 
