@@ -271,3 +271,12 @@ def test_stream_feeds_ray_train_workers(ray_cluster, stream_index, tmp_path):
     # Ray Data splits the rows evenly between the workers; an odd remainder row may be dropped.
     assert all(n > 0 for n in seen)
     assert len(rows) - 1 <= sum(seen) <= len(rows)
+
+
+def test_a_local_ray_keeps_an_idle_worker_for_every_trial_and_decoding_task():
+    """Ray's default keeps one idle worker per CPU: each trial's stream then waited seconds for
+    new decoding processes. 2 CPUs: 2 trial processes and 4 half-CPU decoding tasks."""
+    from angiotune.search.run import idle_workers_kept
+
+    assert idle_workers_kept(2) == 6
+    assert idle_workers_kept(16) == 48

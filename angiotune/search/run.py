@@ -9,6 +9,7 @@ killed midway is resumed with ``resume=True``.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import shutil
@@ -318,7 +319,20 @@ def start_ray(address: str | None = None, **local_options):
             os.environ["RAY_AUTH_MODE"] = "token"
         return ray.init(address=address, log_to_driver=False)
     return ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False,
+                    _system_config={"num_workers_soft_limit": idle_workers_kept(
+                        local_options.get("num_cpus") or os.cpu_count() or 1)},
                     **local_options)
+
+
+def idle_workers_kept(cpus: float) -> int:
+    """How many idle worker processes a local Ray keeps. Ray's default is one per CPU and it
+    ends the rest a second after they go idle, but a search runs its trials' processes and up
+    to ``cpus / DATA_TASK_CPUS`` decoding tasks at once: every trial's stream then waited 1-6 s
+    for new decoding processes to start and import their libraries (``benchmarks/README.md``).
+    Kept, an idle one costs its memory (about 0.1-0.5 GB) and nothing else."""
+    from angiotune.data.stream import DATA_TASK_CPUS
+
+    return math.ceil(cpus / DATA_TASK_CPUS + cpus)
 
 
 def _auth_token_available() -> bool:
