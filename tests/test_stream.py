@@ -199,6 +199,9 @@ def test_a_trial_stream_serves_every_epoch_whole_from_one_execution(ray_cluster,
     assert not np.array_equal(epochs[0]["image"], epochs[1]["image"])  # fresh augmentation
     with pytest.raises(ValueError, match="4 epochs"):
         stream.iter_batches(batch_size)
+    single = TrialStream(make, 1)  # a one-epoch trial
+    assert [i for b in single.iter_batches(batch_size) for i in b["sample_id"]] == list(
+        rows["sample_id"])
 
 
 @pytest.mark.slow  # on the session's Ray, whose start alone takes seconds

@@ -190,11 +190,11 @@ def lesion_dataset(index: str | Path | pd.DataFrame, split: str | None = None, *
                    settings: SampleSettings = SampleSettings(),
                    data_root: str | Path | None = None,
                    cpus_per_task: float = DATA_TASK_CPUS, reserve_per_operator: bool = True,
-                   passes: int = 1):
+                   passes: int | None = None):
     """A Ray Dataset of prepared samples for one split, decoded lazily in Ray tasks.
 
-    ``passes`` > 1: the split that many times over, in order, each sample labelled with its
-    pass in ``PASS_COLUMN`` (``TrialStream`` cuts it into epochs)."""
+    ``passes``: the split that many times over, in order, each sample labelled with its pass
+    in ``PASS_COLUMN`` (``TrialStream`` cuts it into epochs)."""
     import ray.data
 
     rows, root = load_rows(index, split, data_root)
@@ -204,7 +204,7 @@ def lesion_dataset(index: str | Path | pd.DataFrame, split: str | None = None, *
     if settings.augment is None:
         settings = replace(settings, augment=split == "train")
     records = rows.to_dict("records")
-    if passes > 1:
+    if passes is not None:
         records = [{**record, PASS_COLUMN: number} for number in range(passes)
                    for record in records]
     # from_items only puts objects; from_pandas / from_arrow start a metadata task that asks
@@ -217,7 +217,7 @@ def lesion_dataset(index: str | Path | pd.DataFrame, split: str | None = None, *
     # alone decodes 2x faster on 2 cores, but in a search there, where the step needs one of the
     # two cores, it was no faster (benchmarks/README.md), so the reserve stays by default.
     dataset.context.op_resource_reservation_enabled = reserve_per_operator
-    if passes > 1:  # a pass must end before the next begins
+    if passes is not None:  # a pass must end before the next begins
         dataset.context.execution_options.preserve_order = True
     return dataset
 
