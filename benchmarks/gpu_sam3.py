@@ -34,10 +34,13 @@ SPLITS = {"train": 0.70, "val": 0.15}  # angiotune's patient-level split (test 0
 # stage 3 trains each vessel's trials on that vessel's lesions (about a third each).
 SHARES = (0.5, 0.25, 0.125)  # lora_depth: the share of the encoder's last blocks LoRA adapts
 VIEWS = 4  # augmented views per training crop the prefix cache holds (augment_views)
-PLAN = {"stage 1 (lesion LoRA)": {"trials": 24, "epochs": 10, "asha": True, "share": 1.0},
-        "stage 2 (heads)": {"trials": 12, "epochs": 10, "asha": True, "share": 1.0},
-        "stage 3 (per vessel)": {"trials": 3 * 8, "epochs": 10, "asha": False,
+PLAN_EPOCHS = 10
+PLAN = {"stage 1 (lesion LoRA)": {"trials": 24, "epochs": PLAN_EPOCHS, "asha": True,
+                                  "share": 1.0},
+        "stage 2 (heads)": {"trials": 12, "epochs": PLAN_EPOCHS, "asha": True, "share": 1.0},
+        "stage 3 (per vessel)": {"trials": 3 * 8, "epochs": PLAN_EPOCHS, "asha": False,
                                  "share": 1 / 3}}
+OVERNIGHT_HOURS = 12  # issue 20: the plan on two 3090s, overnight
 
 
 def peak_tflops(name: str) -> float | None:
@@ -259,12 +262,14 @@ def validated_share(epochs: int, asha: bool, grace: int = 2, factor: int = 2) ->
     return len(load_space("lora_rank.yaml", overrides).validation_epochs()) / epochs
 
 
-def project(flops: dict, mfu: float, trial_startup_s: float, asha_fraction: float) -> list[dict]:
+def project(flops: dict, mfu: float, trial_startup_s: float, asha_fraction: float,
+            epochs: int | None = None) -> list[dict]:
     """Wall time of PLAN over LESIONS lesions on two RTX 3090s (data-parallel, one trial at a
-    time on both), at the MFU measured here."""
+    time on both), at the MFU measured here; ``epochs`` replaces the plan's per trial."""
     rate = 2 * RTX_3090["tflops"] * 1e12 * mfu
     rows = []
     for name, stage in PLAN.items():
+        stage = {**stage, "epochs": epochs or stage["epochs"]}
         train = LESIONS * SPLITS["train"] * stage["share"]
         val = LESIONS * SPLITS["val"] * stage["share"]
         evaluate = val * (flops["encoder_forward"] + flops["decoder_forward"])
@@ -398,6 +403,23 @@ def main() -> None:
         print(f"  {variant:<12}: LoRA on the encoder {lora:6.1f} h; LoRA on its last "
               f"{SHARES[1]:g} + prefix cache ({VIEWS} views) {last:6.1f} h, validating at the "
               f"rungs only {rungs:6.1f} h; frozen encoder + embedding cache {cached:6.1f} h")
+    # What the cheaper trials buy: the most epochs per trial the last-blocks plan (validating at
+    # the rungs, with ASHA) fits in an overnight 12 h, against the plan's 10.
+    def rungs_hours(epochs: int) -> float:
+        rows = project(full_flops, mfu, args.trial_startup_s, args.asha_fraction, epochs)
+        return sum(r["lora_last_blocks_cached_validate_rungs_hours"] for r in rows
+                   if r["variant"] == "with ASHA")
+
+    affordable = max((e for e in range(PLAN_EPOCHS, 4 * PLAN_EPOCHS)
+                      if rungs_hours(e) <= OVERNIGHT_HOURS), default=None)
+    record["last_blocks_epochs_within_12h"] = affordable
+    if affordable is None:
+        print(f"  LoRA on the last {SHARES[1]:g} does not fit the plan's {PLAN_EPOCHS} epochs "
+              f"in {OVERNIGHT_HOURS} h")
+    else:
+        print(f"  LoRA on the last {SHARES[1]:g}, validating at the rungs, with ASHA, fits "
+              f"{affordable} epochs per trial in {OVERNIGHT_HOURS} h "
+              f"({rungs_hours(affordable):.1f} h; the plan has {PLAN_EPOCHS})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1, default=str))
