@@ -228,12 +228,12 @@ class TrialStream:
     Each ``iter_batches`` call (one per epoch, as on a Dataset) serves the next pass. A Dataset
     starts a fresh execution for every epoch: Ray Data launching its tasks again was the data
     wait left with a warm frame cache (0.3-0.6 s per epoch, ``benchmarks/README.md``). One
-    execution decodes the next epoch's first samples while this one trains. ``make(passes)``
+    execution decodes the next epoch's first samples while this one trains. ``make(passes=n)``
     builds the dataset (a ``lesion_dataset`` partial); it is made on the first call,
     inside the trial, for ``passes`` epochs at most (a trial resumed later uses fewer; what the
     stream decoded ahead for them is dropped)."""
 
-    def __init__(self, make: Callable[[int], object], passes: int) -> None:
+    def __init__(self, make: Callable[..., object], passes: int) -> None:
         self.make, self.passes = make, passes
         self._batches: Iterator[dict] | None = None
         self._batch_size: int | None = None
