@@ -160,6 +160,18 @@ def test_a_started_trial_stream_serves_the_same_epochs():
         started.iter_batches(4)
 
 
+@pytest.mark.parametrize("read", [1, 2])
+def test_an_epoch_left_unfinished_leaves_the_next_one_whole(read):
+    """A reader that stops inside an epoch (a failed step) gets every row of the next epoch,
+    also when it stopped in the batch where that epoch begins."""
+    stream = TrialStream(lambda passes: _Labelled(5, passes), 3)
+    first = stream.iter_batches(4)
+    for _ in range(read):
+        next(first)
+    nxt = [i for b in stream.iter_batches(4) for i in b["sample_id"]]
+    assert nxt == list(range(5))
+
+
 def test_a_trial_stream_refuses_another_batch_size():
     stream = TrialStream(lambda passes: _Labelled(10, passes), 3)
     list(stream.iter_batches(4))

@@ -244,6 +244,8 @@ class TrialStream:
     def start(self, batch_size: int) -> None:
         """Start decoding now, in the background: the first batch then comes while the trial
         loads its model rather than after (it was most of a trial's data wait)."""
+        if self._batches is not None:
+            raise ValueError("the trial stream has started already")
         self._open(batch_size)
         pool = concurrent.futures.ThreadPoolExecutor(1, "trial-stream")
         self._first = pool.submit(next, self._batches, None)
@@ -259,12 +261,16 @@ class TrialStream:
     def close(self) -> None:
         """Stop decoding ahead: a trial stopped early (ASHA) leaves its process to the next
         trial (Tune reuses it), which must not share the cores with a stream nobody reads."""
-        if self._first is not None:  # a generator cannot be closed while another thread runs it
-            concurrent.futures.wait([self._first])
-        close = getattr(self._batches, "close", None)
-        if close is not None:
-            close()
         self._served = self.passes  # nothing more to serve
+        close = getattr(self._batches, "close", None)
+        if close is None:
+            return
+        if self._first is not None and not self._first.done():
+            # A generator cannot be closed while another thread runs it: close it once the
+            # background fetch is done, without waiting for that here.
+            self._first.add_done_callback(lambda _: close())
+            return
+        close()
 
     def _open(self, batch_size: int) -> None:
         if self._batches is None:
@@ -276,8 +282,9 @@ class TrialStream:
 
     def _next(self) -> dict | None:
         if self._first is not None:
-            first, self._first = self._first, None
-            return first.result()
+            batch = self._first.result()
+            self._first = None  # only once taken: close() must know while it is running
+            return batch
         return next(self._batches, None)
 
     def _pass(self, number: int) -> Iterator[dict]:
@@ -303,11 +310,14 @@ class TrialStream:
             if batch is None:
                 return
             labels = np.asarray(batch[PASS_COLUMN])
+            # Kept before this pass's rows are served: an epoch its reader leaves unfinished
+            # must not take the next pass's first rows with it.
+            self._pending = (_rows(batch, labels > number, keep_label=True)
+                             if labels.max() > number else None)
             mine = _rows(batch, labels == number)  # an unfinished earlier pass's rows: dropped
             if mine is not None:
                 yield mine
-            if labels.max() > number:  # the next pass starts inside this batch
-                self._pending = _rows(batch, labels > number, keep_label=True)
+            if self._pending is not None:  # the next pass starts inside this batch
                 return
 
 

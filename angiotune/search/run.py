@@ -318,10 +318,19 @@ def start_ray(address: str | None = None, **local_options):
             # a client in token mode also joins a cluster that has authentication off.
             os.environ["RAY_AUTH_MODE"] = "token"
         return ray.init(address=address, log_to_driver=False)
+    # Read by the raylet a local start launches (ignored when ray.init joins a running cluster
+    # through RAY_ADDRESS or `ray start`, where _system_config would be refused).
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(idle_workers_kept(
+        local_options.get("num_cpus") or _available_cpus())))
     return ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False,
-                    _system_config={"num_workers_soft_limit": idle_workers_kept(
-                        local_options.get("num_cpus") or os.cpu_count() or 1)},
                     **local_options)
+
+
+def _available_cpus() -> float:
+    """The CPUs Ray itself counts here (container quotas included)."""
+    from ray._private.utils import get_num_cpus
+
+    return get_num_cpus()
 
 
 def idle_workers_kept(cpus: float) -> int:

@@ -121,9 +121,9 @@ def run_trial(config: dict, constants: dict) -> None:
         # A search started before its constants named the Tune folder has none: only the
         # injected kill fault needs it.
         tune_dir = settings.get("tune_dir")
-        if isinstance(datasets["train"], TrialStream):
-            datasets["train"].start(trial.run.batch_size)  # decodes while the model loads
         try:
+            if isinstance(datasets["train"], TrialStream):
+                datasets["train"].start(trial.run.batch_size)  # decodes while the model loads
             run_training(trial, TuneTrialBackend(datasets, use_gpu,
                                                  tune_dir and Path(tune_dir)))
         finally:  # also when Tune stops the trial (SystemExit in its report)
