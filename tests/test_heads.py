@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from angiotune.data.context import CONTEXT_DIM
 from angiotune.data.stream import SampleSettings, load_rows, prepare_sample
 from angiotune.model.adapters import AdapterSettings, adapt
 from angiotune.model.heads import (
@@ -118,7 +119,7 @@ def test_mask_geometry_measures_a_narrowing():
 
 def test_millimetre_heads_scale_with_pixel_spacing(tmp_path):
     heads = LesionHeads(HeadSettings(classes=("1", "2", "3"), feature_dim=10)).eval()
-    features, context = torch.randn(4, 10), torch.randn(4, 6)
+    features, context = torch.randn(4, 10), torch.randn(4, CONTEXT_DIM)
     near = heads(features, context, torch.full((4,), 0.1))
     far = heads(features, context, torch.full((4,), 0.2))
     torch.testing.assert_close(far["mld_mm"], 2 * near["mld_mm"])
@@ -324,7 +325,8 @@ def test_calibrated_heads_read_qca_where_they_can_and_keep_it_when_saved(tmp_pat
 
     heads = LesionHeads(HeadSettings(classes=("1", "2"), feature_dim=10)).eval()
     heads.requires_grad_(False)
-    features, context, spacing = torch.randn(2, 10), torch.randn(2, 6), torch.full((2,), 0.1)
+    features, context = torch.randn(2, 10), torch.randn(2, CONTEXT_DIM)
+    spacing = torch.full((2,), 0.1)
     readouts = torch.tensor([[40.0, 8.0, 20.0, 50.0, 10.0, 18.0], [float("nan")] * 6])
     own = heads(features, context, spacing)
     assert torch.equal(heads(features, context, spacing, readouts)["mld_mm"], own["mld_mm"])
@@ -369,6 +371,9 @@ def test_training_steps_calibrate_the_heads_on_their_own_predictions(phantom_ind
     assert collector.collected == 12  # the limit: the second step added nothing
     collector.fit()
     assert collector.collected == 0 and heads.reads_qca
+    # The segment read is fitted on the same rows (these six lesions span several segments).
+    assert len(set(batch["segment"])) > 1 and bool(heads.segment_fitted)
+    assert not torch.equal(heads.segment_weight, torch.zeros_like(heads.segment_weight))
     first_fit = heads.calibration.clone()
     assert not np.allclose(first_fit.numpy(), [[0, 0, 1, 0]] * 3)
     for _ in range(2):  # the window holds two epochs: the third fit forgets the first's rows
@@ -378,6 +383,8 @@ def test_training_steps_calibrate_the_heads_on_their_own_predictions(phantom_ind
     assert not torch.equal(heads.calibration, first_fit)
     metrics = evaluate(model, [batch])
     assert math.isfinite(metrics["stenosis_mae"]) and math.isfinite(metrics["mld_mae_mm"])
+    # Named among each lesion's vessel's segments, and read from the lesions it was fitted on.
+    assert metrics["cass_accuracy"] >= 0.5
 
 
 def test_a_trial_config_is_typed_checked_and_keeps_the_owners_defaults():

@@ -342,7 +342,7 @@ class _FileReader:
             "mask_path": _relative(self.masks_final / mask_name, self.root), "contour_path": "",
             "pixel_spacing_mm": nan, "spacing_source": "none",
             "bbox_x0": box[0], "bbox_y0": box[1], "bbox_x1": box[2], "bbox_y1": box[3],
-            "mask_area_px": int(mask.sum()),
+            "mask_area_px": int(mask.sum()), "tree_distance_mm": nan, "tree_fraction": nan,
             "mld_mm": nan, "diameter_stenosis_pct": nan, "rvd_mm": nan, "lesion_length_mm": nan,
             "proximal_diameter_mm": nan, "distal_diameter_mm": nan, "mld_x": nan, "mld_y": nan,
             "angle_lao_deg": nan, "angle_cranial_deg": nan, "angle_source": "none",

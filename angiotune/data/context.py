@@ -10,17 +10,33 @@ import math
 
 import numpy as np
 
-CONTEXT_DIM = 6  # the length of ``view_context``
+from angiotune.data.index import TREE_COLUMNS
+
+CONTEXT_DIM = 9  # the length of ``view_context``
 
 
 def view_context(row: dict) -> np.ndarray:
     """What the view tells about the lesion, known at inference without labels: positioner
-    angles (/90, zero and flagged when missing) and where the box sits in the frame (centre and
-    size as fractions of the frame). A crop around the lesion barely shows which branch it is."""
+    angles (/90, zero and flagged when missing), where the box sits in the frame (centre and
+    size as fractions of the frame) and along the frame's vessel tree (``TREE_COLUMNS``: share
+    of the tree's extent, mm / 100; zero and flagged when not computed). A crop around the
+    lesion barely shows which branch it is."""
     lao, cranial = row.get("angle_lao_deg"), row.get("angle_cranial_deg")
     missing = lao is None or cranial is None or not (math.isfinite(lao) and math.isfinite(cranial))
     width, height = float(row["frame_width"]), float(row["frame_height"])
     x0, y0, x1, y1 = (float(row[f"bbox_{k}"]) for k in ("x0", "y0", "x1", "y1"))
+    distance, fraction = (_finite(row.get(name)) for name in TREE_COLUMNS)
+    no_tree = fraction is None
     return np.array([0.0 if missing else lao / 90, 0.0 if missing else cranial / 90,
                      float(missing), (x0 + x1) / 2 / width, (y0 + y1) / 2 / height,
-                     math.sqrt((x1 - x0) * (y1 - y0) / (width * height))], dtype=np.float32)
+                     math.sqrt((x1 - x0) * (y1 - y0) / (width * height)),
+                     0.0 if no_tree else fraction, 0.0 if distance is None else distance / 100,
+                     float(no_tree)], dtype=np.float32)
+
+
+def _finite(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None

@@ -23,20 +23,24 @@ METADATA_KEY = b"angiotune"
 # What the stage-2 heads read: the QCA targets, and mm per pixel to turn pixels into mm.
 STAGE2_FIELDS = ("mld_mm", "diameter_stenosis_pct", "rvd_mm", "pixel_spacing_mm")
 
+BOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
+# Where the box sits along the frame's vessel tree (``angiotune.qca.tree``); NaN where not
+# computed (COCO imports, indexes older than the columns).
+TREE_COLUMNS = ("tree_distance_mm", "tree_fraction")
 INDEX_COLUMNS = ["sample_id", "patient_key", "split", "row", "vessel", "vessel_source", "segment",
             "segment_name", "segment_position", "taxonomy", "phase", "frame_index", "frames",
             "frame_height", "frame_width", "image_path", "image_format", "transfer_syntax",
-            "mask_path", "contour_path", "pixel_spacing_mm", "spacing_source", "bbox_x0",
-            "bbox_y0", "bbox_x1", "bbox_y1", "mask_area_px", "mld_mm", "diameter_stenosis_pct",
-            "rvd_mm", "lesion_length_mm", "proximal_diameter_mm", "distal_diameter_mm", "mld_x",
-            "mld_y", "angle_lao_deg", "angle_cranial_deg", "angle_source", "warnings"]
+            "mask_path", "contour_path", "pixel_spacing_mm", "spacing_source", *BOX_COLUMNS,
+            *TREE_COLUMNS, "mask_area_px", "mld_mm", "diameter_stenosis_pct", "rvd_mm",
+            "lesion_length_mm", "proximal_diameter_mm", "distal_diameter_mm", "mld_x", "mld_y",
+            "angle_lao_deg", "angle_cranial_deg", "angle_source", "warnings"]
 
 
 _INTEGER_COLUMNS = ("row", "frame_index", "frames", "frame_height", "frame_width", "bbox_x0",
                     "bbox_y0", "bbox_x1", "bbox_y1", "mask_area_px")
 _FLOAT_COLUMNS = ("pixel_spacing_mm", "mld_mm", "diameter_stenosis_pct", "rvd_mm",
                   "lesion_length_mm", "proximal_diameter_mm", "distal_diameter_mm", "mld_x",
-                  "mld_y", "angle_lao_deg", "angle_cranial_deg")
+                  "mld_y", "angle_lao_deg", "angle_cranial_deg", *TREE_COLUMNS)
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:

@@ -33,7 +33,13 @@ from PIL import Image
 
 from angiotune.data import angles
 from angiotune.data.free_text import normalise_phase, parse_vessel_text
-from angiotune.data.index import quarantine_path_for, records_frame, with_splits, write_index
+from angiotune.data.index import (
+    BOX_COLUMNS,
+    quarantine_path_for,
+    records_frame,
+    with_splits,
+    write_index,
+)
 from angiotune.data.pseudonym import patient_key, resolve_salt, salt_fingerprint
 from angiotune.data.readers import (
     CineHeader,
@@ -46,6 +52,7 @@ from angiotune.data.readers import (
 )
 from angiotune.data.splits import assign_splits
 from angiotune.errors import DataError
+from angiotune.qca.tree import tree_columns
 from angiotune.taxonomies import Taxonomy, load_taxonomy
 
 # What segmentation needs: who, which frame, which segment, its mask (and a cine column below).
@@ -254,7 +261,7 @@ class _RowParser:
         if not 0 <= frame_index < header.frames:
             raise _Rejected("frame_index", f"frame {frame_index} out of range: the cine has "
                                            f"{header.frames} frames", raw[image_field])
-        self._call(read_frame, image, image_field, frame_index)
+        frame = self._call(read_frame, image, image_field, frame_index)
         self._call(check_complete, image, image_field, header)
 
         mask_path = self._existing(raw.get("medis_mask_path", ""), "medis_mask_path")
@@ -283,6 +290,7 @@ class _RowParser:
                                             "must not store; rename the file or folder (for "
                                             "example by study UID)", stored)
         ys, xs = np.nonzero(mask)
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         relative = stored_paths[image_field]
         record = {
             "sample_id": hashlib.sha256(f"{key}|{relative}|{frame_index}|{segment.code}"
@@ -298,8 +306,8 @@ class _RowParser:
             "mask_path": stored_paths["medis_mask_path"],
             "contour_path": stored_paths.get("medis_contour_path", ""),
             "pixel_spacing_mm": spacing, "spacing_source": spacing_source,
-            "bbox_x0": int(xs.min()), "bbox_y0": int(ys.min()),
-            "bbox_x1": int(xs.max()) + 1, "bbox_y1": int(ys.max()) + 1,
+            **dict(zip(BOX_COLUMNS, box, strict=True)),
+            **tree_columns(frame, box, spacing),
             "mask_area_px": int(mask.sum()),
             **measures,
             "angle_lao_deg": lao, "angle_cranial_deg": cranial, "angle_source": angle_source,

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from angiotune import jsonio
+from angiotune.data.index import BOX_COLUMNS
 from angiotune.errors import DataError
 from angiotune.evaluation.test_split import format_cell, output_name
 from angiotune.names import GENERAL
@@ -29,7 +30,6 @@ from angiotune.predict.detection import (
 from angiotune.registry.store import RegistryError, list_entries, read_entry
 
 log = logging.getLogger(__name__)
-BOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 DETECTION_COLUMNS = ("frames", "truths", "proposals", "true_positives", "precision", "recall",
                      "f1", "mean_image_f1")
 ARCADE_NOTE = ("For scale only: ARCADE ranks stenosis detection by F1 per image averaged over "

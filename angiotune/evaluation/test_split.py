@@ -3,10 +3,10 @@
 Each vessel's kept model is scored on that vessel's test lesions of the index it was searched
 on; the ``general`` entry, chosen over every vessel, on all of them (any vessel, UNKNOWN too).
 Beside them: the zero-shot base and the trivial baselines a measurement head has to beat, the
-training split's most common segment and its mean stenosis, MLD and reference diameter. These
-are taken over all vessels, because the heads are not told the vessel either (a per-vessel
-majority would know the answer's vessel from the label). Rows per entry and per CASS segment,
-written to ``results/evaluation/``.
+training split's most common segment of the lesion's vessel (the heads name a segment among
+the lesion's vessel's, as ``predict`` does among the routed vessel's) and its mean stenosis,
+MLD and reference diameter over all vessels (the measurements are not told the vessel). Rows
+per entry and per CASS segment, written to ``results/evaluation/``.
 
 An index without calibration (COCO sets such as ARCADE, NPY exports without a spacing) has no
 millimetres: its mm columns stay empty ("-"), and what needs none (Dice, IoU, % stenosis where
@@ -32,6 +32,7 @@ from angiotune.registry.store import (
     read_entry,
 )
 from angiotune.taxonomies import UNKNOWN_VESSEL
+from angiotune.taxonomies.views import load_views
 from angiotune.train.metrics import summarise
 
 log = logging.getLogger(__name__)
@@ -153,13 +154,17 @@ def _evaluate_vessel(results: Path, vessel: str, entry: dict, batch_size: int,
 
 
 def trivial_predictions(test: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
-    """The training split's majority segment and mean values, predicted for every test lesion
-    (NaN where the training split has no value, as in an index without calibration)."""
+    """The training split's majority segment of each test lesion's vessel group (of all
+    vessels where its group has none) and mean values, predicted for every test lesion (NaN
+    where the training split has no value, as in an index without calibration)."""
     frame = test[["sample_id", "vessel", "segment", "diameter_stenosis_pct", "mld_mm",
                   "rvd_mm"]].copy()
-    segments = train["segment"].astype(str)
-    segments = segments[segments.str.strip() != ""]  # a lesion without a segment votes for none
-    frame["segment_pred"] = str(segments.mode().iloc[0]) if len(segments) else ""
+    named = train[train["segment"].astype(str).str.strip() != ""]  # no segment: votes for none
+    group = load_views().adapter_for
+    overall = str(named["segment"].astype(str).mode().iloc[0]) if len(named) else ""
+    by_group = {g: str(part.astype(str).mode().iloc[0]) for g, part
+                in named["segment"].groupby(named["vessel"].map(lambda v: group.get(v, v)))}
+    frame["segment_pred"] = [by_group.get(group.get(v, v), overall) for v in frame["vessel"]]
     for name in ("diameter_stenosis_pct", "mld_mm", "rvd_mm"):
         frame[name] = pd.to_numeric(frame[name], errors="coerce")
         mean = pd.to_numeric(train[name], errors="coerce").mean()

@@ -16,6 +16,13 @@ with edges from the mask (``angiotune.qca.readout``), and the head's own output.
 are fitted by least squares on the trial's training predictions, so they learn how far to trust
 each estimate (QCA of a mask that follows a branch is confidently wrong; the fit shrinks it).
 
+The CASS segment is read the same way once fitted (``fit_segment_read``): a multinomial logistic
+read of the view context, where the box sits along the frame's vessel tree
+(``angiotune.qca.tree``) and the calibrated reference diameter in mm. A segment is named by its
+place on the tree and vessels taper from the ostium, so these say more than the crop; the
+pooled crop features are left to the head's own logits, which the read replaces. The answer is
+then taken among the segments of the lesion's vessel (``restrict_to_vessel``).
+
 Saved beside the adapter as ``heads.safetensors`` + ``heads.json``.
 """
 
@@ -43,6 +50,16 @@ TASKS = ("segment", "stenosis", "mld", "rvd")
 MEASURED = ("stenosis", "mld", "rvd")  # the tasks a calibration reads QCA for, in QUANTITIES order
 CALIBRATION_INPUTS = (*READOUTS, "head", "bias")
 MIN_CALIBRATION_SAMPLES = 12
+SEGMENT_READ_DIM = CONTEXT_DIM + 1  # the view context and the read reference diameter (mm)
+# Weight decay on standardised inputs, chosen per fit by cross-validation over lesions: a
+# trial with few lesions of its vessel needs the heavy end (near the class prior), one with a
+# hundred the light end.
+SEGMENT_READ_DECAYS = (1e-3, 3e-2, 1.0)
+SEGMENT_READ_FOLDS = 3
+OLD_CONTEXT_DIM = 6  # heads.json without "context_dim": the view context before the tree
+SEGMENT_READ_BUFFERS = ("segment_weight", "segment_bias", "segment_mean", "segment_scale",
+                        "segment_fitted")
+HEADS_FORMAT = 3  # 2: the QCA read; 3: the segment read and a wider view context
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,7 @@ class HeadSettings:
     dropout: float = 0.1
     taxonomy: str = "CASS"
     tasks: tuple[str, ...] = TASKS
+    context_dim: int = CONTEXT_DIM  # heads saved before the tree position read the first 6
 
     def __post_init__(self) -> None:
         if len(self.classes) < 2:
@@ -154,6 +172,93 @@ def fit_calibration(readouts: np.ndarray, own: np.ndarray, targets: np.ndarray,
     return weights, fitted
 
 
+def fit_segment_read(inputs: np.ndarray, labels: np.ndarray, classes: int,
+                     folds: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+    """Multinomial logistic weights from (N, ``SEGMENT_READ_DIM``) inputs to class ids (-1:
+    outside the classes, left out). Inputs are standardised, missing ones set to their mean;
+    None with under ``MIN_CALIBRATION_SAMPLES`` rows or a single class. ``folds`` (N,): each
+    row's fold, by lesion (a lesion read twice stays in one fold); the decay of
+    ``SEGMENT_READ_DECAYS`` that names most held-out rows right is used (None: the lightest)."""
+    keep = labels >= 0
+    x, y = inputs[keep].astype(np.float64), labels[keep].astype(np.int64)
+    if len(y) < MIN_CALIBRATION_SAMPLES or len(np.unique(y)) < 2:
+        return None
+    decay = SEGMENT_READ_DECAYS[0]
+    if folds is not None:
+        folds = folds[keep]
+        scores = [_held_out_accuracy(x, y, folds, classes, d) for d in SEGMENT_READ_DECAYS]
+        decay = SEGMENT_READ_DECAYS[len(scores) - 1 - int(np.argmax(scores[::-1]))]  # ties: heavier
+    return {**_logistic(x, y, classes, decay), "decay": np.float64(decay)}
+
+
+def _held_out_accuracy(x: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: int,
+                       decay: float) -> float:
+    right = 0
+    for fold in np.unique(folds):
+        held = folds == fold
+        if held.all():
+            continue
+        fit = _logistic(x[~held], y[~held], classes, decay)
+        z = np.where(np.isfinite(x[held]), (x[held] - fit["mean"]) / fit["scale"], 0.0)
+        right += int(((z @ fit["weight"].T + fit["bias"]).argmax(1) == y[held]).sum())
+    return right / len(y)
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, classes: int, decay: float) -> dict[str, np.ndarray]:
+    finite = np.isfinite(x)
+    counts = finite.sum(0)
+    mean = np.where(counts > 0, np.where(finite, x, 0).sum(0) / np.maximum(counts, 1), 0.0)
+    spread = np.sqrt(np.where(finite, (x - mean) ** 2, 0).sum(0) / np.maximum(counts, 1))
+    scale = np.where(spread > 1e-6, spread, 1.0)
+    z = torch.as_tensor(np.where(finite, (x - mean) / scale, 0.0), dtype=torch.float64)
+    target = torch.as_tensor(y)
+    weight = torch.zeros(classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weight, bias], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = F.cross_entropy(z @ weight.T + bias, target) + decay * (weight ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return {"weight": weight.detach().numpy(), "bias": bias.detach().numpy(), "mean": mean,
+            "scale": scale}
+
+
+def restrict_to_vessel(logits: torch.Tensor, classes: tuple[str, ...], taxonomy: str,
+                       vessels: list[str | None]) -> torch.Tensor:
+    """The segment logits with every class outside each row's vessel group (the adapter it
+    was routed to: LM with LAD, the ramus with LCX) at -inf. A row without a known vessel, or
+    whose vessel has none of the classes, keeps all."""
+    from angiotune.taxonomies.views import load_views
+
+    groups = class_vessels(classes, taxonomy)
+    adapter_for = load_views().adapter_for
+    out = logits.clone()
+    for i, vessel in enumerate(vessels):
+        vessel = adapter_for.get(vessel, vessel)  # an index's LM is routed to the LAD
+        allowed = [group == vessel for group in groups]
+        if vessel is not None and any(allowed):
+            out[i, ~torch.as_tensor(allowed, device=logits.device)] = -math.inf
+    return out
+
+
+def class_vessels(classes: tuple[str, ...], taxonomy: str) -> list[str | None]:
+    """The adapter vessel each class code belongs to (None where the taxonomy is not at hand
+    or does not know the code)."""
+    from angiotune.taxonomies import load_taxonomy
+    from angiotune.taxonomies.views import load_views
+
+    try:
+        segments = load_taxonomy(taxonomy).segments
+    except ConfigError:
+        return [None] * len(classes)
+    adapter_for = load_views().adapter_for
+    return [adapter_for.get(segments[c].vessel) if c in segments else None for c in classes]
+
+
 class LesionHeads(nn.Module):
     """A shared trunk and one output per task; ``log_vars`` serve uncertainty weighting."""
 
@@ -165,7 +270,7 @@ class LesionHeads(nn.Module):
         # channels would otherwise drown six context numbers that decide the branch.
         self.image = nn.Sequential(nn.LayerNorm(settings.feature_dim),
                                    nn.Linear(settings.feature_dim, half))
-        self.context = nn.Linear(CONTEXT_DIM, settings.hidden - half)
+        self.context = nn.Linear(settings.context_dim, settings.hidden - half)
         self.trunk = nn.Sequential(nn.GELU(), nn.Dropout(settings.dropout),
                                    nn.Linear(settings.hidden, settings.hidden), nn.GELU())
         self.segment = nn.Linear(settings.hidden, len(settings.classes))
@@ -176,10 +281,29 @@ class LesionHeads(nn.Module):
         weights, _ = fit_calibration(np.empty((0, 6)), np.empty((0, 3)), np.empty((0, 3)))
         self.register_buffer("calibration", torch.as_tensor(weights, dtype=torch.float32))
         self.register_buffer("calibrated", torch.zeros(len(MEASURED), dtype=torch.bool))
+        classes = len(settings.classes)
+        self.register_buffer("segment_weight", torch.zeros(classes, SEGMENT_READ_DIM))
+        self.register_buffer("segment_bias", torch.zeros(classes))
+        self.register_buffer("segment_mean", torch.zeros(SEGMENT_READ_DIM))
+        self.register_buffer("segment_scale", torch.ones(SEGMENT_READ_DIM))
+        self.register_buffer("segment_fitted", torch.zeros((), dtype=torch.bool))
 
     @property
     def reads_qca(self) -> bool:
         return bool(self.calibrated.any())
+
+    def set_segment_read(self, fit: dict[str, np.ndarray] | None) -> None:
+        self.segment_fitted.fill_(fit is not None)
+        if fit is not None:
+            for name in ("weight", "bias", "mean", "scale"):
+                getattr(self, f"segment_{name}").copy_(torch.as_tensor(fit[name]))
+
+    def read_segment(self, context: torch.Tensor, rvd_mm: torch.Tensor) -> torch.Tensor:
+        """(B, classes) logits of the segment read from ``segment_read_inputs``."""
+        x = segment_read_inputs(context, rvd_mm).to(self.segment_mean)
+        z = torch.where(torch.isfinite(x), (x - self.segment_mean) / self.segment_scale,
+                        torch.zeros_like(x))
+        return z @ self.segment_weight.T + self.segment_bias
 
     def set_calibration(self, weights: np.ndarray, fitted: np.ndarray) -> None:
         self.calibration.copy_(torch.as_tensor(weights, dtype=torch.float32))
@@ -190,8 +314,10 @@ class LesionHeads(nn.Module):
                 readouts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``readouts``: ``crop_readouts`` of the batch; given, and the heads calibrated, % DS,
         MLD and RVD are the calibrated read (training passes none: the heads learn alone)."""
-        hidden = self.trunk(torch.cat([self.image(features.float()),
-                                       self.context(context.float())], dim=1))
+        hidden = self.trunk(torch.cat([
+            self.image(features.float()),
+            self.context(torch.nan_to_num(context[:, :self.settings.context_dim].float()))],
+            dim=1))
         stenosis = 100 * torch.sigmoid(self.stenosis(hidden)[:, 0])
         diameters_px = F.softplus(self.diameters_px(hidden))
         if readouts is not None and self.reads_qca:
@@ -204,7 +330,10 @@ class LesionHeads(nn.Module):
         calibrated = torch.isfinite(scale)
         diameters = diameters_px * torch.where(calibrated, scale, torch.zeros_like(scale))
         diameters = torch.where(calibrated, diameters, torch.full_like(diameters, math.nan))
-        return {"segment_logits": self.segment(hidden), "stenosis_pct": stenosis,
+        segment = self.segment(hidden)
+        if not self.training and bool(self.segment_fitted):
+            segment = self.read_segment(context, diameters[:, 1])
+        return {"segment_logits": segment, "stenosis_pct": stenosis,
                 "mld_mm": diameters[:, 0], "rvd_mm": diameters[:, 1]}
 
     def read_qca(self, own: torch.Tensor, readouts: torch.Tensor) -> torch.Tensor:
@@ -215,6 +344,11 @@ class LesionHeads(nn.Module):
         read = (inputs * self.calibration[None]).sum(2)
         usable = torch.isfinite(inputs).all(2) & self.calibrated[None]
         return torch.where(usable, read, own)
+
+
+def segment_read_inputs(context: torch.Tensor, rvd_mm: torch.Tensor) -> torch.Tensor:
+    """(B, ``SEGMENT_READ_DIM``): the full view context and the reference diameter in mm."""
+    return torch.cat([context.float(), rvd_mm.float()[:, None]], dim=1)
 
 
 def feature_dim_of(config) -> int:
@@ -233,7 +367,7 @@ def save_heads(heads: LesionHeads, folder: Path) -> None:
               folder / HEADS_WEIGHTS)
     fitted = heads.calibrated.tolist()
     record = {**asdict(heads.settings), "classes": list(heads.settings.classes),
-              "tasks": list(heads.settings.tasks), "format": 2,
+              "tasks": list(heads.settings.tasks), "format": HEADS_FORMAT,
               "class_mapping": {str(i): code for i, code in enumerate(heads.settings.classes)},
               # For people reading the folder; the weights themselves are in the safetensors.
               "qca_read": {task: dict(zip(CALIBRATION_INPUTS, map(float, w), strict=True))
@@ -253,12 +387,14 @@ def load_heads(folder: Path) -> LesionHeads:
                             hidden=int(record["hidden"]), dropout=float(record["dropout"]),
                             # Heads saved before these were recorded: CASS, every task.
                             taxonomy=str(record.get("taxonomy", "CASS")),
-                            tasks=tuple(record.get("tasks", TASKS)))
+                            tasks=tuple(record.get("tasks", TASKS)),
+                            context_dim=int(record.get("context_dim", OLD_CONTEXT_DIM)))
     heads = LesionHeads(settings)
     state = load_file(Path(folder) / HEADS_WEIGHTS)
-    # Format-1 heads have no QCA read: they keep the uncalibrated buffers, their own outputs.
+    # Format-1 heads have no QCA read, format 2 no segment read: they keep the unfitted
+    # buffers, their own outputs.
     missing = set(heads.state_dict()) - set(state)
-    if missing - {"calibration", "calibrated"}:
+    if missing - {"calibration", "calibrated", *SEGMENT_READ_BUFFERS}:
         raise ConfigError(f"{folder}: {HEADS_WEIGHTS} lacks {sorted(missing)}")
     heads.load_state_dict(state, strict=False)
     return heads.eval()

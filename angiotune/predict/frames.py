@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from angiotune.qca.vessels import VESSEL_WIDTH_FRACTION
+
 WORKING_SIDE_PX = 256  # frames are scored at about this size: fast, and wide enough for vessels
-VESSEL_WIDTH_FRACTION = 0.04  # closing element: wider than a proximal lumen on any frame size
 
 
 def vessel_contrast(frame: np.ndarray) -> float:

@@ -21,10 +21,9 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 from scipy.spatial import cKDTree
-from skimage.filters import apply_hysteresis_threshold, threshold_otsu
 from skimage.morphology import skeletonize
 
-from angiotune.predict.frames import VESSEL_WIDTH_FRACTION
+from angiotune.qca.vessels import VESSEL_WIDTH_FRACTION, contrast_density, vessel_mask
 
 REFERENCE_PERCENTILE = 75  # of the diameters on one side: above a lesion's shoulders, below noise
 SIDE_DIAMETERS = 6  # length of vessel each side judges a point by, in reference diameters
@@ -45,35 +44,6 @@ class Proposal:
         return {"box": [round(v, 1) for v in self.box], "narrowing": round(self.narrowing, 3),
                 "centre_px": [round(v, 1) for v in self.centre_px], "kind": self.kind,
                 "score": round(self.score, 3)}
-
-
-def contrast_density(frame: np.ndarray) -> np.ndarray:
-    """Contrast in each pixel: the log-density top-hat of the frame, zero outside the field.
-
-    In log space the contrast's attenuation adds to the anatomy's instead of scaling it, so the
-    top-hat measures it alike over lung and spine; summed across a lumen filled with contrast
-    it is proportional to the lumen's area (the densitometric signal). The collimator's edge,
-    dark but not a vessel, is cut away with the unexposed corners.
-    """
-    size = max(3, int(round(VESSEL_WIDTH_FRACTION * max(frame.shape))) | 1)
-    density = -np.log(np.clip(ndimage.gaussian_filter(frame.astype(np.float32), 1.0), 1e-3, 1))
-    tophat = density - ndimage.grey_opening(density, size=(size, size))
-    exposed = ndimage.gaussian_filter(frame, size) > 0.5 * float(np.median(frame))
-    tophat[~ndimage.binary_erosion(exposed, iterations=size)] = 0
-    return tophat
-
-
-def vessel_mask(density: np.ndarray) -> np.ndarray:
-    """Contrast-filled arteries from ``contrast_density``: hysteresis (Otsu's level to seed,
-    half of it to grow) follows faint distal vessels from their bright proximal parts."""
-    if float(density.max()) <= 0:
-        return np.zeros(density.shape, dtype=bool)
-    level = threshold_otsu(density[density > 0])
-    mask = apply_hysteresis_threshold(density, 0.5 * level, level)
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    sizes[0] = 0
-    return sizes[labels] >= max(16, density.size // 2000)  # specks are noise, not vessels
 
 
 @dataclass(frozen=True)

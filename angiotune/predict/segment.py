@@ -16,9 +16,11 @@ import torch
 from angiotune.data.context import view_context
 from angiotune.data.transforms import box_to_square, normalise_intensity, warp
 from angiotune.errors import ConfigError
+from angiotune.model.heads import restrict_to_vessel
 from angiotune.model.lesion import LesionModel
 from angiotune.model.sam3 import image_size_of
 from angiotune.qca.centerline import largest_component
+from angiotune.qca.tree import tree_columns, vessel_tree
 from angiotune.taxonomies import load_taxonomy
 from angiotune.taxonomies.views import load_views
 
@@ -34,21 +36,25 @@ class Segmentation:
 
 
 def segment_box(model: LesionModel, frame: np.ndarray, box: np.ndarray, mm_per_pixel: float,
-                angles: tuple[float | None, float | None] = (None, None)) -> Segmentation:
+                angles: tuple[float | None, float | None] = (None, None),
+                vessel: str | None = None) -> Segmentation:
     """Segment inside ``box`` (x0, y0, x1, y1 frame pixels) on ``frame`` (H x W in [0, 1])."""
-    return segment_boxes(model, frame, [box], mm_per_pixel, angles)[0]
+    return segment_boxes(model, frame, [box], mm_per_pixel, angles, vessel)[0]
 
 
 @torch.no_grad()
 def segment_boxes(model: LesionModel, frame: np.ndarray, boxes: list[np.ndarray],
-                  mm_per_pixel: float, angles: tuple[float | None, float | None] = (None, None)
-                  ) -> list[Segmentation]:
+                  mm_per_pixel: float, angles: tuple[float | None, float | None] = (None, None),
+                  vessel: str | None = None) -> list[Segmentation]:
     """Every lesion box of one frame in one pass of the model: each box's crop is a row of one
-    batch, so the encoder and decoder run once per frame, not once per lesion."""
+    batch, so the encoder and decoder run once per frame, not once per lesion. ``vessel``: the
+    adapter vessel the lesions were routed to; the heads name a segment of that vessel."""
     size = image_size_of(model.segmenter)
     height, width = frame.shape
     fill = float(np.median(frame))
     affines, images, model_boxes, contexts, spacings = [], [], [], [], []
+    # The heads read where each box sits along the frame's vessel tree: traced once a frame.
+    tree = vessel_tree(frame) if model.heads is not None else None
     for box in boxes:
         box = np.asarray(box, dtype=float)
         affine = box_to_square(box, size, model.crop_context)
@@ -58,7 +64,8 @@ def segment_boxes(model: LesionModel, frame: np.ndarray, boxes: list[np.ndarray]
         row = {"angle_lao_deg": angles[0], "angle_cranial_deg": angles[1],
                "frame_width": width, "frame_height": height,
                **{f"bbox_{k}": float(v) for k, v in zip(("x0", "y0", "x1", "y1"), box,
-                                                         strict=True)}}
+                                                         strict=True)},
+               **(tree_columns(frame, box, mm_per_pixel, tree) if tree is not None else {})}
         contexts.append(view_context(row))
         spacings.append(mm_per_pixel / affine.scale)
     device = next(model.parameters()).device
@@ -73,18 +80,23 @@ def segment_boxes(model: LesionModel, frame: np.ndarray, boxes: list[np.ndarray]
         probability = 1.0 / (1.0 + np.exp(-frame_logits))
         mask = largest_component(probability >= 0.5)
         found.append(Segmentation(probability.astype(np.float32), mask,
-                                  float(out["confidence"][i]), _head_outputs(model, out, i)))
+                                  float(out["confidence"][i]),
+                                  _head_outputs(model, out, i, vessel)))
     return found
 
 
-def _head_outputs(model: LesionModel, out: dict, i: int) -> dict | None:
+def _head_outputs(model: LesionModel, out: dict, i: int,
+                  vessel: str | None = None) -> dict | None:
     """The heads' answers, their segment codes read in the taxonomy they were trained on; the
-    measurements only of heads that were trained."""
+    measurements only of heads that were trained. The segment is named among ``vessel``'s
+    (when it is one); the vessel the heads would choose comes from all their classes."""
     if model.heads is None:
         return None
-    probabilities = torch.softmax(out["segment_logits"][i].float(), dim=0).cpu().numpy()
-    best = int(np.argmax(probabilities))
     settings = model.heads.settings
+    logits = out["segment_logits"][i : i + 1].float()
+    probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()
+    best = int(restrict_to_vessel(logits, settings.classes, settings.taxonomy,
+                                  [vessel]).argmax(1))
     try:
         codes = load_taxonomy(settings.taxonomy).segments
     except ConfigError:  # a user's taxonomy file not at hand: codes without names or vessels

@@ -55,6 +55,9 @@ def embedded_index(results: Path) -> Path:
     """The embedded default data: phantoms generated once under results/, and their index."""
     import shutil
 
+    import pyarrow.parquet as pq
+
+    from angiotune.data.index import TREE_COLUMNS
     from angiotune.data.ingest import IndexSettings, build_index
     from angiotune.data.phantoms import PhantomSettings, generate_phantoms
 
@@ -62,11 +65,13 @@ def embedded_index(results: Path) -> Path:
     index = folder / "index.parquet"
     made_with = folder / "settings.json"
     wanted = json.dumps(EMBEDDED_PHANTOMS, sort_keys=True)
-    if index.exists() and made_with.exists() and made_with.read_text() == wanted:
+    same = made_with.exists() and made_with.read_text() == wanted
+    if same and index.exists() and set(TREE_COLUMNS) <= set(pq.read_schema(index).names):
         return index
-    # Absent, or made by an angiotune whose embedded default differed: make it anew.
-    shutil.rmtree(folder, ignore_errors=True)
-    generate_phantoms(folder / "phantoms", PhantomSettings(**EMBEDDED_PHANTOMS))
+    if not same:  # absent, or made by an angiotune whose embedded default differed
+        shutil.rmtree(folder, ignore_errors=True)
+        generate_phantoms(folder / "phantoms", PhantomSettings(**EMBEDDED_PHANTOMS))
+    # else: an index from before its tree-position columns: indexed anew, same phantoms.
     build_index(folder / "phantoms" / "manifest.csv", index, IndexSettings(salt=EMBEDDED_SALT))
     made_with.write_text(wanted)
     return index

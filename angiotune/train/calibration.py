@@ -1,15 +1,30 @@
-"""Fits the stage-2 heads' QCA read (``angiotune.model.heads.fit_calibration``) each epoch, from
-the trial's own training predictions: no extra forward pass, and never a validation lesion (the
-validation split scores the calibrated heads; fitting on it would grade the fit on itself)."""
+"""Fits the stage-2 heads' QCA read (``angiotune.model.heads.fit_calibration``) and their segment
+read (``fit_segment_read``) each epoch, from the trial's own training predictions: no extra
+forward pass, and never a validation lesion (the validation split scores the calibrated heads;
+fitting on it would grade the fit on itself)."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
 
-from angiotune.model.heads import MEASURED, LesionHeads, fit_calibration
+from angiotune.data.context import CONTEXT_DIM
+from angiotune.model.heads import (
+    MEASURED,
+    SEGMENT_READ_FOLDS,
+    LesionHeads,
+    fit_calibration,
+    fit_segment_read,
+    segment_read_inputs,
+)
 from angiotune.qca.readout import crop_readouts
 
+# Columns of a collected row: QCA readouts, the heads' own % DS / MLD / RVD, the targets, then
+# mm per model pixel, the segment's class id, the lesion's fold and the view context.
+READOUTS_END, OWN_END, TARGETS_END = 6, 9, 12
+SPACING, CLASS_ID, FOLD, CONTEXT = 12, 13, 14, slice(15, 15 + CONTEXT_DIM)
 PER_EPOCH = 48  # lesions read per epoch; each costs two QCAs, about 35 ms on one CPU core
 WINDOW = 3  # epochs a fit draws on: three times the lesions for the cost of one epoch's reads
 
@@ -29,7 +44,7 @@ class ReadoutCollector:
 
     @property
     def wanted(self) -> bool:
-        return any(task in self.heads.settings.tasks for task in MEASURED)
+        return any(task in self.heads.settings.tasks for task in (*MEASURED, "segment"))
 
     @property
     def collected(self) -> int:
@@ -52,12 +67,20 @@ class ReadoutCollector:
         # Diameters in model pixels, as the heads predict them (NaN without calibration).
         own[:, 1:] /= spacing
         targets[:, 1:] /= spacing
-        self.rows.append(np.concatenate([readouts, own, targets], axis=1))
+        index = {code: i for i, code in enumerate(self.heads.settings.classes)}
+        class_ids = np.array([[index.get(str(c), -1)] for c in list(batch["segment"])[take]],
+                             dtype=np.float32)
+        folds = np.array([[_fold(str(key))] for key in list(batch["sample_id"])[take]],
+                         dtype=np.float32)
+        context = np.asarray(batch["context"][take].float().cpu(), dtype=np.float32)
+        self.rows.append(np.concatenate([readouts, own, targets, spacing, class_ids, folds,
+                                         context], axis=1))
 
     def fit(self) -> None:
         """Calibrate the heads on what every worker collected in the window, then start the
         next epoch's collection."""
-        rows = np.concatenate(self.rows) if self.rows else np.empty((0, 12), np.float32)
+        rows = (np.concatenate(self.rows) if self.rows
+                else np.empty((0, CONTEXT.stop), np.float32))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, rows)  # every rank fits the same
@@ -67,6 +90,24 @@ class ReadoutCollector:
         if not self.wanted:
             return
         rows = np.concatenate(self.history)
-        weights, fitted = fit_calibration(rows[:, :6], rows[:, 6:9], rows[:, 9:12])
+        readouts, own = rows[:, :READOUTS_END], rows[:, READOUTS_END:OWN_END]
+        weights, fitted = fit_calibration(readouts, own, rows[:, OWN_END:TARGETS_END])
         trained = np.array([task in self.heads.settings.tasks for task in MEASURED])
         self.heads.set_calibration(weights, fitted & trained)
+        if "segment" in self.heads.settings.tasks:
+            self.heads.set_segment_read(self._segment_fit(rows, readouts, own))
+
+    def _segment_fit(self, rows: np.ndarray, readouts: np.ndarray, own: np.ndarray):
+        """The segment read on the reference diameter the just-fitted QCA read gives."""
+        with torch.no_grad():
+            read = self.heads.read_qca(torch.as_tensor(own).to(self.heads.calibration),
+                                       torch.as_tensor(readouts).to(self.heads.calibration))
+        rvd_mm = read[:, 2].cpu().numpy() * rows[:, SPACING]
+        inputs = segment_read_inputs(torch.as_tensor(rows[:, CONTEXT]), torch.as_tensor(rvd_mm))
+        return fit_segment_read(inputs.numpy(), rows[:, CLASS_ID].astype(np.int64),
+                                len(self.heads.settings.classes), rows[:, FOLD])
+
+
+def _fold(sample_id: str) -> int:
+    """A lesion's cross-validation fold for the segment read: the same in every epoch."""
+    return int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) % SEGMENT_READ_FOLDS

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from angiotune.model.concept import best_query, concept_forward, concept_loss
+from angiotune.model.heads import restrict_to_vessel
 from angiotune.model.lesion import LesionModel, unwrap
 from angiotune.model.losses import (
     HeadLossWeights,
@@ -182,8 +183,12 @@ def evaluate_samples(model: torch.nn.Module, batches: Iterable[dict],
                 part[name] = np.asarray(batch[name].cpu() if torch.is_tensor(batch[name])
                                         else batch[name], dtype=float)
         if heads is not None:
-            classes = heads.settings.classes
-            part["segment_pred"] = [classes[i] for i in out["segment_logits"].argmax(1).tolist()]
+            settings = heads.settings
+            # Named among the segments of the lesion's vessel, as predict names them among the
+            # routed vessel's (see the README on what that assumes).
+            logits = restrict_to_vessel(out["segment_logits"].float(), settings.classes,
+                                        settings.taxonomy, list(batch["vessel"]))
+            part["segment_pred"] = [settings.classes[i] for i in logits.argmax(1).tolist()]
             for task, name in (("stenosis", "stenosis_pct"), ("mld", "mld_mm"),
                                ("rvd", "rvd_mm")):
                 if task in heads.settings.tasks:  # an untrained head is not scored

@@ -1,0 +1,178 @@
+"""The CASS segment read: where a box sits along the frame's vessel tree, the logistic read
+fitted on a trial's training lesions, the answer among the lesion's vessel's segments, and the
+per-vessel majority it is measured against."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from angiotune.data.context import CONTEXT_DIM, view_context
+from angiotune.evaluation.test_split import trivial_predictions
+from angiotune.model.heads import (
+    SEGMENT_READ_DECAYS,
+    SEGMENT_READ_DIM,
+    HeadSettings,
+    LesionHeads,
+    fit_segment_read,
+    load_heads,
+    restrict_to_vessel,
+    save_heads,
+)
+from angiotune.qca.tree import tree_position, vessel_tree
+from tests.shapes import SPACING_MM, angiogram, straight
+
+
+def _tree() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A main vessel tapering from 3.6 to 1.6 mm with a 1.2 mm side branch leaving halfway:
+    the frame, and the main vessel's and the branch's centerlines in pixels."""
+    main = straight(length_mm=60.0, start=(4.0, 10.0), angle_deg=20)
+    fork = main[len(main) // 2]
+    side = straight(length_mm=20.0, start=tuple(fork), angle_deg=85)
+    shape = (200, 320)
+    frame = (angiogram(main, np.linspace(3.6, 1.6, len(main)), shape)
+             * angiogram(side, np.full(len(side), 1.2), shape)) / 0.8
+    return frame.astype(np.float32), main / SPACING_MM, side / SPACING_MM
+
+
+def _box(centre, half: float = 6.0) -> tuple[float, float, float, float]:
+    return (centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half)
+
+
+def test_the_tree_position_grows_from_the_widest_lumen_along_the_vessels():
+    frame, main, side = _tree()
+    tree = vessel_tree(frame)
+    along = [tree_position(frame, _box(main[int(f * (len(main) - 1))]), SPACING_MM, tree)
+             for f in (0.05, 0.3, 0.6, 0.9)]
+    fractions = [p.fraction for p in along]
+    assert fractions == sorted(fractions) and fractions[0] < 0.15 and fractions[-1] > 0.75
+    # Millimetres along the path: 0.3 to 0.9 of a 60 mm vessel is about 36 mm.
+    assert along[3].distance_mm - along[1].distance_mm == pytest.approx(36.0, rel=0.15)
+    # The branch's tip lies past the fork along the tree, though it is nearer the root in
+    # the frame than the main vessel's end.
+    tip = tree_position(frame, _box(side[-20]), SPACING_MM, tree)
+    halfway = tree_position(frame, _box(main[len(main) // 2]), SPACING_MM, tree)
+    assert tip.distance_mm > halfway.distance_mm + 12
+    # The same answer without the traced tree at hand.
+    assert tree_position(frame, _box(side[-20]), SPACING_MM) == tip
+
+
+def test_a_frame_without_vessels_has_no_tree_position_and_the_context_says_so():
+    flat = np.full((120, 120), 0.8, dtype=np.float32)
+    assert vessel_tree(flat) is None
+    position = tree_position(flat, (10, 10, 30, 30), 0.2)
+    assert not position.found and math.isnan(position.distance_mm)
+    row = {"angle_lao_deg": 30.0, "angle_cranial_deg": -20.0, "frame_width": 120,
+           "frame_height": 120, "bbox_x0": 10, "bbox_y0": 10, "bbox_x1": 30, "bbox_y1": 30}
+    without = view_context({**row, "tree_distance_mm": position.distance_mm,
+                            "tree_fraction": position.fraction})
+    assert len(without) == CONTEXT_DIM and without[-1] == 1.0 and np.isfinite(without).all()
+    assert np.array_equal(without, view_context(row))  # an index older than the columns
+    within = view_context({**row, "tree_distance_mm": 42.0, "tree_fraction": 0.5})
+    assert within[-3:].tolist() == pytest.approx([0.5, 0.42, 0.0])
+
+
+def test_the_segment_read_learns_from_the_tree_and_the_reference_diameter():
+    """Proximal, mid and distal thirds of a tapering vessel: told apart by the tree position
+    and the reference diameter, with the view context no help; unknown inputs are neutral."""
+    rng = np.random.default_rng(0)
+    n = 90
+    labels = np.repeat([0, 1, 2], n // 3)
+    inputs = rng.normal(size=(n, SEGMENT_READ_DIM))
+    inputs[:, CONTEXT_DIM - 3] = (labels + rng.uniform(0.1, 0.9, n)) / 3  # tree share
+    inputs[:, -1] = 3.6 - 0.8 * labels + rng.normal(0, 0.15, n)  # reference diameter, mm
+    inputs[::7, -1] = np.nan  # the read could not measure these
+    fit = fit_segment_read(inputs, labels, classes=4)  # class 3 never seen
+    assert fit is not None
+    heads = LesionHeads(HeadSettings(classes=("12", "13", "14", "15"), feature_dim=10))
+    heads.set_segment_read(fit)
+    context = torch.as_tensor(inputs[:, :CONTEXT_DIM], dtype=torch.float32)
+    logits = heads.read_segment(context, torch.as_tensor(inputs[:, -1], dtype=torch.float32))
+    assert (logits.argmax(1).numpy() == labels).mean() > 0.9
+    assert torch.isfinite(logits).all()
+    # Chosen by held-out lesions: a light decay where the inputs tell the classes apart, the
+    # heaviest (near the class prior: the majority) where they are noise.
+    folds = np.arange(n) % 3
+    assert float(fit_segment_read(inputs, labels, 4, folds)["decay"]) < 1.0
+    noise = fit_segment_read(inputs, rng.choice(3, size=n, p=[0.7, 0.15, 0.15]), 4, folds)
+    assert float(noise["decay"]) == max(SEGMENT_READ_DECAYS)
+    assert fit_segment_read(inputs[:5], labels[:5], classes=4) is None  # too few lesions
+    assert fit_segment_read(inputs, np.zeros(n, dtype=int), classes=4) is None  # one class
+    assert fit_segment_read(inputs, np.full(n, -1), classes=4) is None  # none in the classes
+
+
+def test_fitted_heads_answer_with_the_read_in_evaluation_only_and_keep_it_when_saved(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    heads = LesionHeads(HeadSettings(classes=("1", "2"), feature_dim=10))
+    features, context = torch.randn(3, 10), torch.randn(3, CONTEXT_DIM)
+    spacing = torch.full((3,), 0.1)
+    weight = np.zeros((2, SEGMENT_READ_DIM))
+    weight[1, -1] = 5.0  # a wider reference diameter: class "2"
+    heads.set_segment_read({"weight": weight, "bias": np.zeros(2),
+                            "mean": np.zeros(SEGMENT_READ_DIM),
+                            "scale": np.ones(SEGMENT_READ_DIM)})
+    heads.train()
+    own = heads(features, context, spacing)["segment_logits"]
+    assert own.requires_grad  # training learns the head's own logits, not the read's
+    heads.eval()
+    read = heads(features, context, spacing)["segment_logits"]
+    rvd = heads(features, context, spacing)["rvd_mm"]
+    torch.testing.assert_close(read[:, 1] - read[:, 0], 5.0 * rvd)
+    save_heads(heads, tmp_path)
+    again = load_heads(tmp_path)
+    torch.testing.assert_close(again(features, context, spacing)["segment_logits"], read)
+    # Heads saved before the segment read (format 2, six context numbers) still load.
+    state = load_file(tmp_path / "heads.safetensors")
+    state = {k: v for k, v in state.items() if not k.startswith("segment_")
+             or k.startswith("segment.")}
+    state["context.weight"] = state["context.weight"][:, :6].contiguous()
+    save_file(state, tmp_path / "heads.safetensors")
+    record = json.loads((tmp_path / "heads.json").read_text())
+    del record["context_dim"]
+    (tmp_path / "heads.json").write_text(json.dumps(record))
+    old = load_heads(tmp_path)
+    assert old.settings.context_dim == 6 and not bool(old.segment_fitted)
+    assert old(features, context, spacing)["segment_logits"].shape == (3, 2)
+
+
+def test_the_segment_is_named_among_the_lesions_vessel():
+    classes = ("1", "2", "11", "12", "13", "18", "28")
+    logits = torch.tensor([[5.0, 0, 0, 1, 2, 0, 0.5]] * 4)
+    restricted = restrict_to_vessel(logits, classes, "CASS", ["LAD", "LM", None, "RAMUS"])
+    picked = [classes[i] for i in restricted.argmax(1).tolist()]
+    # LAD and its left main: the best LAD-group code; unknown: all; the ramus goes with LCX.
+    assert picked == ["13", "13", "1", "28"]
+    assert torch.isinf(restricted[0, 0]) and torch.isfinite(restricted[2]).all()
+
+
+def test_the_trivial_segment_is_the_majority_of_the_lesions_vessel():
+    train = pd.DataFrame({
+        "vessel": ["RCA", "RCA", "RCA", "LAD", "LAD", "LM", "LCX"],
+        "segment": ["2", "2", "1", "13", "13", "11", ""],
+        "diameter_stenosis_pct": [50.0] * 7, "mld_mm": [1.0] * 7, "rvd_mm": [3.0] * 7})
+    test = pd.DataFrame({"sample_id": ["a", "b", "c", "d"],
+                         "vessel": ["RCA", "LM", "LCX", "UNKNOWN"],
+                         "segment": ["1", "11", "19", ""],
+                         "diameter_stenosis_pct": [40.0] * 4, "mld_mm": [1.0] * 4,
+                         "rvd_mm": [3.0] * 4})
+    predicted = trivial_predictions(test, train)["segment_pred"].tolist()
+    # The LM votes with the LAD group; the LCX's only lesion has no segment, so its lesions
+    # and an unknown vessel's get the majority over all vessels (a tie: pandas' first mode).
+    assert predicted[:2] == ["2", "13"]
+    assert predicted[2] == predicted[3] == pd.Series(["2", "2", "1", "13", "13", "11"]).mode()[0]
+
+
+def test_the_index_stores_each_lesions_tree_position(phantom_index):
+    from angiotune.data.index import TREE_COLUMNS, read_index
+
+    rows = read_index(phantom_index.out)
+    fraction, distance = rows["tree_fraction"], rows["tree_distance_mm"]
+    assert set(TREE_COLUMNS) <= set(rows.columns)
+    assert fraction.notna().mean() > 0.9  # every phantom frame shows its tree
+    assert fraction.dropna().between(0, 1.5).all() and (distance.dropna() >= 0).all()
