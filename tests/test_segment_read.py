@@ -176,3 +176,36 @@ def test_the_index_stores_each_lesions_tree_position(phantom_index):
     assert set(TREE_COLUMNS) <= set(rows.columns)
     assert fraction.notna().mean() > 0.9  # every phantom frame shows its tree
     assert fraction.dropna().between(0, 1.5).all() and (distance.dropna() >= 0).all()
+
+
+def test_a_coco_import_stores_the_tree_share_without_millimetres(tmp_path):
+    """A COCO set (ARCADE) has no pixel spacing: the share along the tree, no mm."""
+    from PIL import Image
+
+    from angiotune.data.coco import CocoSettings, CocoSource, build_coco_index
+    from angiotune.data.index import read_index
+    from tests.test_coco import ARCADE_CATEGORIES
+
+    frame, main, _ = _tree()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    Image.fromarray((frame.clip(0, 1) * 255).astype(np.uint8)).save(tmp_path / "images" / "1.png")
+    height, width = frame.shape
+
+    def square(centre) -> dict:
+        x, y = (float(v) - 5 for v in centre)
+        return {"segmentation": [[x, y, x + 10, y, x + 10, y + 10, x, y + 10]],
+                "bbox": [x, y, 10, 10]}
+
+    annotations = [{"id": i + 1, "image_id": 1, "category_id": 26, "iscrowd": 0,
+                    **square(main[int(f * (len(main) - 1))])} for i, f in enumerate((0.1, 0.8))]
+    (tmp_path / "annotations" / "labels.json").write_text(json.dumps({
+        "images": [{"id": 1, "width": width, "height": height, "file_name": "1.png"}],
+        "annotations": annotations, "categories": ARCADE_CATEGORIES}))
+    out = tmp_path / "index.parquet"
+    build_coco_index([CocoSource(tmp_path / "annotations" / "labels.json")], out,
+                     CocoSettings(salt="test-salt"))
+    rows = read_index(out).sort_values("row")
+    assert rows["tree_distance_mm"].isna().all()
+    near, far = rows["tree_fraction"].tolist()
+    assert near < 0.3 < 0.6 < far

@@ -31,11 +31,13 @@ from angiotune.data.readers import cine_format, read_frame, read_header, read_js
 from angiotune.data.splits import SPLITS, assign_splits
 from angiotune.data.transforms import box_iou
 from angiotune.errors import DataError
+from angiotune.qca.tree import TreePosition, VesselTree, vessel_tree
 from angiotune.taxonomies import UNKNOWN_VESSEL, CategoryMap, load_category_map
 
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 FRACTIONS_WITH_TEST_FILE = (0.85, 0.15, 0.0)  # the test split comes from its own file
 EDGE_TOLERANCE_PX = 1.0  # annotation tools round outlines onto the image's border
+TREES_KEPT = 4  # images whose vessel tree is kept while their annotations are read
 BOX_AGREEMENT_IOU = 0.5  # a bbox this far from its outline belongs to another annotation
 SPLIT_NOTE = ("split by image: COCO files carry no patient ids, so frames of one patient may "
               "fall in different splits; files given with a split keep every image there")
@@ -288,6 +290,7 @@ class _FileReader:
         self.frames: dict[int | str, tuple | str] = {}  # id -> (path, header, key) or why not
         self.seen_ids: set[int | str] = set()
         self.outlines: dict[tuple[int | str, str], int] = {}
+        self.trees: dict[int | str, VesselTree | None] = {}  # the last TREES_KEPT images'
 
     def parse(self, annotation, number: int) -> tuple[dict, list[Problem]]:
         """``number``: the annotation's id, or its position in the file when the id is no
@@ -328,6 +331,7 @@ class _FileReader:
         Image.fromarray(mask.astype(np.uint8) * 255).save(self.masks_written / mask_name,
                                                            optimize=True)
         nan = math.nan
+        position = self._tree_position(image_id, box)
         record = {
             "sample_id": sample_id, "patient_key": key, "row": number,
             "vessel": segment.vessel if segment else UNKNOWN_VESSEL,
@@ -342,7 +346,8 @@ class _FileReader:
             "mask_path": _relative(self.masks_final / mask_name, self.root), "contour_path": "",
             "pixel_spacing_mm": nan, "spacing_source": "none",
             "bbox_x0": box[0], "bbox_y0": box[1], "bbox_x1": box[2], "bbox_y1": box[3],
-            "mask_area_px": int(mask.sum()), "tree_distance_mm": nan, "tree_fraction": nan,
+            "mask_area_px": int(mask.sum()), "tree_distance_mm": position.distance_mm,
+            "tree_fraction": position.fraction,
             "mld_mm": nan, "diameter_stenosis_pct": nan, "rvd_mm": nan, "lesion_length_mm": nan,
             "proximal_diameter_mm": nan, "distal_diameter_mm": nan, "mld_x": nan, "mld_y": nan,
             "angle_lao_deg": nan, "angle_cranial_deg": nan, "angle_source": "none",
@@ -380,6 +385,17 @@ class _FileReader:
         if isinstance(frame, str):
             raise _Rejected("file_name", frame)
         return frame
+
+    def _tree_position(self, image_id, box) -> TreePosition:
+        """The box's place on its image's vessel tree (no spacing: the share only). Traced
+        once per image; the last few are kept, as a file's annotations come image by image."""
+        if image_id not in self.trees:
+            relative = self.frames[image_id][0]
+            self.trees[image_id] = vessel_tree(read_frame(self.root / relative, 0))
+            while len(self.trees) > TREES_KEPT:
+                self.trees.pop(next(iter(self.trees)))
+        tree = self.trees[image_id]
+        return tree.position(box, None) if tree is not None else TreePosition(math.nan, math.nan)
 
     def _read_image(self, entry: dict) -> tuple[str, object, str] | str:
         name = str(entry.get("file_name") or "")
