@@ -209,3 +209,10 @@ def test_a_coco_import_stores_the_tree_share_without_millimetres(tmp_path):
     assert rows["tree_distance_mm"].isna().all()
     near, far = rows["tree_fraction"].tolist()
     assert near < 0.3 < 0.6 < far
+
+
+def test_frames_too_odd_to_trace_give_no_tree_and_no_error():
+    for frame in (np.zeros((1, 1), np.float32), np.full((3, 200), 0.5, np.float32),
+                  np.random.default_rng(0).random((40, 40)).astype(np.float32)):
+        position = tree_position(frame, (0, 0, 1, 1), 0.2)
+        assert position.found or math.isnan(position.fraction)

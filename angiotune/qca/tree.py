@@ -14,6 +14,7 @@ alike. Foreshortening shortens every path of a view alike, so the share is the s
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -26,10 +27,14 @@ from angiotune.qca.vessels import contrast_density, vessel_mask
 WORKING_SIDE = 384  # px: the path lengths need the tree's course, not its finest vessels
 # A path may cross a gap the mask left (a faint distal stretch, an overlap) at this cost per
 # pixel: dear enough to follow the vessels where they are seen, cheap enough that a tree cut in
-# pieces keeps its lengths (a dearer jump made every piece past a gap look far away).
+# pieces keeps its lengths (a dearer jump made every piece past a gap look far away). Only gaps
+# up to GAP_PX wide are crossed: the rest of the frame is not searched, which makes the trace
+# twice as fast (benchmarks/README.md).
 OFF_VESSEL_COST = 4.0
+GAP_PX = 8  # working pixels, about 3.5 mm on a 170 mm field
 FARTHEST_PERCENTILE = 95  # the tree's extent: robust to a stray pixel the mask joined far away
 NOT_FOUND = (math.nan, math.nan)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,15 @@ class VesselTree:
 
 def vessel_tree(frame: np.ndarray) -> VesselTree | None:
     """Trace the frame's contrast-filled vessels from their widest lumen; None when the frame
-    shows no vessel."""
+    shows no vessel, or is too odd to trace (logged: a lesion is indexed without its tree)."""
+    try:
+        return _trace(frame)
+    except (ValueError, IndexError) as error:
+        log.warning("angiotune: no vessel tree traced (%s); the lesion is kept without it", error)
+        return None
+
+
+def _trace(frame: np.ndarray) -> VesselTree | None:
     scale = min(1.0, WORKING_SIDE / max(frame.shape))
     small = ndimage.zoom(frame.astype(np.float32), scale, order=1) if scale < 1 else frame
     mask = vessel_mask(contrast_density(small))
@@ -81,11 +94,14 @@ def vessel_tree(frame: np.ndarray) -> VesselTree | None:
     largest = pieces == np.argmax(np.bincount(pieces[ys, xs]))
     radius = np.where(largest, ndimage.distance_transform_edt(mask), 0.0)
     root = np.unravel_index(int(np.argmax(radius)), radius.shape)
-    costs, _ = MCP_Geometric(np.where(mask, 1.0, OFF_VESSEL_COST)).find_costs(
-        [(int(root[0]), int(root[1]))])
-    extent = float(np.percentile(costs[mask], FARTHEST_PERCENTILE))
+    near = ndimage.binary_dilation(mask, iterations=GAP_PX)
+    step = np.where(mask, 1.0, np.where(near, OFF_VESSEL_COST, np.inf))
+    costs, _ = MCP_Geometric(step).find_costs([(int(root[0]), int(root[1]))])
+    reached = mask & np.isfinite(costs)
+    extent = float(np.percentile(costs[reached], FARTHEST_PERCENTILE))
     if not extent > 0:
         return None
+    ys, xs = np.nonzero(reached)
     return VesselTree(costs, np.stack([xs, ys], axis=1), extent, scale)
 
 
