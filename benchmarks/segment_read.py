@@ -8,7 +8,9 @@ inputs, not about one trial's masks: it is the most a read of these inputs can g
 is the same multinomial logistic read with fewer or more inputs, scored by cross-validation
 over patients on every lesion of the index (train, val and test: nothing here is selected), the
 answer taken among the segments of the lesion's vessel, as ``evaluate`` does; beside it the
-majority of the lesion's vessel in the other folds.
+majority of the lesion's vessel in the other folds. Then the mean share of the tree per segment,
+which uses no label (an index without calibration, such as ARCADE's, has no reference
+diameters: its "+ reference diameter" rows read a missing input).
 """
 
 from __future__ import annotations
@@ -75,10 +77,16 @@ def main() -> None:
     folds = rows["patient_key"].map(order).to_numpy()
     print(f"{len(rows)} lesions of {len(patients)} patients, {args.folds}-fold by patient; "
           f"tree position found for {rows['tree_fraction'].notna().mean():.0%}")
-    print(f"{'inputs':<28} {'CASS accuracy':>14}")
-    print(f"{'majority of the vessel':<28} {vessel_majority(rows, folds):>14.3f}")
+    print(f"{'inputs':<28} {'accuracy':>10}")
+    print(f"{'majority of the vessel':<28} {vessel_majority(rows, folds):>10.3f}")
     for name, columns in INPUTS.items():
-        print(f"{name:<28} {cross_validated(rows, columns, folds):>14.3f}")
+        print(f"{name:<28} {cross_validated(rows, columns, folds):>10.3f}")
+    # No labels go into the share; does it order the segments as anatomy does?
+    shares = rows.groupby("segment")["tree_fraction"].agg(["count", "mean"]).sort_values("mean")
+    names = dict(zip(rows["segment"], rows["segment_name"], strict=False))
+    print("\nmean share of the tree, by segment (lesions):")
+    for code, (count, mean) in shares.iterrows():
+        print(f"  {mean:5.2f}  {code:>4} {names[code]} ({int(count)})")
 
 
 if __name__ == "__main__":

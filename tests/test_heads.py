@@ -437,3 +437,23 @@ def test_crop_readouts_never_stop_a_trial_whatever_the_mask():
     values = crop_readouts(images, np.stack(masks).astype(np.float32), boxes)
     assert values.shape == (len(masks), READOUT_DIM)
     assert np.isnan(values[0]).all()  # nothing predicted, nothing read
+
+
+def test_heads_that_only_name_segments_fit_their_read_on_every_lesion(phantom_index):
+    """No measurement to calibrate, so no QCA is read: every training lesion of the epoch goes
+    to the segment read, past the QCA read's per-epoch limit."""
+    from angiotune.train.calibration import ReadoutCollector
+
+    torch.manual_seed(0)
+    batch, classes = _batch(phantom_index.out)
+    batch = {k: np.concatenate([v, v, v]) for k, v in batch.items()}  # 18 lesions
+    base = load_base_model()
+    heads = LesionHeads(HeadSettings(classes=classes, feature_dim=feature_dim_of(base.config),
+                                     tasks=("segment",)))
+    model = LesionModel(adapt(base, AdapterSettings(rank=2, alpha=4)), heads)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    collector = ReadoutCollector(heads, limit=4)
+    train_step(model, batch, optimizer, LossWeights(), on_outputs=collector.add)
+    assert collector.collected == 18 and np.isnan(collector.rows[0][:, :6]).all()
+    collector.fit()
+    assert bool(heads.segment_fitted) and not heads.reads_qca

@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from angiotune.data.index import TREE_COLUMNS
+from angiotune.data.readers import finite_number
 
 CONTEXT_DIM = 9  # the length of ``view_context``
 
@@ -25,7 +26,7 @@ def view_context(row: dict) -> np.ndarray:
     missing = lao is None or cranial is None or not (math.isfinite(lao) and math.isfinite(cranial))
     width, height = float(row["frame_width"]), float(row["frame_height"])
     x0, y0, x1, y1 = (float(row[f"bbox_{k}"]) for k in ("x0", "y0", "x1", "y1"))
-    distance, fraction = (_finite(row.get(name)) for name in TREE_COLUMNS)
+    distance, fraction = (finite_number(row.get(name)) for name in TREE_COLUMNS)
     no_tree = fraction is None
     return np.array([0.0 if missing else lao / 90, 0.0 if missing else cranial / 90,
                      float(missing), (x0 + x1) / 2 / width, (y0 + y1) / 2 / height,
@@ -33,10 +34,3 @@ def view_context(row: dict) -> np.ndarray:
                      0.0 if no_tree else fraction, 0.0 if distance is None else distance / 100,
                      float(no_tree)], dtype=np.float32)
 
-
-def _finite(value) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None

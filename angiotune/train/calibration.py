@@ -30,8 +30,9 @@ WINDOW = 3  # epochs a fit draws on: three times the lesions for the cost of one
 
 
 class ReadoutCollector:
-    """Collects, for up to ``limit`` training lesions an epoch, QCA of the predicted masks, the
-    heads' own estimates and the targets, all in model pixels; ``fit`` calibrates the heads on
+    """Collects, for up to ``limit`` training lesions an epoch (every one when the heads measure
+    nothing), QCA of the predicted masks, the heads' own estimates and the targets, all in model
+    pixels, with each lesion's segment and view context; ``fit`` calibrates the heads on
     the last ``window`` epochs' rows (older predictions come from a slightly different model,
     which a late-training fit barely feels; a small vessel's trial needs the rows)."""
 
@@ -50,16 +51,24 @@ class ReadoutCollector:
     def collected(self) -> int:
         return sum(len(r) for r in self.rows)
 
+    @property
+    def measures(self) -> bool:
+        """Whether the heads measure (a QCA read to fit); if not, the segment read alone is
+        fitted, which needs no QCA, so every training lesion is collected."""
+        return any(task in self.heads.settings.tasks for task in MEASURED)
+
     def add(self, batch: dict, outputs: dict) -> None:
         """``train_step``'s ``on_outputs`` hook."""
-        room = self.limit - self.collected
+        rows = len(batch["segment"])
+        room = self.limit - self.collected if self.measures else rows
         if room <= 0 or not self.wanted:
             return
         take = slice(0, room)
         spacing = batch["pixel_spacing_mm"][take].float().cpu().numpy()[:, None]
-        readouts = crop_readouts(batch["image"][take].float().cpu().numpy(),
-                                 torch.sigmoid(outputs["logits"][take].float()).cpu().numpy(),
-                                 batch["box"][take].float().cpu().numpy())
+        readouts = (crop_readouts(batch["image"][take].float().cpu().numpy(),
+                                  torch.sigmoid(outputs["logits"][take].float()).cpu().numpy(),
+                                  batch["box"][take].float().cpu().numpy()) if self.measures
+                    else np.full((min(room, rows), READOUTS_END), np.nan, dtype=np.float32))
         own = torch.stack([outputs["stenosis_pct"], outputs["mld_mm"], outputs["rvd_mm"]],
                           dim=1)[take].float().cpu().numpy()
         targets = np.column_stack([np.asarray(batch[name][take].cpu(), dtype=np.float32)
