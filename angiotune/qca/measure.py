@@ -44,6 +44,11 @@ class QCAError(AngiotuneError):
     """The mask cannot be measured (too small, or not a vessel piece)."""
 
 
+# A mask of healthy vessel (or one that missed the lesion): reported as measured, % DS <= 0.
+NO_NARROWING = ("no narrowing: the lumen nowhere falls below the reference line, so % DS is 0 "
+                "or less and the lesion length 0 (a healthy stretch, or a mask that missed the "
+                "lesion)")
+
 @dataclass(frozen=True)
 class QCASettings:
     trim_diameters: float = 0.7
@@ -228,6 +233,8 @@ def _measure(mask: np.ndarray, edge_field: np.ndarray, mm_per_pixel: float,
         notes.append("the MLD falls where an edge was interpolated: check the mask there")
     reference, healthy, reference_notes = _reference(arclength, diameter, mld, settings)
     start, end = _lesion_extent(diameter, reference, mld, settings.lesion_edge_fraction)
+    if diameter[mld] >= reference[mld]:
+        notes.append(NO_NARROWING)
     return QCAResult(mm_per_pixel=float(mm_per_pixel), centerline_px=path, left_edge_px=left,
                      right_edge_px=right, arclength_mm=arclength * mm_per_pixel,
                      diameter_mm=diameter * mm_per_pixel, reference_mm=reference * mm_per_pixel,
