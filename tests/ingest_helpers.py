@@ -68,6 +68,9 @@ def save_mask(path: Path, mask: np.ndarray) -> None:
 
 
 def index(data: Path, tmp_path: Path, manifest: str = "manifest.csv", **settings) -> IndexSummary:
+    """These tests check validation and quarantine: the vessel-tree trace (tested with the
+    session's index and in test_segment_read) is left off unless asked for, to keep them fast."""
+    settings = {"vessel_tree": False, **settings}
     return build_index(data / manifest, tmp_path / "out" / "index.parquet",
                        IndexSettings(salt=TEST_SALT, **settings))
 

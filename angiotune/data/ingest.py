@@ -35,6 +35,7 @@ from angiotune.data import angles
 from angiotune.data.free_text import normalise_phase, parse_vessel_text
 from angiotune.data.index import (
     BOX_COLUMNS,
+    TREE_COLUMNS,
     quarantine_path_for,
     records_frame,
     with_splits,
@@ -88,6 +89,9 @@ class IndexSettings:
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: int = 0
     stenosis_tolerance_pct: float = 5.0  # allowed |DS - 100 (1 - MLD / RVD)|
+    # Trace each frame's vessel tree for the heads' segment read (about 0.1 s a lesion); off,
+    # the tree columns stay empty and the heads see the tree as missing.
+    vessel_tree: bool = True
 
 
 @dataclass(frozen=True)
@@ -307,7 +311,8 @@ class _RowParser:
             "contour_path": stored_paths.get("medis_contour_path", ""),
             "pixel_spacing_mm": spacing, "spacing_source": spacing_source,
             **dict(zip(BOX_COLUMNS, box, strict=True)),
-            **tree_columns(frame, box, spacing),
+            **(tree_columns(frame, box, spacing) if self.settings.vessel_tree
+               else dict.fromkeys(TREE_COLUMNS, math.nan)),
             "mask_area_px": int(mask.sum()),
             **measures,
             "angle_lao_deg": lao, "angle_cranial_deg": cranial, "angle_source": angle_source,
