@@ -71,10 +71,14 @@ def test_a_frame_without_vessels_has_no_tree_position_and_the_context_says_so():
            "frame_height": 120, "bbox_x0": 10, "bbox_y0": 10, "bbox_x1": 30, "bbox_y1": 30}
     without = view_context({**row, "tree_distance_mm": position.distance_mm,
                             "tree_fraction": position.fraction})
-    assert len(without) == CONTEXT_DIM and without[-1] == 1.0 and np.isfinite(without).all()
-    assert np.array_equal(without, view_context(row))  # an index older than the columns
+    assert len(without) == CONTEXT_DIM and without[-1] == 1.0 and without[-3] == 0.0
+    assert math.isnan(without[-2]) and np.isfinite(without[:-2]).all()
+    assert np.array_equal(without, view_context(row), equal_nan=True)  # an older index
     within = view_context({**row, "tree_distance_mm": 42.0, "tree_fraction": 0.5})
     assert within[-3:].tolist() == pytest.approx([0.5, 0.42, 0.0])
+    # A share without millimetres (COCO, no calibration) is not "at the root": NaN mm.
+    share_only = view_context({**row, "tree_distance_mm": math.nan, "tree_fraction": 0.5})
+    assert share_only[-3] == 0.5 and math.isnan(share_only[-2]) and share_only[-1] == 0.0
 
 
 def test_the_segment_read_learns_from_the_tree_and_the_reference_diameter():
@@ -216,3 +220,17 @@ def test_frames_too_odd_to_trace_give_no_tree_and_no_error():
                   np.random.default_rng(0).random((40, 40)).astype(np.float32)):
         position = tree_position(frame, (0, 0, 1, 1), 0.2)
         assert position.found or math.isnan(position.fraction)
+
+
+def test_heads_read_the_tree_only_from_an_index_that_traced_it(phantom_dir, phantom_index,
+                                                               tmp_path):
+    """Context columns that never vary in training keep untrained weights: heads trained on an
+    index without the tree must not be shown one at inference."""
+    from angiotune.data.ingest import IndexSettings, build_index
+    from angiotune.model.heads import OLD_CONTEXT_DIM
+    from angiotune.search.api import context_dim_of
+
+    assert context_dim_of(phantom_index.out) == CONTEXT_DIM
+    untraced = build_index(phantom_dir / "manifest.csv", tmp_path / "untraced.parquet",
+                           IndexSettings(salt="test-salt", vessel_tree=False)).out
+    assert context_dim_of(untraced) == OLD_CONTEXT_DIM

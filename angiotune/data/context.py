@@ -20,8 +20,8 @@ def view_context(row: dict) -> np.ndarray:
     """What the view tells about the lesion, known at inference without labels: positioner
     angles (/90, zero and flagged when missing), where the box sits in the frame (centre and
     size as fractions of the frame) and along the frame's vessel tree (``TREE_COLUMNS``: share
-    of the tree's extent, mm / 100; zero and flagged when not computed). A crop around the
-    lesion barely shows which branch it is."""
+    of the tree's extent, mm / 100; zero, NaN and flagged when not computed, NaN mm without a
+    calibration). A crop around the lesion barely shows which branch it is."""
     lao, cranial = row.get("angle_lao_deg"), row.get("angle_cranial_deg")
     missing = lao is None or cranial is None or not (math.isfinite(lao) and math.isfinite(cranial))
     width, height = float(row["frame_width"]), float(row["frame_height"])
@@ -31,6 +31,9 @@ def view_context(row: dict) -> np.ndarray:
     return np.array([0.0 if missing else lao / 90, 0.0 if missing else cranial / 90,
                      float(missing), (x0 + x1) / 2 / width, (y0 + y1) / 2 / height,
                      math.sqrt((x1 - x0) * (y1 - y0) / (width * height)),
-                     0.0 if no_tree else fraction, 0.0 if distance is None else distance / 100,
+                     0.0 if no_tree else fraction,
+                     # No calibration (COCO, or a lesion without spacing): NaN, not "at the
+                     # root". The trunk reads it as 0, the segment read as the mean.
+                     math.nan if distance is None or no_tree else distance / 100,
                      float(no_tree)], dtype=np.float32)
 

@@ -272,7 +272,7 @@ class LesionHeads(nn.Module):
         self.settings = settings
         half = settings.hidden // 2
         # Image features and view context get their own projections: hundreds of pooled
-        # channels would otherwise drown six context numbers that decide the branch.
+        # channels would otherwise drown the few context numbers that decide the branch.
         self.image = nn.Sequential(nn.LayerNorm(settings.feature_dim),
                                    nn.Linear(settings.feature_dim, half))
         self.context = nn.Linear(settings.context_dim, settings.hidden - half)
@@ -337,7 +337,9 @@ class LesionHeads(nn.Module):
         diameters = torch.where(calibrated, diameters, torch.full_like(diameters, math.nan))
         segment = self.segment(hidden)
         if not self.training and bool(self.segment_fitted):
-            segment = self.read_segment(context, diameters[:, 1])
+            rvd = diameters[:, 1] if "rvd" in self.settings.tasks else torch.full_like(
+                diameters[:, 1], math.nan)  # an untrained RVD head: as in the fit
+            segment = self.read_segment(context, rvd)
         return {"segment_logits": segment, "stenosis_pct": stenosis,
                 "mld_mm": diameters[:, 0], "rvd_mm": diameters[:, 1]}
 

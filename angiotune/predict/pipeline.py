@@ -412,7 +412,7 @@ def _predict_item(item: dict, key: str, models: KeptModels,
     clock = time.perf_counter()
     try:  # every lesion of the frame in one pass of the model
         first = segment_boxes(models.get(route.vessel), frame, [b for b, _, _ in boxes], scale,
-                              angles, route.vessel)
+                              angles, route.vessel, spacing is not None)
     except Exception:  # noqa: BLE001 - then each alone, so that one bad box fails alone
         first = [None] * len(boxes)
     timings["segment"] = _lap(clock) / len(boxes)
@@ -437,7 +437,8 @@ def _predict_lesion(frame, box, box_source, proposal, route: Route, fallback: bo
     clock = time.perf_counter()
     vessel = route.vessel
     if segmentation is None:
-        segmentation = segment_box(models.get(vessel), frame, box, scale, angles, vessel)
+        segmentation = segment_box(models.get(vessel), frame, box, scale, angles, vessel,
+                                   spacing is not None)
     if not settings.vessel and segmentation.heads is not None:
         heads = segmentation.heads
         route = second_opinion(route, heads["vessel"], f"{heads['segment_name']} "
@@ -450,7 +451,8 @@ def _predict_lesion(frame, box, box_source, proposal, route: Route, fallback: bo
                           route.ambiguous, route.alternative)
         if route.vessel != vessel:
             vessel = route.vessel
-            segmentation = segment_box(models.get(vessel), frame, box, scale, angles, vessel)
+            segmentation = segment_box(models.get(vessel), frame, box, scale, angles, vessel,
+                                       spacing is not None)
     timings["segment"] = round(timings["segment"] + _lap(clock), 2)
 
     clock = time.perf_counter()

@@ -8,12 +8,13 @@ between pixels from the probability map rather than from a blocky mask.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from angiotune.data.context import view_context
+from angiotune.data.context import CONTEXT_DIM, view_context
 from angiotune.data.transforms import box_to_square, normalise_intensity, warp
 from angiotune.errors import ConfigError
 from angiotune.model.heads import restrict_to_vessel
@@ -37,24 +38,29 @@ class Segmentation:
 
 def segment_box(model: LesionModel, frame: np.ndarray, box: np.ndarray, mm_per_pixel: float,
                 angles: tuple[float | None, float | None] = (None, None),
-                vessel: str | None = None) -> Segmentation:
+                vessel: str | None = None, calibrated: bool = True) -> Segmentation:
     """Segment inside ``box`` (x0, y0, x1, y1 frame pixels) on ``frame`` (H x W in [0, 1])."""
-    return segment_boxes(model, frame, [box], mm_per_pixel, angles, vessel)[0]
+    return segment_boxes(model, frame, [box], mm_per_pixel, angles, vessel, calibrated)[0]
 
 
 @torch.no_grad()
 def segment_boxes(model: LesionModel, frame: np.ndarray, boxes: list[np.ndarray],
                   mm_per_pixel: float, angles: tuple[float | None, float | None] = (None, None),
-                  vessel: str | None = None) -> list[Segmentation]:
+                  vessel: str | None = None, calibrated: bool = True) -> list[Segmentation]:
     """Every lesion box of one frame in one pass of the model: each box's crop is a row of one
     batch, so the encoder and decoder run once per frame, not once per lesion. ``vessel``: the
-    adapter vessel the lesions were routed to; the heads name a segment of that vessel."""
+    adapter vessel the lesions were routed to; the heads name a segment of that vessel.
+    ``calibrated``: False when ``mm_per_pixel`` is 1 for want of a calibration; the heads'
+    segment read then sees no millimetres (as it was fitted: never pixels as if mm)."""
     size = image_size_of(model.segmenter)
     height, width = frame.shape
     fill = float(np.median(frame))
     affines, images, model_boxes, contexts, spacings = [], [], [], [], []
-    # The heads read where each box sits along the frame's vessel tree: traced once a frame.
-    tree = vessel_tree(frame) if model.heads is not None else None
+    # Heads trained on traced frames read where each box sits along the frame's vessel tree:
+    # traced once a frame. Heads that never saw a tree are not shown one.
+    reads_tree = model.heads is not None and model.heads.settings.context_dim == CONTEXT_DIM
+    tree = vessel_tree(frame) if reads_tree else None
+    spacing_mm = mm_per_pixel if calibrated else None
     for box in boxes:
         box = np.asarray(box, dtype=float)
         affine = box_to_square(box, size, model.crop_context)
@@ -65,7 +71,7 @@ def segment_boxes(model: LesionModel, frame: np.ndarray, boxes: list[np.ndarray]
                "frame_width": width, "frame_height": height,
                **{f"bbox_{k}": float(v) for k, v in zip(("x0", "y0", "x1", "y1"), box,
                                                          strict=True)},
-               **(tree_columns(frame, box, mm_per_pixel, tree) if tree is not None else {})}
+               **(tree_columns(frame, box, spacing_mm, tree) if tree is not None else {})}
         contexts.append(view_context(row))
         spacings.append(mm_per_pixel / affine.scale)
     device = next(model.parameters()).device
@@ -73,6 +79,10 @@ def segment_boxes(model: LesionModel, frame: np.ndarray, boxes: list[np.ndarray]
                 torch.as_tensor(np.stack(model_boxes), device=device),
                 torch.as_tensor(np.stack(contexts), device=device),
                 torch.tensor(spacings, dtype=torch.float32, device=device))
+    if not calibrated and model.heads is not None and bool(model.heads.segment_fitted):
+        context = torch.as_tensor(np.stack(contexts), device=device)
+        out["segment_logits"] = model.heads.read_segment(
+            context, torch.full((len(boxes),), math.nan, device=device))
     found = []
     for i, affine in enumerate(affines):
         logits = out["logits"][i].float().cpu().numpy()
@@ -94,9 +104,11 @@ def _head_outputs(model: LesionModel, out: dict, i: int,
         return None
     settings = model.heads.settings
     logits = out["segment_logits"][i : i + 1].float()
-    probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()
-    best = int(restrict_to_vessel(logits, settings.classes, settings.taxonomy,
-                                  [vessel]).argmax(1))
+    probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()  # for the vessel's vote
+    # The segment, and its probability, among the routed vessel's segments.
+    named = torch.softmax(restrict_to_vessel(logits, settings.classes, settings.taxonomy,
+                                             [vessel]), dim=1)[0].cpu().numpy()
+    best = int(np.argmax(named))
     try:
         codes = load_taxonomy(settings.taxonomy).segments
     except ConfigError:  # a user's taxonomy file not at hand: codes without names or vessels
@@ -113,7 +125,7 @@ def _head_outputs(model: LesionModel, out: dict, i: int,
                 "MLD_mm": ("mld", "mld_mm", 3), "RVD_mm": ("rvd", "rvd_mm", 3)}
     return {"cass_segment": settings.classes[best], "taxonomy": settings.taxonomy,
             "segment_name": segment.name if segment else None,
-            "probability": round(float(probabilities[best]), 3),
+            "probability": round(float(named[best]), 3),
             "vessel": vessel, "vessel_probability": round(by_vessel.get(vessel, 0.0), 3),
             **{key: round(float(out[name][i]), places)
                for key, (task, name, places) in measured.items() if task in settings.tasks}}

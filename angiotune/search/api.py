@@ -276,6 +276,21 @@ def segment_classes(index: Path) -> tuple[tuple[str, ...], list[int]]:
     return classes, [int(counts.get(code, 0)) for code in classes]
 
 
+def context_dim_of(index: Path) -> int:
+    """How much of the view context the heads' trunk reads: all of it when the index traced its
+    frames' vessel trees, else the part before the tree (columns that never vary in training
+    would meet values at inference that their untrained weights were never fitted to)."""
+    from angiotune.data.context import CONTEXT_DIM
+    from angiotune.data.index import TREE_COLUMNS
+    from angiotune.data.stream import load_rows
+    from angiotune.model.heads import OLD_CONTEXT_DIM
+
+    rows, _ = load_rows(index)
+    share = TREE_COLUMNS[1]
+    traced = share in rows.columns and rows[share].notna().any()
+    return CONTEXT_DIM if traced else OLD_CONTEXT_DIM
+
+
 def index_taxonomy(index: Path) -> str:
     """The taxonomy the index's segment codes are in (CASS, SYNTAX or a file)."""
     import pyarrow.parquet as pq
@@ -318,7 +333,7 @@ def stage_constants(space: SearchSpace, index: Path, results: Path, run_dir: Pat
                                  f"named segments; the index has {len(classes)} "
                                  "(ARCADE's stenosis outlines name none): run a stage-1 space")
         constants.update(classes=list(classes), class_counts=counts,
-                         taxonomy=index_taxonomy(index))
+                         taxonomy=index_taxonomy(index), context_dim=context_dim_of(index))
     rows, _ = load_rows(index)
     for vessel in space.vessels:
         for split in ("train", "val"):

@@ -111,7 +111,10 @@ class ReadoutCollector:
         with torch.no_grad():
             read = self.heads.read_qca(torch.as_tensor(own).to(self.heads.calibration),
                                        torch.as_tensor(readouts).to(self.heads.calibration))
-        rvd_mm = read[:, 2].cpu().numpy() * rows[:, SPACING]
+        # As the forward pass clamps it; an untrained RVD head says nothing (NaN: the mean).
+        rvd_mm = read[:, 2].clamp(min=0).cpu().numpy() * rows[:, SPACING]
+        if "rvd" not in self.heads.settings.tasks:
+            rvd_mm = np.full(len(rows), np.nan)
         inputs = segment_read_inputs(torch.as_tensor(rows[:, CONTEXT]), torch.as_tensor(rvd_mm))
         return fit_segment_read(inputs.numpy(), rows[:, CLASS_ID].astype(np.int64),
                                 len(self.heads.settings.classes), rows[:, FOLD])

@@ -116,6 +116,7 @@ class HeadsChoice:
     losses: HeadLossWeights = HeadLossWeights()
     hidden: int = 128
     taxonomy: str = "CASS"
+    context_dim: int | None = None  # None: all of the view context (HeadSettings' default)
 
     def __post_init__(self) -> None:
         if len(self.classes) < 2:
@@ -173,7 +174,9 @@ class TrialConfig:
             heads = HeadsChoice(classes=tuple(str(c) for c in get("classes") or ()),
                                 losses=head_loss_weights(config),
                                 hidden=int(get("head_hidden", 128)),
-                                taxonomy=str(get("taxonomy", "CASS")))
+                                taxonomy=str(get("taxonomy", "CASS")),
+                                context_dim=(None if get("context_dim") is None
+                                             else int(get("context_dim"))))
         metrics = get("metrics") or [get("metric", "dice")]
         run = RunSettings(epochs=int(config["epochs"]), batch_size=int(get("batch_size", 8)),
                           seed=int(get("seed", 0)), precision=get("precision"),

@@ -94,7 +94,9 @@ def build_model(trial: TrialConfig, checkpoint_dir: Path | None = None):
                                          feature_dim=feature_dim_of(base.config),
                                          hidden=trial.heads.hidden,
                                          taxonomy=trial.heads.taxonomy,
-                                         tasks=trial.heads.tasks))
+                                         tasks=trial.heads.tasks,
+                                         **({} if trial.heads.context_dim is None else
+                                            {"context_dim": trial.heads.context_dim})))
     if heads is not None:  # unused parameters would stall DDP's gradient reduction
         learned = trial.heads is not None and trial.heads.losses.weighting == "uncertainty"
         heads.log_vars.requires_grad_(learned)
