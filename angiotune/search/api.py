@@ -280,14 +280,18 @@ def context_dim_of(index: Path) -> int:
     """How much of the view context the heads' trunk reads: all of it when the index traced its
     frames' vessel trees, else the part before the tree (columns that never vary in training
     would meet values at inference that their untrained weights were never fitted to)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     from angiotune.data.context import CONTEXT_DIM
     from angiotune.data.index import TREE_COLUMNS
-    from angiotune.data.stream import load_rows
     from angiotune.model.heads import OLD_CONTEXT_DIM
 
-    rows, _ = load_rows(index)
     share = TREE_COLUMNS[1]
-    traced = share in rows.columns and rows[share].notna().any()
+    if share not in pq.read_schema(index).names:
+        return OLD_CONTEXT_DIM
+    values = pq.read_table(index, columns=[share]).column(share)  # one column, not the index
+    traced = pc.any(pc.is_finite(values)).as_py()
     return CONTEXT_DIM if traced else OLD_CONTEXT_DIM
 
 

@@ -20,6 +20,7 @@ from angiotune.model.heads import (
     segment_read_inputs,
 )
 from angiotune.qca.readout import crop_readouts
+from angiotune.train.step import head_targets
 
 # Columns of a collected row: QCA readouts, the heads' own % DS / MLD / RVD, the targets, then
 # mm per model pixel, the segment's class id, the lesion's fold and the view context.
@@ -76,9 +77,8 @@ class ReadoutCollector:
         # Diameters in model pixels, as the heads predict them (NaN without calibration).
         own[:, 1:] /= spacing
         targets[:, 1:] /= spacing
-        index = {code: i for i, code in enumerate(self.heads.settings.classes)}
-        class_ids = np.array([[index.get(str(c), -1)] for c in list(batch["segment"])[take]],
-                             dtype=np.float32)
+        class_ids = head_targets(batch, self.heads.settings.classes)["segment"][take]
+        class_ids = class_ids.cpu().numpy().astype(np.float32)[:, None]
         folds = np.array([[_fold(str(key))] for key in list(batch["sample_id"])[take]],
                          dtype=np.float32)
         context = np.asarray(batch["context"][take].float().cpu(), dtype=np.float32)
