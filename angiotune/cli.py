@@ -89,10 +89,13 @@ def phantoms(out_dir: Path, lesions: int, size: int, frames: int, seed: int, tid
               "(default 0.7,0.15,0.15; 0.85,0.15,0 when a --coco-test file is given).")
 @click.option("--strict", is_flag=True, help="Fail on the first bad row instead of quarantining.")
 @click.option("--seed", "split_seed", default=0, show_default=True, help="Split seed.")
+@click.option("--vessel-tree/--no-vessel-tree", default=True, show_default=True,
+              help="Trace each frame's vessel tree for the segment head (most of the indexing "
+                   "time); without it the heads name segments from the view and calibre.")
 def index(manifest: Path | None, out_path: Path, data_root: Path | None, taxonomy: str,
           coco_files: tuple[Path, ...], coco_val: tuple[Path, ...],
           coco_test: tuple[Path, ...], images_dir: Path | None, categories: str,
-          fractions: str | None, strict: bool, split_seed: int) -> None:
+          fractions: str | None, strict: bool, split_seed: int, vessel_tree: bool) -> None:
     """Validate a core-lab CSV MANIFEST (or COCO files: --coco) into a Parquet lesion index.
 
     A CSV is split by patient; patient IDs become salted keys (salt from ANGIOTUNE_SALT or
@@ -128,7 +131,7 @@ def index(manifest: Path | None, out_path: Path, data_root: Path | None, taxonom
             from angiotune.data.ingest import IndexSettings, build_index
 
             settings = IndexSettings(data_root=data_root, taxonomy=taxonomy, strict=strict,
-                                     split_seed=split_seed,
+                                     split_seed=split_seed, vessel_tree=vessel_tree,
                                      **({"split_fractions": split_fractions}
                                         if split_fractions else {}))
             report = build_index(manifest, out_path, settings, on_row=advance)
@@ -138,7 +141,7 @@ def index(manifest: Path | None, out_path: Path, data_root: Path | None, taxonom
             sources = [CocoSource(path, split, images_dir) for path, split in coco]
             report = build_coco_index(sources, out_path, CocoSettings(
                 categories=categories, strict=strict, split_fractions=split_fractions,
-                split_seed=split_seed), on_row=advance)
+                split_seed=split_seed, vessel_tree=vessel_tree), on_row=advance)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     _print_index_summary(report)

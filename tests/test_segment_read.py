@@ -182,7 +182,7 @@ def test_the_index_stores_each_lesions_tree_position(phantom_index):
     assert fraction.dropna().between(0, 1.5).all() and (distance.dropna() >= 0).all()
 
 
-def test_a_coco_import_stores_the_tree_share_without_millimetres(tmp_path):
+def test_a_coco_import_stores_the_tree_share_without_millimetres(tmp_path, monkeypatch):
     """A COCO set (ARCADE) has no pixel spacing: the share along the tree, no mm."""
     from PIL import Image
 
@@ -213,6 +213,18 @@ def test_a_coco_import_stores_the_tree_share_without_millimetres(tmp_path):
     assert rows["tree_distance_mm"].isna().all()
     near, far = rows["tree_fraction"].tolist()
     assert near < 0.3 < 0.6 < far
+    # `index --no-vessel-tree` leaves the share out (a large import, fast), and the heads of such
+    # an index read the view part of the context only.
+    from angiotune.cli import main
+    from angiotune.model.heads import OLD_CONTEXT_DIM
+    from angiotune.search.api import context_dim_of
+
+    untraced = tmp_path / "untraced.parquet"
+    monkeypatch.setenv("ANGIOTUNE_SALT", "test-salt")
+    assert main(["index", "--coco", str(tmp_path / "annotations" / "labels.json"),
+                 "--out", str(untraced), "--no-vessel-tree"]) == 0
+    assert read_index(untraced)["tree_fraction"].isna().all()
+    assert context_dim_of(untraced) == OLD_CONTEXT_DIM
 
 
 def test_frames_too_odd_to_trace_give_no_tree_and_no_error():

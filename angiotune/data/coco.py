@@ -62,6 +62,9 @@ class CocoSettings:
     strict: bool = False
     split_fractions: tuple[float, float, float] | None = None  # None: see default_fractions
     split_seed: int = 0
+    # Trace each image's vessel tree for the heads' segment read (most of an import's time);
+    # off, the tree columns stay empty and the heads see the tree as missing.
+    vessel_tree: bool = True
 
 
 def default_fractions(sources: list[CocoSource]) -> tuple[float, float, float]:
@@ -114,7 +117,7 @@ def build_coco_index(sources: list[CocoSource], out: str | Path,
     done = 0
     for source, (payload, images_dir, file_label) in zip(sources, loaded, strict=True):
         reader = _FileReader(payload, images_dir, file_label, root, (building, masks),
-                             categories, salt)
+                             categories, salt, settings.vessel_tree)
         for position, annotation in enumerate(payload["annotations"], start=1):
             done += 1
             number = _annotation_id(annotation, position)
@@ -266,8 +269,10 @@ class _FileReader:
     """Turns the annotations of one COCO file into index records, or rejects them."""
 
     def __init__(self, payload: dict, images_dir: Path, label: str, root: Path,
-                 masks: tuple[Path, Path], categories: CategoryMap, salt: str) -> None:
+                 masks: tuple[Path, Path], categories: CategoryMap, salt: str,
+                 trace_trees: bool = True) -> None:
         self.images_dir, self.label, self.root = images_dir, label, root
+        self.trace_trees = trace_trees
         self.masks_written, self.masks_final = masks  # written to the first, indexed as the second
         self.categories, self.salt = categories, salt
         self.category_names: dict[int | str, str | None] = {}  # None: the category has no name
@@ -389,6 +394,8 @@ class _FileReader:
     def _tree_position(self, image_id, box) -> TreePosition:
         """The box's place on its image's vessel tree (no spacing: the share only). Traced
         once per image; the last few are kept, as a file's annotations come image by image."""
+        if not self.trace_trees:
+            return TreePosition(math.nan, math.nan)
         if image_id not in self.trees:
             relative = self.frames[image_id][0]
             self.trees[image_id] = vessel_tree(read_frame(self.root / relative, 0))
