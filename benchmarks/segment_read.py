@@ -8,7 +8,10 @@ inputs, not about one trial's masks: it is the most a read of these inputs can g
 is the same multinomial logistic read with fewer or more inputs, scored by cross-validation
 over patients on every lesion of the index (train, val and test: nothing here is selected), the
 answer taken among the segments of the lesion's vessel, as ``evaluate`` does; beside it the
-majority of the lesion's vessel in the other folds. Then the mean share of the tree per segment,
+majority of the lesion's vessel in the other folds. Beside each, the vessel the read's
+probabilities over every segment vote for (what routing hears from the heads where a view is
+ambiguous), against the nearest standard view that routing starts from. Then the mean share of
+the tree per segment,
 which uses no label (an index without calibration, such as ARCADE's, has no reference
 diameters: its "+ reference diameter" rows read a missing input).
 """
@@ -22,24 +25,38 @@ import numpy as np
 import pandas as pd
 import torch
 
-from angiotune.data.context import CONTEXT_DIM, view_context
+from angiotune.data.context import CONTEXT_DIM, TREE_END, VIEW_END, view_context
 from angiotune.data.index import read_index
-from angiotune.model.heads import fit_segment_read, restrict_to_vessel
+from angiotune.model.heads import (
+    class_vessels,
+    fit_segment_read,
+    restrict_to_vessel,
+    vessel_read_inputs,
+)
+from angiotune.names import ADAPTER_VESSELS
+from angiotune.predict.routing import route_by_angles
 from angiotune.taxonomies.views import load_views
 
-VIEW = list(range(6))  # angles, missing flag, box centre and size
-TREE = [6, 7, 8]  # share of the tree, mm / 100, missing flag
+VIEW = list(range(VIEW_END))  # angles, missing flag, box centre and size
+TREE = list(range(VIEW_END, TREE_END))  # share of the tree, mm / 100, missing flag
+VIEWS = list(range(TREE_END, CONTEXT_DIM))  # distance to each vessel's nearest standard view
 RVD = [CONTEXT_DIM]
 INPUTS = {"view and box in the frame": VIEW, "+ reference diameter": VIEW + RVD,
-          "+ tree position": VIEW + TREE, "+ both (the heads' read)": VIEW + TREE + RVD}
+          "+ tree position": VIEW + TREE, "+ both (the heads' segment read)": VIEW + TREE + RVD,
+          "+ both + standard views": VIEW + TREE + RVD + VIEWS}
 
 
-def cross_validated(rows: pd.DataFrame, columns: list[int], folds: np.ndarray) -> float:
+def cross_validated(rows: pd.DataFrame, columns: list[int],
+                    folds: np.ndarray) -> tuple[float, np.ndarray]:
+    """The segment named among the lesion's vessel's (accuracy), and the vessel the read's
+    probabilities over all segments vote for (each lesion's, held out)."""
     inputs = np.column_stack([np.stack([view_context(r) for r in rows.to_dict("records")]),
                               rows["rvd_mm"].to_numpy(float)])[:, columns]
     classes = tuple(sorted(rows["segment"].astype(str).unique()))
+    taxonomy = str(rows["taxonomy"].iloc[0])
+    groups = np.array([group or "" for group in class_vessels(classes, taxonomy)])
     labels = np.array([classes.index(s) for s in rows["segment"].astype(str)])
-    right = 0
+    right, votes = 0, np.full(len(rows), "", dtype=object)
     for fold in np.unique(folds):
         held = folds == fold
         inner = np.arange(int((~held).sum())) % 3  # the decay, chosen inside the training folds
@@ -49,10 +66,29 @@ def cross_validated(rows: pd.DataFrame, columns: list[int], folds: np.ndarray) -
             continue
         z = np.where(np.isfinite(inputs[held]), (inputs[held] - fit["mean"]) / fit["scale"], 0)
         logits = torch.as_tensor(z @ fit["weight"].T + fit["bias"])
-        logits = restrict_to_vessel(logits, classes, str(rows["taxonomy"].iloc[0]),
-                                    list(rows["vessel"][held]))
+        probabilities = torch.softmax(logits, 1).numpy()
+        votes[held] = [max(ADAPTER_VESSELS, key=lambda v, p=p: p[groups == v].sum())
+                       for p in probabilities]
+        logits = restrict_to_vessel(logits, classes, taxonomy, list(rows["vessel"][held]))
         right += int((logits.argmax(1).numpy() == labels[held]).sum())
-    return right / len(rows)
+    return right / len(rows), votes
+
+
+def vessel_read(rows: pd.DataFrame, truth: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """The heads' vessel read, fitted on the other folds: each lesion's vessel, held out."""
+    context = torch.as_tensor(np.stack([view_context(r) for r in rows.to_dict("records")]))
+    inputs = vessel_read_inputs(context).numpy()
+    labels = np.array([ADAPTER_VESSELS.index(v) if v in ADAPTER_VESSELS else -1 for v in truth])
+    votes = np.full(len(rows), "", dtype=object)
+    for fold in np.unique(folds):
+        held = folds == fold
+        inner = np.arange(int((~held).sum())) % 3
+        fit = fit_segment_read(inputs[~held], labels[~held], len(ADAPTER_VESSELS), inner)
+        if fit is None:
+            continue
+        z = np.where(np.isfinite(inputs[held]), (inputs[held] - fit["mean"]) / fit["scale"], 0)
+        votes[held] = [ADAPTER_VESSELS[i] for i in (z @ fit["weight"].T + fit["bias"]).argmax(1)]
+    return votes
 
 
 def vessel_majority(rows: pd.DataFrame, folds: np.ndarray) -> float:
@@ -80,16 +116,38 @@ def main() -> None:
     folds = rows["patient_key"].map(order).to_numpy()
     print(f"{len(rows)} lesions of {len(patients)} patients, {args.folds}-fold by patient; "
           f"tree position found for {rows['tree_fraction'].notna().mean():.0%}")
-    print(f"{'inputs':<28} {'accuracy':>10}")
-    print(f"{'majority of the vessel':<28} {vessel_majority(rows, folds):>10.3f}")
+    # The vessel: as routing sees it (ambiguous views are where the heads get a say).
+    adapter_for = load_views().adapter_for
+    truth = np.array([adapter_for.get(v, v) for v in rows["vessel"]], dtype=object)
+    routes = [route_by_angles(a, c) for a, c in zip(rows["angle_lao_deg"],
+                                                    rows["angle_cranial_deg"], strict=True)]
+    by_view = np.array([r.vessel or "" for r in routes], dtype=object)
+    ambiguous = np.array([r.ambiguous for r in routes])
+    print(f"{'inputs':<40} {'segment':>8} {'vessel vote':>12} {'ambiguous views':>16}")
+    print(f"{'majority of the vessel':<40} {vessel_majority(rows, folds):>8.3f}")
+    print(f"{'nearest standard view (routing)':<40} {'':>8} "
+          f"{_share(by_view, truth, None):>12} {_share(by_view, truth, ambiguous):>16}")
     for name, columns in INPUTS.items():
-        print(f"{name:<28} {cross_validated(rows, columns, folds):>10.3f}")
+        accuracy, votes = cross_validated(rows, columns, folds)
+        print(f"{name:<40} {accuracy:>8.3f} {_share(votes, truth, None):>12} "
+              f"{_share(votes, truth, ambiguous):>16}")
+    votes = vessel_read(rows, truth, folds)
+    name = "the heads' vessel read (view, box, views)"
+    print(f"{name:<40} {'':>8} "
+          f"{_share(votes, truth, None):>12} {_share(votes, truth, ambiguous):>16}")
+    print(f"({int(ambiguous.sum())} lesions in ambiguous views)")
     # No labels go into the share; does it order the segments as anatomy does?
     shares = rows.groupby("segment")["tree_fraction"].agg(["count", "mean"]).sort_values("mean")
     names = dict(zip(rows["segment"], rows["segment_name"], strict=False))
     print("\nmean share of the tree, by segment (lesions):")
     for code, (count, mean) in shares.iterrows():
         print(f"  {mean:5.2f}  {code:>4} {names[code]} ({int(count)})")
+
+
+def _share(predicted: np.ndarray, truth: np.ndarray, where: np.ndarray | None) -> str:
+    where = np.ones(len(truth), bool) if where is None else where
+    known = where & np.isin(truth, ADAPTER_VESSELS) & (predicted != "")  # "": no angles
+    return f"{np.mean(predicted[known] == truth[known]):.3f}" if known.any() else "-"
 
 
 if __name__ == "__main__":

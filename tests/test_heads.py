@@ -374,6 +374,9 @@ def test_training_steps_calibrate_the_heads_on_their_own_predictions(phantom_ind
     # The segment read is fitted on the same rows (these six lesions span several segments).
     assert len(set(batch["segment"])) > 1 and bool(heads.segment_fitted)
     assert not torch.equal(heads.segment_weight, torch.zeros_like(heads.segment_weight))
+    # And the vessel read, where the rows span vessels (a stage-3 trial's rows do not).
+    spans = len({vessel for vessel in batch["vessel"]}) > 1
+    assert bool(heads.vessel_fitted) == spans
     first_fit = heads.calibration.clone()
     assert not np.allclose(first_fit.numpy(), [[0, 0, 1, 0]] * 3)
     for _ in range(2):  # the window holds two epochs: the third fit forgets the first's rows

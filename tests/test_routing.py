@@ -42,8 +42,9 @@ def test_missing_angles_leave_the_choice_open():
 
 def test_the_head_decides_only_where_the_angles_cannot():
     ambiguous = route_by_angles(40, 25)
-    switched = second_opinion(ambiguous, "RCA", "mid RCA (CASS 2)", 0.8, ALL)
-    assert switched.vessel == "RCA" and "CASS head reads mid RCA" in switched.reason
+    switched = second_opinion(ambiguous, "RCA", "the CASS head reads mid RCA (CASS 2)", 0.8, ALL)
+    assert switched.vessel == "RCA"
+    assert "the CASS head reads mid RCA (CASS 2): RCA with p=0.80" in switched.reason
     clear = route_by_angles(-25, -25)
     kept = second_opinion(clear, "LAD", "mid LAD (CASS 13)", 0.9, ALL)
     assert kept.vessel == "LCX" and "the view decides" in kept.reason

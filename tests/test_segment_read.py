@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from angiotune.data.context import CONTEXT_DIM, view_context
+from angiotune.data.context import CONTEXT_DIM, TREE_END, VIEW_END, view_context
 from angiotune.evaluation.test_split import trivial_predictions
 from angiotune.model.heads import (
     SEGMENT_READ_DECAYS,
@@ -26,6 +26,8 @@ from angiotune.model.heads import (
 )
 from angiotune.qca.tree import tree_position, vessel_tree
 from tests.shapes import SPACING_MM, angiogram, straight
+
+TREE = slice(VIEW_END, TREE_END)  # share, mm / 100, missing flag
 
 
 def _tree() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,14 +73,33 @@ def test_a_frame_without_vessels_has_no_tree_position_and_the_context_says_so():
            "frame_height": 120, "bbox_x0": 10, "bbox_y0": 10, "bbox_x1": 30, "bbox_y1": 30}
     without = view_context({**row, "tree_distance_mm": position.distance_mm,
                             "tree_fraction": position.fraction})
-    assert len(without) == CONTEXT_DIM and without[-1] == 1.0 and without[-3] == 0.0
-    assert math.isnan(without[-2]) and np.isfinite(without[:-2]).all()
+    share, mm, flag = without[TREE]
+    assert len(without) == CONTEXT_DIM and flag == 1.0 and share == 0.0
+    assert math.isnan(mm) and np.isfinite(np.delete(without, VIEW_END + 1)).all()
     assert np.array_equal(without, view_context(row), equal_nan=True)  # an older index
     within = view_context({**row, "tree_distance_mm": 42.0, "tree_fraction": 0.5})
-    assert within[-3:].tolist() == pytest.approx([0.5, 0.42, 0.0])
+    assert within[TREE].tolist() == pytest.approx([0.5, 0.42, 0.0])
     # A share without millimetres (COCO, no calibration) is not "at the root": NaN mm.
     share_only = view_context({**row, "tree_distance_mm": math.nan, "tree_fraction": 0.5})
-    assert share_only[-3] == 0.5 and math.isnan(share_only[-2]) and share_only[-1] == 0.0
+    assert share_only[TREE][0] == 0.5 and math.isnan(share_only[TREE][1])
+    assert share_only[TREE][2] == 0.0
+
+
+def test_the_context_says_how_far_the_view_is_from_each_vessels_standard_views():
+    """A linear read cannot carve the view table's regions out of raw angles; the distance to
+    each vessel's nearest standard view gives it them (RCA, LAD, LCX, in degrees / 100)."""
+    from angiotune.taxonomies.views import load_views
+
+    row = {"frame_width": 100, "frame_height": 100, "bbox_x0": 10, "bbox_y0": 10,
+           "bbox_x1": 30, "bbox_y1": 30}
+    for vessel in ("RCA", "LAD", "LCX"):
+        view = load_views().of(vessel)[0]
+        distances = view_context({**row, "angle_lao_deg": view.lao_deg,
+                                  "angle_cranial_deg": view.cranial_deg})[TREE_END:]
+        assert distances[("RCA", "LAD", "LCX").index(vessel)] == 0.0
+        assert (distances >= 0).all() and np.isfinite(distances).all()
+    no_angles = view_context({**row, "angle_lao_deg": None, "angle_cranial_deg": None})
+    assert np.isnan(no_angles[TREE_END:]).all() and no_angles[2] == 1.0
 
 
 def test_the_segment_read_learns_from_the_tree_and_the_reference_diameter():
@@ -88,14 +109,15 @@ def test_the_segment_read_learns_from_the_tree_and_the_reference_diameter():
     n = 90
     labels = np.repeat([0, 1, 2], n // 3)
     inputs = rng.normal(size=(n, SEGMENT_READ_DIM))
-    inputs[:, CONTEXT_DIM - 3] = (labels + rng.uniform(0.1, 0.9, n)) / 3  # tree share
+    inputs[:, VIEW_END] = (labels + rng.uniform(0.1, 0.9, n)) / 3  # tree share
     inputs[:, -1] = 3.6 - 0.8 * labels + rng.normal(0, 0.15, n)  # reference diameter, mm
     inputs[::7, -1] = np.nan  # the read could not measure these
     fit = fit_segment_read(inputs, labels, classes=4)  # class 3 never seen
     assert fit is not None
     heads = LesionHeads(HeadSettings(classes=("12", "13", "14", "15"), feature_dim=10))
     heads.set_segment_read(fit)
-    context = torch.as_tensor(inputs[:, :CONTEXT_DIM], dtype=torch.float32)
+    context = torch.zeros(n, CONTEXT_DIM)
+    context[:, :TREE_END] = torch.as_tensor(inputs[:, :TREE_END])
     logits = heads.read_segment(context, torch.as_tensor(inputs[:, -1], dtype=torch.float32))
     assert (logits.argmax(1).numpy() == labels).mean() > 0.9
     assert torch.isfinite(logits).all()
@@ -108,6 +130,46 @@ def test_the_segment_read_learns_from_the_tree_and_the_reference_diameter():
     assert fit_segment_read(inputs[:5], labels[:5], classes=4) is None  # too few lesions
     assert fit_segment_read(inputs, np.zeros(n, dtype=int), classes=4) is None  # one class
     assert fit_segment_read(inputs, np.full(n, -1), classes=4) is None  # none in the classes
+
+
+def test_the_vessel_read_follows_the_standard_views_where_raw_angles_cannot(tmp_path):
+    """Lesions filmed near their vessel's standard views: the vessel read (the view, the box and
+    the distances to the standard views) tells the vessels apart, is answered in evaluation
+    only, travels with the heads, and heads saved before it (format 3) have none."""
+    from safetensors.torch import load_file, save_file
+
+    from angiotune.model.heads import vessel_read_inputs
+    from angiotune.names import ADAPTER_VESSELS
+    from angiotune.taxonomies.views import load_views
+
+    rng = np.random.default_rng(0)
+    contexts, labels = [], []
+    for label, vessel in enumerate(ADAPTER_VESSELS):
+        for view in load_views().of(vessel):
+            for _ in range(12):
+                lao, cranial = np.array([view.lao_deg, view.cranial_deg]) + rng.normal(0, 4, 2)
+                contexts.append(view_context({
+                    "angle_lao_deg": lao, "angle_cranial_deg": cranial, "frame_width": 100,
+                    "frame_height": 100, "bbox_x0": 40, "bbox_y0": 40, "bbox_x1": 60,
+                    "bbox_y1": 60}))
+                labels.append(label)
+    context, labels = torch.as_tensor(np.stack(contexts)), np.array(labels)
+    folds = np.arange(len(labels)) % 3
+    fit = fit_segment_read(vessel_read_inputs(context).numpy(), labels, 3, folds)
+    heads = LesionHeads(HeadSettings(classes=("1", "13"), feature_dim=10))
+    heads.set_vessel_read(fit)
+    n = len(labels)
+    features, spacing = torch.randn(n, 10), torch.full((n,), 0.1)
+    assert "vessel_logits" not in heads.train()(features, context, spacing)
+    answer = heads.eval()(features, context, spacing)["vessel_logits"]
+    assert (answer.argmax(1).numpy() == labels).mean() > 0.9
+    save_heads(heads, tmp_path)
+    torch.testing.assert_close(load_heads(tmp_path)(features, context, spacing)["vessel_logits"],
+                               answer)
+    state = {k: v for k, v in load_file(tmp_path / "heads.safetensors").items()
+             if not k.startswith("vessel_")}
+    save_file(state, tmp_path / "heads.safetensors")
+    assert "vessel_logits" not in load_heads(tmp_path)(features, context, spacing)
 
 
 def test_fitted_heads_answer_with_the_read_in_evaluation_only_and_keep_it_when_saved(tmp_path):

@@ -12,8 +12,10 @@ import numpy as np
 
 from angiotune.data.index import TREE_COLUMNS
 from angiotune.data.readers import finite_number
+from angiotune.names import ADAPTER_VESSELS
 
-CONTEXT_DIM = 9  # the length of ``view_context``
+# Where each part of ``view_context`` ends: the view and the box, the tree, the standard views.
+VIEW_END, TREE_END, CONTEXT_DIM = 6, 9, 9 + len(ADAPTER_VESSELS)
 
 
 def view_context(row: dict) -> np.ndarray:
@@ -21,7 +23,10 @@ def view_context(row: dict) -> np.ndarray:
     angles (/90, zero and flagged when missing), where the box sits in the frame (centre and
     size as fractions of the frame) and along the frame's vessel tree (``TREE_COLUMNS``: share
     of the tree's extent, mm / 100; zero, NaN and flagged when not computed, NaN mm without a
-    calibration). A crop around the lesion barely shows which branch it is."""
+    calibration), and how far the angles are from each vessel's nearest standard view
+    (``taxonomies/views.yaml``; degrees / 100, NaN when missing). A crop around the lesion barely
+    shows which branch it is. The distances let a linear read follow the view table's regions,
+    which no weighting of the raw angles can (a vessel's views are not on one side of a line)."""
     lao, cranial = row.get("angle_lao_deg"), row.get("angle_cranial_deg")
     missing = lao is None or cranial is None or not (math.isfinite(lao) and math.isfinite(cranial))
     width, height = float(row["frame_width"]), float(row["frame_height"])
@@ -35,5 +40,19 @@ def view_context(row: dict) -> np.ndarray:
                      # No calibration (COCO, or a lesion without spacing): NaN, not "at the
                      # root". The trunk reads it as 0, the segment read as the mean.
                      math.nan if distance is None or no_tree else distance / 100,
-                     float(no_tree)], dtype=np.float32)
+                     float(no_tree),
+                     *view_distances(None if missing else lao, None if missing else cranial)],
+                    dtype=np.float32)
+
+
+def view_distances(lao: float | None, cranial: float | None) -> list[float]:
+    """Degrees / 100 from the angles to each adapter vessel's nearest standard view (NaN
+    without angles)."""
+    from angiotune.taxonomies.views import load_views
+
+    if lao is None or cranial is None:
+        return [math.nan] * len(ADAPTER_VESSELS)
+    table = load_views()
+    return [min(view.distance(lao, cranial) for view in table.of(vessel)) / 100
+            for vessel in ADAPTER_VESSELS]
 

@@ -41,8 +41,9 @@ from scipy.optimize import minimize
 from torch import nn
 
 from angiotune import jsonio
-from angiotune.data.context import CONTEXT_DIM
+from angiotune.data.context import CONTEXT_DIM, TREE_END, VIEW_END
 from angiotune.errors import ConfigError
+from angiotune.names import ADAPTER_VESSELS
 from angiotune.qca.readout import QUANTITIES, READOUTS
 
 HEADS_WEIGHTS = "heads.safetensors"
@@ -51,16 +52,21 @@ TASKS = ("segment", "stenosis", "mld", "rvd")
 MEASURED = ("stenosis", "mld", "rvd")  # the tasks a calibration reads QCA for, in QUANTITIES order
 CALIBRATION_INPUTS = (*READOUTS, "head", "bias")
 MIN_CALIBRATION_SAMPLES = 12
-SEGMENT_READ_DIM = CONTEXT_DIM + 1  # the view context and the read reference diameter (mm)
+SEGMENT_READ_DIM = TREE_END + 1  # the view, the box, the tree and the reference diameter (mm)
+# The vessel read: the view and the box, and how far the view is from each vessel's standard
+# views (``angiotune.data.context``); the tree and calibre name segments, not vessels.
+VESSEL_READ_DIM = VIEW_END + CONTEXT_DIM - TREE_END
 # Weight decay on standardised inputs, chosen per fit by cross-validation over lesions: a
 # trial with few lesions of its vessel needs the heavy end (near the class prior), one with a
 # hundred the light end.
 SEGMENT_READ_DECAYS = (1e-3, 3e-2, 1.0)
 SEGMENT_READ_FOLDS = 3
 OLD_CONTEXT_DIM = 6  # heads.json without "context_dim": the view context before the tree
-SEGMENT_READ_BUFFERS = ("segment_weight", "segment_bias", "segment_mean", "segment_scale",
-                        "segment_fitted")
-HEADS_FORMAT = 3  # 2: the QCA read; 3: the segment read and a wider view context
+READ_PARTS = ("weight", "bias", "mean", "scale", "fitted")
+SEGMENT_READ_BUFFERS = tuple(f"segment_{part}" for part in READ_PARTS)
+VESSEL_READ_BUFFERS = tuple(f"vessel_{part}" for part in READ_PARTS)
+# 2: the QCA read; 3: the segment read and the tree; 4: the vessel read and the standard views.
+HEADS_FORMAT = 4
 
 
 @dataclass(frozen=True)
@@ -287,28 +293,43 @@ class LesionHeads(nn.Module):
         self.register_buffer("calibration", torch.as_tensor(weights, dtype=torch.float32))
         self.register_buffer("calibrated", torch.zeros(len(MEASURED), dtype=torch.bool))
         classes = len(settings.classes)
-        self.register_buffer("segment_weight", torch.zeros(classes, SEGMENT_READ_DIM))
-        self.register_buffer("segment_bias", torch.zeros(classes))
-        self.register_buffer("segment_mean", torch.zeros(SEGMENT_READ_DIM))
-        self.register_buffer("segment_scale", torch.ones(SEGMENT_READ_DIM))
-        self.register_buffer("segment_fitted", torch.zeros((), dtype=torch.bool))
+        for read, outputs, inputs in (("segment", classes, SEGMENT_READ_DIM),
+                                      ("vessel", len(ADAPTER_VESSELS), VESSEL_READ_DIM)):
+            self.register_buffer(f"{read}_weight", torch.zeros(outputs, inputs))
+            self.register_buffer(f"{read}_bias", torch.zeros(outputs))
+            self.register_buffer(f"{read}_mean", torch.zeros(inputs))
+            self.register_buffer(f"{read}_scale", torch.ones(inputs))
+            self.register_buffer(f"{read}_fitted", torch.zeros((), dtype=torch.bool))
 
     @property
     def reads_qca(self) -> bool:
         return bool(self.calibrated.any())
 
     def set_segment_read(self, fit: dict[str, np.ndarray] | None) -> None:
-        self.segment_fitted.fill_(fit is not None)
+        self._set_read("segment", fit)
+
+    def set_vessel_read(self, fit: dict[str, np.ndarray] | None) -> None:
+        self._set_read("vessel", fit)
+
+    def _set_read(self, read: str, fit: dict[str, np.ndarray] | None) -> None:
+        getattr(self, f"{read}_fitted").fill_(fit is not None)
         if fit is not None:
-            for name in ("weight", "bias", "mean", "scale"):
-                getattr(self, f"segment_{name}").copy_(torch.as_tensor(fit[name]))
+            for name in READ_PARTS[:-1]:
+                getattr(self, f"{read}_{name}").copy_(torch.as_tensor(fit[name]))
 
     def read_segment(self, context: torch.Tensor, rvd_mm: torch.Tensor) -> torch.Tensor:
         """(B, classes) logits of the segment read from ``segment_read_inputs``."""
-        x = segment_read_inputs(context, rvd_mm).to(self.segment_mean)
-        z = torch.where(torch.isfinite(x), (x - self.segment_mean) / self.segment_scale,
-                        torch.zeros_like(x))
-        return z @ self.segment_weight.T + self.segment_bias
+        return self._read("segment", segment_read_inputs(context, rvd_mm))
+
+    def read_vessel(self, context: torch.Tensor) -> torch.Tensor:
+        """(B, 3) logits over ``ADAPTER_VESSELS`` from ``vessel_read_inputs``."""
+        return self._read("vessel", vessel_read_inputs(context))
+
+    def _read(self, read: str, x: torch.Tensor) -> torch.Tensor:
+        mean, scale = getattr(self, f"{read}_mean"), getattr(self, f"{read}_scale")
+        x = x.to(mean)
+        z = torch.where(torch.isfinite(x), (x - mean) / scale, torch.zeros_like(x))
+        return z @ getattr(self, f"{read}_weight").T + getattr(self, f"{read}_bias")
 
     def set_calibration(self, weights: np.ndarray, fitted: np.ndarray) -> None:
         self.calibration.copy_(torch.as_tensor(weights, dtype=torch.float32))
@@ -340,8 +361,11 @@ class LesionHeads(nn.Module):
             rvd = diameters[:, 1] if "rvd" in self.settings.tasks else torch.full_like(
                 diameters[:, 1], math.nan)  # an untrained RVD head: as in the fit
             segment = self.read_segment(context, rvd)
-        return {"segment_logits": segment, "stenosis_pct": stenosis,
-                "mld_mm": diameters[:, 0], "rvd_mm": diameters[:, 1]}
+        out = {"segment_logits": segment, "stenosis_pct": stenosis,
+               "mld_mm": diameters[:, 0], "rvd_mm": diameters[:, 1]}
+        if not self.training and bool(self.vessel_fitted):
+            out["vessel_logits"] = self.read_vessel(context)  # the vessel, for routing
+        return out
 
     def read_qca(self, own: torch.Tensor, readouts: torch.Tensor) -> torch.Tensor:
         """(B, 3): per task, the calibrated read where its inputs are all there, else ``own``."""
@@ -354,8 +378,15 @@ class LesionHeads(nn.Module):
 
 
 def segment_read_inputs(context: torch.Tensor, rvd_mm: torch.Tensor) -> torch.Tensor:
-    """(B, ``SEGMENT_READ_DIM``): the full view context and the reference diameter in mm."""
-    return torch.cat([context.float(), rvd_mm.float()[:, None]], dim=1)
+    """(B, ``SEGMENT_READ_DIM``): the view, the box, the tree and the reference diameter in
+    mm (not the standard views: three more inputs cost the segment read more than they told
+    it, ``benchmarks/segment_read.py``)."""
+    return torch.cat([context[:, :TREE_END].float(), rvd_mm.float()[:, None]], dim=1)
+
+
+def vessel_read_inputs(context: torch.Tensor) -> torch.Tensor:
+    """(B, ``VESSEL_READ_DIM``): the view, the box, and the distances to the standard views."""
+    return torch.cat([context[:, :VIEW_END], context[:, TREE_END:CONTEXT_DIM]], dim=1).float()
 
 
 def feature_dim_of(config) -> int:
@@ -398,10 +429,10 @@ def load_heads(folder: Path) -> LesionHeads:
                             context_dim=int(record.get("context_dim", OLD_CONTEXT_DIM)))
     heads = LesionHeads(settings)
     state = load_file(Path(folder) / HEADS_WEIGHTS)
-    # Format-1 heads have no QCA read, format 2 no segment read: they keep the unfitted
-    # buffers, their own outputs.
+    # Format-1 heads have no QCA read, format 2 no segment read, format 3 no vessel read: they
+    # keep the unfitted buffers, their own outputs.
     missing = set(heads.state_dict()) - set(state)
-    if missing - {"calibration", "calibrated", *SEGMENT_READ_BUFFERS}:
+    if missing - {"calibration", "calibrated", *SEGMENT_READ_BUFFERS, *VESSEL_READ_BUFFERS}:
         raise ConfigError(f"{folder}: {HEADS_WEIGHTS} lacks {sorted(missing)}")
     heads.load_state_dict(state, strict=False)
     return heads.eval()

@@ -441,9 +441,8 @@ def _predict_lesion(frame, box, box_source, proposal, route: Route, fallback: bo
                                    spacing is not None)
     if not settings.vessel and segmentation.heads is not None:
         heads = segmentation.heads
-        route = second_opinion(route, heads["vessel"], f"{heads['segment_name']} "
-                               f"(CASS {heads['cass_segment']})", heads["vessel_probability"],
-                               models.available)
+        route = second_opinion(route, heads["vessel"], heads["vessel_vote"],
+                               heads["vessel_probability"], models.available)
         if (fallback and route.vessel == vessel != GENERAL and GENERAL in models.available
                 and not _head_confirms(heads, vessel)):
             route = Route(GENERAL, f"{route.reason}; the head did not settle the vessel, so the "

@@ -54,16 +54,16 @@ def route_by_angles(lao_deg: float | None, cranial_deg: float | None,
                  runner_up.vessel if ambiguous else None)
 
 
-def second_opinion(route: Route, head_vessel: str | None, head_segment: str,
+def second_opinion(route: Route, head_vessel: str | None, grounds: str,
                    probability: float, available: set[str]) -> Route:
-    """The route after the CASS head has spoken. It decides only where the angles could not
-    (missing, or ambiguous), and then only when sure: its ``probability`` for the vessel (summed
-    over that vessel's segments) must reach ``head_override_probability``."""
+    """The route after the heads have spoken (``grounds``: what their vote rests on, in words).
+    They decide only where the angles could not (missing, or ambiguous), and then only when
+    sure: their ``probability`` for the vessel must reach ``head_override_probability``."""
     if head_vessel is None:
         return route
     table = load_views()
     adapter = table.adapter_for.get(head_vessel, head_vessel)
-    heard = f"the CASS head reads {head_segment}, {adapter} with p={probability:.2f}"
+    heard = f"{grounds}: {adapter} with p={probability:.2f}"
     if adapter == route.vessel:
         return Route(route.vessel, f"{route.reason}; {heard}: it agrees", route.view,
                      route.ambiguous, route.alternative)

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from angiotune.data.context import CONTEXT_DIM, view_context
+from angiotune.data.context import TREE_END, view_context
 from angiotune.data.transforms import box_to_square, normalise_intensity, warp
 from angiotune.errors import ConfigError
 from angiotune.model.heads import restrict_to_vessel
 from angiotune.model.lesion import LesionModel
 from angiotune.model.sam3 import image_size_of
+from angiotune.names import ADAPTER_VESSELS
 from angiotune.qca.centerline import largest_component
 from angiotune.qca.tree import tree_columns, vessel_tree
 from angiotune.taxonomies import load_taxonomy
@@ -58,7 +59,7 @@ def segment_boxes(model: LesionModel, frame: np.ndarray, boxes: list[np.ndarray]
     affines, images, model_boxes, contexts, spacings = [], [], [], [], []
     # Heads trained on traced frames read where each box sits along the frame's vessel tree:
     # traced once a frame. Heads that never saw a tree are not shown one.
-    reads_tree = model.heads is not None and model.heads.settings.context_dim == CONTEXT_DIM
+    reads_tree = model.heads is not None and model.heads.settings.context_dim >= TREE_END
     tree = vessel_tree(frame) if reads_tree else None
     spacing_mm = mm_per_pixel if calibrated else None
     for box in boxes:
@@ -99,12 +100,13 @@ def _head_outputs(model: LesionModel, out: dict, i: int,
                   vessel: str | None = None) -> dict | None:
     """The heads' answers, their segment codes read in the taxonomy they were trained on; the
     measurements only of heads that were trained. The segment is named among ``vessel``'s
-    (when it is one); the vessel the heads would choose comes from all their classes."""
+    (when it is one). The vessel the heads would choose, routing's second opinion, comes from
+    their vessel read (format 4) or else from their segment probabilities summed per vessel;
+    ``vessel_vote`` says which, in words."""
     if model.heads is None:
         return None
     settings = model.heads.settings
     logits = out["segment_logits"][i : i + 1].float()
-    probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()  # for the vessel's vote
     # The segment, and its probability, among the routed vessel's segments.
     named = torch.softmax(restrict_to_vessel(logits, settings.classes, settings.taxonomy,
                                              [vessel]), dim=1)[0].cpu().numpy()
@@ -113,19 +115,35 @@ def _head_outputs(model: LesionModel, out: dict, i: int,
         codes = load_taxonomy(settings.taxonomy).segments
     except ConfigError:  # a user's taxonomy file not at hand: codes without names or vessels
         codes = {}
-    adapter_for = load_views().adapter_for
-    by_vessel: dict[str, float] = {}
-    for code, p in zip(model.heads.settings.classes, probabilities, strict=True):
-        if code in codes:
-            vessel = adapter_for[codes[code].vessel]
-            by_vessel[vessel] = by_vessel.get(vessel, 0.0) + float(p)
+    segment = codes.get(settings.classes[best])
+    by_vessel, vote = _vessel_vote(settings, out, i, logits, codes)
     vessel = max(by_vessel, key=by_vessel.get) if by_vessel else None
-    segment = codes.get(model.heads.settings.classes[best])
     measured = {"diameter_stenosis_pct": ("stenosis", "stenosis_pct", 2),
                 "MLD_mm": ("mld", "mld_mm", 3), "RVD_mm": ("rvd", "rvd_mm", 3)}
     return {"cass_segment": settings.classes[best], "taxonomy": settings.taxonomy,
             "segment_name": segment.name if segment else None,
             "probability": round(float(named[best]), 3),
             "vessel": vessel, "vessel_probability": round(by_vessel.get(vessel, 0.0), 3),
+            "vessel_vote": vote,
             **{key: round(float(out[name][i]), places)
                for key, (task, name, places) in measured.items() if task in settings.tasks}}
+
+
+def _vessel_vote(settings, out: dict, i: int, segment_logits: torch.Tensor,
+                 codes: dict) -> tuple[dict[str, float], str]:
+    """Each adapter vessel's probability, and what the vote rests on."""
+    if "vessel_logits" in out:
+        probabilities = torch.softmax(out["vessel_logits"][i].float(), dim=0).cpu().numpy()
+        return ({v: float(p) for v, p in zip(ADAPTER_VESSELS, probabilities, strict=True)},
+                "the heads' vessel read (view angles against the standard views, the box)")
+    probabilities = torch.softmax(segment_logits, dim=1)[0].cpu().numpy()
+    adapter_for = load_views().adapter_for
+    by_vessel: dict[str, float] = {}
+    for code, p in zip(settings.classes, probabilities, strict=True):
+        if code in codes:
+            vessel = adapter_for[codes[code].vessel]
+            by_vessel[vessel] = by_vessel.get(vessel, 0.0) + float(p)
+    voted = settings.classes[int(np.argmax(probabilities))]
+    name = codes[voted].name if voted in codes else None
+    label = f"{settings.taxonomy} {voted}"
+    return by_vessel, f"the CASS head reads {f'{name} ({label})' if name else label}"

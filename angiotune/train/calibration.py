@@ -1,7 +1,7 @@
-"""Fits the stage-2 heads' QCA read (``angiotune.model.heads.fit_calibration``) and their segment
-read (``fit_segment_read``) each epoch, from the trial's own training predictions: no extra
-forward pass, and never a validation lesion (the validation split scores the calibrated heads;
-fitting on it would grade the fit on itself)."""
+"""Fits the stage-2 heads' QCA read (``angiotune.model.heads.fit_calibration``), their segment
+read and their vessel read (``fit_segment_read``) each epoch, from the trial's own training
+predictions: no extra forward pass, and never a validation lesion (the validation split scores
+the calibrated heads; fitting on it would grade the fit on itself)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ from angiotune.model.heads import (
     MEASURED,
     SEGMENT_READ_FOLDS,
     LesionHeads,
+    class_vessels,
     fit_calibration,
     fit_segment_read,
     segment_read_inputs,
+    vessel_read_inputs,
 )
+from angiotune.names import ADAPTER_VESSELS
 from angiotune.qca.readout import crop_readouts
 from angiotune.train.step import head_targets
 
@@ -105,6 +108,7 @@ class ReadoutCollector:
         self.heads.set_calibration(weights, fitted & trained)
         if "segment" in self.heads.settings.tasks:
             self.heads.set_segment_read(self._segment_fit(rows, readouts, own))
+            self.heads.set_vessel_read(self._vessel_fit(rows))
 
     def _segment_fit(self, rows: np.ndarray, readouts: np.ndarray, own: np.ndarray):
         """The segment read on the reference diameter the just-fitted QCA read gives."""
@@ -118,6 +122,18 @@ class ReadoutCollector:
         inputs = segment_read_inputs(torch.as_tensor(rows[:, CONTEXT]), torch.as_tensor(rvd_mm))
         return fit_segment_read(inputs.numpy(), rows[:, CLASS_ID].astype(np.int64),
                                 len(self.heads.settings.classes), rows[:, FOLD])
+
+
+    def _vessel_fit(self, rows: np.ndarray):
+        """The vessel read (the same logistic read, over the adapter vessels), on the vessels
+        of the rows' segments; None for a trial that saw one vessel (stage 3)."""
+        settings = self.heads.settings
+        to_vessel = np.array([ADAPTER_VESSELS.index(v) if v in ADAPTER_VESSELS else -1
+                              for v in class_vessels(settings.classes, settings.taxonomy)])
+        class_ids = rows[:, CLASS_ID].astype(np.int64)
+        labels = np.where(class_ids >= 0, to_vessel[np.maximum(class_ids, 0)], -1)
+        inputs = vessel_read_inputs(torch.as_tensor(rows[:, CONTEXT])).numpy()
+        return fit_segment_read(inputs, labels, len(ADAPTER_VESSELS), rows[:, FOLD])
 
 
 def _fold(sample_id: str) -> int:
