@@ -365,7 +365,7 @@ def test_an_unsure_cass_head_hands_over_to_the_general_adapter(phantom_dir, unca
     reason = lesion.report["routing"]["reason"]
     assert "started from the LAD adapter" in reason and "p=0.50" in reason
     # The vote is named by the segment it rests on, among all classes, with its vessel.
-    assert "the CASS head reads proximal LAD (CASS 12): LAD with p=0.50" in reason
+    assert "the heads' segments (CASS) favour proximal LAD (12): LAD with p=0.50" in reason
     assert "the head did not settle the vessel, so the general adapter" in reason
     assert lesion.report["adapter"]["vessel"] == GENERAL
     chosen = predict(npy, tmp_path / "lad", PredictSettings(

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from angiotune.data.context import CONTEXT_DIM, TREE_END, VIEW_END, view_context
+from angiotune.errors import ConfigError
 from angiotune.evaluation.test_split import trivial_predictions
 from angiotune.model.heads import (
     SEGMENT_READ_DECAYS,
@@ -163,6 +164,10 @@ def test_the_vessel_read_follows_the_standard_views_where_raw_angles_cannot(tmp_
     assert "vessel_logits" not in heads.train()(features, context, spacing)
     answer = heads.eval()(features, context, spacing)["vessel_logits"]
     assert (answer.argmax(1).numpy() == labels).mean() > 0.9
+    no_angles = context.clone()
+    no_angles[:5, :2], no_angles[:5, 2], no_angles[:5, TREE_END:] = 0.0, 1.0, math.nan
+    unsure = heads(features, no_angles, spacing)["vessel_logits"]
+    assert torch.isnan(unsure[:5]).all() and torch.isfinite(unsure[5:]).all()  # no angles, no say
     save_heads(heads, tmp_path)
     torch.testing.assert_close(load_heads(tmp_path)(features, context, spacing)["vessel_logits"],
                                answer)
@@ -170,6 +175,15 @@ def test_the_vessel_read_follows_the_standard_views_where_raw_angles_cannot(tmp_
              if not k.startswith("vessel_")}
     save_file(state, tmp_path / "heads.safetensors")
     assert "vessel_logits" not in load_heads(tmp_path)(features, context, spacing)
+    # A stage-3 trial (one vessel) keeps the vessel read its heads started from.
+    from angiotune.train.calibration import ReadoutCollector
+
+    assert ReadoutCollector(heads)._vessel_fit(np.zeros((30, 40), np.float32)) is None
+    # Heads from a newer angiotune say so instead of failing on a shape.
+    record = json.loads((tmp_path / "heads.json").read_text())
+    (tmp_path / "heads.json").write_text(json.dumps({**record, "format": 99}))
+    with pytest.raises(ConfigError, match="newer angiotune"):
+        load_heads(tmp_path)
 
 
 def test_fitted_heads_answer_with_the_read_in_evaluation_only_and_keep_it_when_saved(tmp_path):

@@ -364,7 +364,11 @@ class LesionHeads(nn.Module):
         out = {"segment_logits": segment, "stenosis_pct": stenosis,
                "mld_mm": diameters[:, 0], "rvd_mm": diameters[:, 1]}
         if not self.training and bool(self.vessel_fitted):
-            out["vessel_logits"] = self.read_vessel(context)  # the vessel, for routing
+            # The vessel, for routing. It rests on the angles: without them, no answer (NaN).
+            vessels = self.read_vessel(context)
+            angles_missing = context[:, 2:3].to(vessels) > 0
+            out["vessel_logits"] = torch.where(angles_missing, torch.full_like(vessels, math.nan),
+                                               vessels)
         return out
 
     def read_qca(self, own: torch.Tensor, readouts: torch.Tensor) -> torch.Tensor:
@@ -420,6 +424,9 @@ def has_heads(folder: Path) -> bool:
 
 def load_heads(folder: Path) -> LesionHeads:
     record = json.loads((Path(folder) / HEADS_CONFIG).read_text(encoding="utf-8"))
+    if int(record.get("format", 1)) > HEADS_FORMAT:
+        raise ConfigError(f"{folder}: heads of format {record['format']}, written by a newer "
+                          f"angiotune (this one reads up to {HEADS_FORMAT}); upgrade angiotune")
     settings = HeadSettings(classes=tuple(record["classes"]),
                             feature_dim=int(record["feature_dim"]),
                             hidden=int(record["hidden"]), dropout=float(record["dropout"]),

@@ -131,8 +131,9 @@ def _head_outputs(model: LesionModel, out: dict, i: int,
 
 def _vessel_vote(settings, out: dict, i: int, segment_logits: torch.Tensor,
                  codes: dict) -> tuple[dict[str, float], str]:
-    """Each adapter vessel's probability, and what the vote rests on."""
-    if "vessel_logits" in out:
+    """Each adapter vessel's probability, and what the vote rests on: the vessel read where the
+    heads have one and the angles are known, else the segment probabilities summed per vessel."""
+    if "vessel_logits" in out and bool(torch.isfinite(out["vessel_logits"][i]).all()):
         probabilities = torch.softmax(out["vessel_logits"][i].float(), dim=0).cpu().numpy()
         return ({v: float(p) for v, p in zip(ADAPTER_VESSELS, probabilities, strict=True)},
                 "the heads' vessel read (view angles against the standard views, the box)")
@@ -143,7 +144,12 @@ def _vessel_vote(settings, out: dict, i: int, segment_logits: torch.Tensor,
         if code in codes:
             vessel = adapter_for[codes[code].vessel]
             by_vessel[vessel] = by_vessel.get(vessel, 0.0) + float(p)
-    voted = settings.classes[int(np.argmax(probabilities))]
-    name = codes[voted].name if voted in codes else None
-    label = f"{settings.taxonomy} {voted}"
-    return by_vessel, f"the CASS head reads {f'{name} ({label})' if name else label}"
+    if not by_vessel:
+        return by_vessel, "the heads' segments"
+    winner = max(by_vessel, key=by_vessel.get)
+    # Named by the likeliest segment of the vessel voted for, so the words match the vote.
+    voted = max((c for c in settings.classes if c in codes
+                 and adapter_for[codes[c].vessel] == winner),
+                key=lambda c: probabilities[settings.classes.index(c)])
+    return by_vessel, (f"the heads' segments ({settings.taxonomy}) favour {codes[voted].name} "
+                       f"({voted})")

@@ -108,7 +108,9 @@ class ReadoutCollector:
         self.heads.set_calibration(weights, fitted & trained)
         if "segment" in self.heads.settings.tasks:
             self.heads.set_segment_read(self._segment_fit(rows, readouts, own))
-            self.heads.set_vessel_read(self._vessel_fit(rows))
+            vessels = self._vessel_fit(rows)
+            if vessels is not None:  # else keep the read the heads started from, if any
+                self.heads.set_vessel_read(vessels)
 
     def _segment_fit(self, rows: np.ndarray, readouts: np.ndarray, own: np.ndarray):
         """The segment read on the reference diameter the just-fitted QCA read gives."""
@@ -123,10 +125,10 @@ class ReadoutCollector:
         return fit_segment_read(inputs.numpy(), rows[:, CLASS_ID].astype(np.int64),
                                 len(self.heads.settings.classes), rows[:, FOLD])
 
-
     def _vessel_fit(self, rows: np.ndarray):
         """The vessel read (the same logistic read, over the adapter vessels), on the vessels
-        of the rows' segments; None for a trial that saw one vessel (stage 3)."""
+        of the rows' segments; None for a trial that saw one vessel (stage 3: its heads keep
+        the read of the stage-2 entry they started from, which depends on the view alone)."""
         settings = self.heads.settings
         to_vessel = np.array([ADAPTER_VESSELS.index(v) if v in ADAPTER_VESSELS else -1
                               for v in class_vessels(settings.classes, settings.taxonomy)])
