@@ -5,6 +5,7 @@ per-vessel majority it is measured against."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -133,7 +134,7 @@ def test_the_segment_read_learns_from_the_tree_and_the_reference_diameter():
     assert fit_segment_read(inputs, np.full(n, -1), classes=4) is None  # none in the classes
 
 
-def test_the_vessel_read_follows_the_standard_views_where_raw_angles_cannot(tmp_path):
+def test_the_vessel_read_follows_the_standard_views_where_raw_angles_cannot(tmp_path, caplog):
     """Lesions filmed near their vessel's standard views: the vessel read (the view, the box and
     the distances to the standard views) tells the vessels apart, is answered in evaluation
     only, travels with the heads, and heads saved before it (format 3) have none."""
@@ -175,6 +176,18 @@ def test_the_vessel_read_follows_the_standard_views_where_raw_angles_cannot(tmp_
              if not k.startswith("vessel_")}
     save_file(state, tmp_path / "heads.safetensors")
     assert "vessel_logits" not in load_heads(tmp_path)(features, context, spacing)
+    # Heads remember the standard views their distances were measured to, and say so when the
+    # table has changed since.
+    with caplog.at_level(logging.WARNING, logger="angiotune.model.heads"):
+        load_heads(tmp_path)
+    assert "other standard views" not in caplog.text
+    record = json.loads((tmp_path / "heads.json").read_text())
+    assert [view[1] for view in record["standard_views"]].count("LAD") >= 1
+    record["standard_views"][0][2] += 5.0
+    (tmp_path / "heads.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="angiotune.model.heads"):
+        load_heads(tmp_path)
+    assert "other standard views" in caplog.text
     # A stage-3 trial (one vessel) keeps the vessel read its heads started from.
     from angiotune.train.calibration import ReadoutCollector
 

@@ -29,6 +29,7 @@ Saved beside the adapter as ``heads.safetensors`` + ``heads.json``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from angiotune.errors import ConfigError
 from angiotune.names import ADAPTER_VESSELS
 from angiotune.qca.readout import QUANTITIES, READOUTS
 
+log = logging.getLogger(__name__)
 HEADS_WEIGHTS = "heads.safetensors"
 HEADS_CONFIG = "heads.json"
 TASKS = ("segment", "stenosis", "mld", "rvd")
@@ -414,8 +416,16 @@ def save_heads(heads: LesionHeads, folder: Path) -> None:
               # For people reading the folder; the weights themselves are in the safetensors.
               "qca_read": {task: dict(zip(CALIBRATION_INPUTS, map(float, w), strict=True))
                            for task, w, ok in zip(MEASURED, heads.calibration.tolist(), fitted,
-                                                  strict=True) if ok}}
+                                                  strict=True) if ok},
+              # The view context measures distances to these: loading checks they still hold.
+              "standard_views": _standard_views()}
     (folder / HEADS_CONFIG).write_text(jsonio.dumps(record, indent=1) + "\n")
+
+
+def _standard_views() -> list[list]:
+    from angiotune.taxonomies.views import load_views
+
+    return [[v.name, v.vessel, v.lao_deg, v.cranial_deg] for v in load_views().views]
 
 
 def has_heads(folder: Path) -> bool:
@@ -434,6 +444,11 @@ def load_heads(folder: Path) -> LesionHeads:
                             taxonomy=str(record.get("taxonomy", "CASS")),
                             tasks=tuple(record.get("tasks", TASKS)),
                             context_dim=int(record.get("context_dim", OLD_CONTEXT_DIM)))
+    trained_on = record.get("standard_views")
+    if trained_on is not None and trained_on != _standard_views():
+        log.warning("angiotune: %s was trained with other standard views than "
+                    "taxonomies/views.yaml holds now; its view context and vessel read see "
+                    "other distances than in training", folder)
     heads = LesionHeads(settings)
     state = load_file(Path(folder) / HEADS_WEIGHTS)
     # Format-1 heads have no QCA read, format 2 no segment read, format 3 no vessel read: they
