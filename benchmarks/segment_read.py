@@ -57,15 +57,10 @@ def cross_validated(rows: pd.DataFrame, columns: list[int],
     groups = np.array([group or "" for group in class_vessels(classes, taxonomy)])
     labels = np.array([classes.index(s) for s in rows["segment"].astype(str)])
     right, votes = 0, np.full(len(rows), "", dtype=object)
-    for fold in np.unique(folds):
-        held = folds == fold
-        inner = np.arange(int((~held).sum())) % 3  # the decay, chosen inside the training folds
-        fit = fit_segment_read(inputs[~held], labels[~held], len(classes), inner)
-        if fit is None:  # one segment (or too few lesions) in the other folds: name the commonest
+    for held, logits in held_out_logits(inputs, labels, len(classes), folds):
+        if logits is None:  # one segment (or too few lesions) in the other folds: the commonest
             right += int((labels[held] == np.bincount(labels[~held]).argmax()).sum())
             continue
-        z = np.where(np.isfinite(inputs[held]), (inputs[held] - fit["mean"]) / fit["scale"], 0)
-        logits = torch.as_tensor(z @ fit["weight"].T + fit["bias"])
         probabilities = torch.softmax(logits, 1).numpy()
         votes[held] = [max(ADAPTER_VESSELS, key=lambda v, p=p: p[groups == v].sum())
                        for p in probabilities]
@@ -80,17 +75,27 @@ def vessel_read(rows: pd.DataFrame, truth: np.ndarray, folds: np.ndarray) -> np.
     inputs = vessel_read_inputs(context).numpy()
     labels = np.array([ADAPTER_VESSELS.index(v) if v in ADAPTER_VESSELS else -1 for v in truth])
     votes = np.full(len(rows), "", dtype=object)
-    for fold in np.unique(folds):
-        held = folds == fold
-        inner = np.arange(int((~held).sum())) % 3
-        fit = fit_segment_read(inputs[~held], labels[~held], len(ADAPTER_VESSELS), inner)
-        if fit is None:  # one vessel in the other folds: that one
+    for held, logits in held_out_logits(inputs, labels, len(ADAPTER_VESSELS), folds):
+        if logits is None:  # one vessel in the other folds: that one
             known = labels[~held][labels[~held] >= 0]
             votes[held] = ADAPTER_VESSELS[np.bincount(known).argmax()] if len(known) else ""
             continue
-        z = np.where(np.isfinite(inputs[held]), (inputs[held] - fit["mean"]) / fit["scale"], 0)
-        votes[held] = [ADAPTER_VESSELS[i] for i in (z @ fit["weight"].T + fit["bias"]).argmax(1)]
+        votes[held] = [ADAPTER_VESSELS[i] for i in logits.argmax(1).tolist()]
     return votes
+
+
+def held_out_logits(inputs: np.ndarray, labels: np.ndarray, classes: int, folds: np.ndarray):
+    """Per fold: the held-out rows and the read's logits for them, fitted on the other folds
+    (its decay chosen inside them); None where those folds cannot fit one."""
+    for fold in np.unique(folds):
+        held = folds == fold
+        inner = np.arange(int((~held).sum())) % 3
+        fit = fit_segment_read(inputs[~held], labels[~held], classes, inner)
+        if fit is None:
+            yield held, None
+            continue
+        z = np.where(np.isfinite(inputs[held]), (inputs[held] - fit["mean"]) / fit["scale"], 0)
+        yield held, torch.as_tensor(z @ fit["weight"].T + fit["bias"])
 
 
 def vessel_majority(rows: pd.DataFrame, folds: np.ndarray) -> float:

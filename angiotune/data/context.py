@@ -13,6 +13,7 @@ import numpy as np
 from angiotune.data.index import TREE_COLUMNS
 from angiotune.data.readers import finite_number
 from angiotune.names import ADAPTER_VESSELS
+from angiotune.taxonomies.views import load_views
 
 # Where each part of ``view_context`` ends: the view and the box, the tree, the standard views.
 VIEW_END, TREE_END, CONTEXT_DIM = 6, 9, 9 + len(ADAPTER_VESSELS)
@@ -48,8 +49,6 @@ def view_context(row: dict) -> np.ndarray:
 def view_distances(lao: float | None, cranial: float | None) -> list[float]:
     """Degrees / 100 from the angles to each adapter vessel's nearest standard view (NaN
     without angles)."""
-    from angiotune.taxonomies.views import load_views
-
     if lao is None or cranial is None:
         return [math.nan] * len(ADAPTER_VESSELS)
     table = load_views()

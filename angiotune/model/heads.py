@@ -46,6 +46,7 @@ from angiotune.data.context import CONTEXT_DIM, TREE_END, VIEW_END
 from angiotune.errors import ConfigError
 from angiotune.names import ADAPTER_VESSELS
 from angiotune.qca.readout import QUANTITIES, READOUTS
+from angiotune.taxonomies.views import load_views
 
 log = logging.getLogger(__name__)
 HEADS_WEIGHTS = "heads.safetensors"
@@ -423,8 +424,6 @@ def save_heads(heads: LesionHeads, folder: Path) -> None:
 
 
 def _standard_views() -> list[list]:
-    from angiotune.taxonomies.views import load_views
-
     return [[v.name, v.vessel, v.lao_deg, v.cranial_deg] for v in load_views().views]
 
 

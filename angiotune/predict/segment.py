@@ -17,14 +17,13 @@ import torch
 from angiotune.data.context import TREE_END, view_context
 from angiotune.data.transforms import box_to_square, normalise_intensity, warp
 from angiotune.errors import ConfigError
-from angiotune.model.heads import restrict_to_vessel
+from angiotune.model.heads import class_vessels, restrict_to_vessel
 from angiotune.model.lesion import LesionModel
 from angiotune.model.sam3 import image_size_of
 from angiotune.names import ADAPTER_VESSELS
 from angiotune.qca.centerline import largest_component
 from angiotune.qca.tree import tree_columns, vessel_tree
 from angiotune.taxonomies import load_taxonomy
-from angiotune.taxonomies.views import load_views
 
 _OUTSIDE_LOGIT = -20.0
 
@@ -138,18 +137,17 @@ def _vessel_vote(settings, out: dict, i: int, segment_logits: torch.Tensor,
         return ({v: float(p) for v, p in zip(ADAPTER_VESSELS, probabilities, strict=True)},
                 "the heads' vessel read (view angles against the standard views, the box)")
     probabilities = torch.softmax(segment_logits, dim=1)[0].cpu().numpy()
-    adapter_for = load_views().adapter_for
+    groups = class_vessels(settings.classes, settings.taxonomy)
     by_vessel: dict[str, float] = {}
-    for code, p in zip(settings.classes, probabilities, strict=True):
-        if code in codes:
-            vessel = adapter_for[codes[code].vessel]
-            by_vessel[vessel] = by_vessel.get(vessel, 0.0) + float(p)
+    for group, p in zip(groups, probabilities, strict=True):
+        if group is not None:
+            by_vessel[group] = by_vessel.get(group, 0.0) + float(p)
     if not by_vessel:
         return by_vessel, "the heads' segments"
     winner = max(by_vessel, key=by_vessel.get)
     # Named by the likeliest segment of the vessel voted for, so the words match the vote.
-    voted = max((c for c in settings.classes if c in codes
-                 and adapter_for[codes[c].vessel] == winner),
-                key=lambda c: probabilities[settings.classes.index(c)])
-    return by_vessel, (f"the heads' segments ({settings.taxonomy}) favour {codes[voted].name} "
-                       f"({voted})")
+    voted = max((i for i, group in enumerate(groups) if group == winner),
+                key=lambda i: probabilities[i])
+    code = settings.classes[voted]
+    return by_vessel, (f"the heads' segments ({settings.taxonomy}) favour {codes[code].name} "
+                       f"({code})")
