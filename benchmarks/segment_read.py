@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from angiotune.data.context import CONTEXT_DIM, TREE_END, VIEW_END, view_context
+from angiotune.data.context import CONTEXT_DIM, TREE_END, VIEW_END, VIEWS_END, view_context
 from angiotune.data.index import read_index
 from angiotune.model.heads import (
     class_vessels,
@@ -39,11 +39,13 @@ from angiotune.taxonomies.views import load_views
 
 VIEW = list(range(VIEW_END))  # angles, missing flag, box centre and size
 TREE = list(range(VIEW_END, TREE_END))  # share of the tree, mm / 100, missing flag
-VIEWS = list(range(TREE_END, CONTEXT_DIM))  # distance to each vessel's nearest standard view
+VIEWS = list(range(TREE_END, VIEWS_END))  # distance to each vessel's nearest standard view
+FRAME_TREE = list(range(VIEWS_END, CONTEXT_DIM))  # offset from the root, the tree's spread, area
 RVD = [CONTEXT_DIM]
 INPUTS = {"view and box in the frame": VIEW, "+ reference diameter": VIEW + RVD,
           "+ tree position": VIEW + TREE, "+ both (the heads' segment read)": VIEW + TREE + RVD,
-          "+ both + standard views": VIEW + TREE + RVD + VIEWS}
+          "+ both + standard views": VIEW + TREE + RVD + VIEWS,
+          "+ both + the frame's tree": VIEW + TREE + RVD + FRAME_TREE}
 
 
 def cross_validated(rows: pd.DataFrame, columns: list[int],
@@ -69,10 +71,15 @@ def cross_validated(rows: pd.DataFrame, columns: list[int],
     return right / len(rows), votes
 
 
-def vessel_read(rows: pd.DataFrame, truth: np.ndarray, folds: np.ndarray) -> np.ndarray:
-    """The heads' vessel read, fitted on the other folds: each lesion's vessel, held out."""
+def vessel_read(rows: pd.DataFrame, truth: np.ndarray, folds: np.ndarray,
+                frame_tree: bool = True) -> np.ndarray:
+    """The heads' vessel read, fitted on the other folds: each lesion's vessel, held out.
+    ``frame_tree``: False reads only the view, the box and the standard views (the read before the
+    frame's tree: the box's offset from its root, the tree's spread and area)."""
     context = torch.as_tensor(np.stack([view_context(r) for r in rows.to_dict("records")]))
     inputs = vessel_read_inputs(context).numpy()
+    if not frame_tree:
+        inputs = inputs[:, :VIEW_END + VIEWS_END - TREE_END]
     labels = np.array([ADAPTER_VESSELS.index(v) if v in ADAPTER_VESSELS else -1 for v in truth])
     votes = np.full(len(rows), "", dtype=object)
     for held, logits in held_out_logits(inputs, labels, len(ADAPTER_VESSELS), folds):
@@ -130,19 +137,28 @@ def main() -> None:
                                                     rows["angle_cranial_deg"], strict=True)]
     by_view = np.array([r.vessel or "" for r in routes], dtype=object)
     ambiguous = np.array([r.ambiguous for r in routes])
-    print(f"{'inputs':<40} {'segment':>8} {'vessel vote':>12} {'ambiguous views':>16}")
-    print(f"{'majority of the vessel':<40} {vessel_majority(rows, folds):>8.3f}")
-    print(f"{'nearest standard view (routing)':<40} {'':>8} "
-          f"{_share(by_view, truth, None):>12} {_share(by_view, truth, ambiguous):>16}")
+    # Where the view misleads: another vessel's standard view is the nearest, or the frame
+    # holds lesions of another vessel too (one left injection, the LAD and the LCX).
+    misleading = (by_view != truth) & (by_view != "")
+    frame_of = rows["image_path"].astype(str) + "#" + rows["frame_index"].astype(str)
+    shared = frame_of.map(pd.Series(truth, index=rows.index).groupby(frame_of).nunique()) > 1
+    where = {"all": None, "ambiguous views": ambiguous, "another's view": misleading,
+             "shared frames": shared.to_numpy()}
+    print(f"{'inputs':<44} {'segment':>8} " + " ".join(f"{k:>15}" for k in where))
+    print(f"{'majority of the vessel':<44} {vessel_majority(rows, folds):>8.3f}")
+
+    def line(name: str, accuracy: str, votes: np.ndarray) -> None:
+        print(f"{name:<44} {accuracy:>8} "
+              + " ".join(f"{_share(votes, truth, w):>15}" for w in where.values()))
+
+    line("nearest standard view (routing)", "", by_view)
     for name, columns in INPUTS.items():
         accuracy, votes = cross_validated(rows, columns, folds)
-        print(f"{name:<40} {accuracy:>8.3f} {_share(votes, truth, None):>12} "
-              f"{_share(votes, truth, ambiguous):>16}")
-    votes = vessel_read(rows, truth, folds)
-    name = "the heads' vessel read (view, box, views)"
-    print(f"{name:<40} {'':>8} "
-          f"{_share(votes, truth, None):>12} {_share(votes, truth, ambiguous):>16}")
-    print(f"({int(ambiguous.sum())} lesions in ambiguous views)")
+        line(name, f"{accuracy:.3f}", votes)
+    line("vessel read: view, box, views", "", vessel_read(rows, truth, folds, frame_tree=False))
+    line("+ the frame's tree (the heads' read)", "", vessel_read(rows, truth, folds))
+    print("(lesions: " + ", ".join(f"{int(w.sum())} in {k}" for k, w in where.items()
+                                   if w is not None) + ")")
     # No labels go into the share; does it order the segments as anatomy does?
     shares = rows.groupby("segment")["tree_fraction"].agg(["count", "mean"]).sort_values("mean")
     names = dict(zip(rows["segment"], rows["segment_name"], strict=False))

@@ -489,10 +489,10 @@ def test_angles_missing_everywhere_are_nan(phantom_dir, phantom_index_npy, manif
 def test_labelled_csv_angles(phantom_dir, phantom_index, manifest_rows, tmp_path):
     data = corrupt_copy(phantom_dir, tmp_path)
     line = solo_line(manifest_rows, phantom_index)
-    edit_row(data / "manifest.csv", line, primary_angle="LAO 45", secondary_angle="CAUDAL 25")
+    edit_row(data / "manifest.csv", line, primary_angle="LAO 80", secondary_angle="CAUDAL 45")
     report = index(data, tmp_path)
     kept = record(report, line)
-    assert (kept["angle_lao_deg"], kept["angle_cranial_deg"]) == (45.0, -25.0)
+    assert (kept["angle_lao_deg"], kept["angle_cranial_deg"]) == (80.0, -45.0)
     assert kept["angle_source"] == "csv"
     # The DICOM says otherwise: the CSV is kept, and the disagreement is reported.
     disagreement = [w for w in report.warnings if w.row == line and w.field == "primary_angle"]

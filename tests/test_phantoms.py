@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ from angiotune.data.phantoms import PhantomSettings, generate_phantoms
 from angiotune.data.phantoms.generate import (
     FIELD_OF_VIEW_MM,
     REAL_EXPORT_COUNTS,
+    VIEW_GROUP,
     allocate_segments,
 )
 from angiotune.data.readers import read_frame, read_header, read_mask
@@ -130,10 +132,45 @@ def test_other_seed_other_data(tmp_path):
         (tmp_path / "b" / "manifest.csv").read_bytes()
 
 
-@pytest.mark.parametrize("bad", [dict(lesions=0), dict(size=64), dict(frames=0)])
+@pytest.mark.parametrize("bad", [dict(lesions=0), dict(size=64), dict(frames=0),
+                                 dict(shared_views=1.5)])
 def test_settings_are_checked(bad):
     with pytest.raises(ValueError):
         PhantomSettings(**bad)
+
+
+def test_runs_share_a_left_injection_and_borrow_a_neighbours_view():
+    """As in real studies: a patient's LAD and LCX lesions may share one left injection, and
+    a run may be filmed in another vessel's view, where the angles alone route it wrong."""
+    from angiotune.data.phantoms.generate import NEIGHBOUR_VIEWS, STANDARD_VIEWS, _film
+
+    codes = ["13", "19", "2"]  # mid LAD, distal LCX, mid RCA
+    own = _film(codes, PhantomSettings(shared_views=0.0), 0)
+    assert [(r.name, r.codes, r.side) for r in own] == [
+        ("LAD", ["13"], "left"), ("LCX", ["19"], "left"), ("RCA", ["2"], "right")]
+    assert all(r.views == STANDARD_VIEWS[r.name] for r in own)
+    shared = _film(codes, PhantomSettings(shared_views=1.0), 0)
+    left = [r for r in shared if r.side == "left"]
+    assert len(left) == 1 and sorted(left[0].codes) == ["13", "19"]
+    assert left[0].views in (STANDARD_VIEWS["LAD"], STANDARD_VIEWS["LCX"])
+    right = [r for r in shared if r.side == "right"]
+    assert right[0].views == NEIGHBOUR_VIEWS["RCA"] and right[0].name == "RCAX"
+    alone = _film(["19"], PhantomSettings(shared_views=1.0), 3)
+    assert alone[0].views == STANDARD_VIEWS["LAD"]  # an LCX lesion in an LAD view
+
+
+def test_shared_views_make_lesions_the_angles_route_wrong(tmp_path):
+    from angiotune.predict.routing import route_by_angles
+
+    summary = generate_phantoms(tmp_path, PhantomSettings(lesions=8, size=128, frames=1,
+                                                          seed=3, messy=False,
+                                                          shared_views=1.0))
+    text = (summary.out / "manifest.csv").read_text(encoding="utf-8")
+    rows = list(csv.DictReader(text.splitlines()))
+    misrouted = [r for r in rows
+                 if route_by_angles(-float(r["primary_angle"]), float(r["secondary_angle"])).vessel
+                 != VIEW_GROUP[load_taxonomy("CASS").segments[r["cass_segment"]].vessel]]
+    assert misrouted  # the cases the heads' vessel read is for
 
 
 # --- class balance ---------------------------------------------------------------------------

@@ -211,6 +211,13 @@ def test_a_mask_that_stops_before_the_lesion_is_traced_on_through_the_frame():
     spanning = measure(whole, SPACING_MM, frame=frame, box=box)
     assert not any("traced" in note for note in spanning.notes)
     assert spanning.mld_mm == pytest.approx(measure(whole, SPACING_MM, frame=frame).mld_mm)
+    # A centerline of a few points (a speck of a mask) is traced from its ends, not an error.
+    from angiotune.qca.trace import complete_to_box
+
+    for points in (1, 2, 3, 4):
+        short = path[len(path) // 5: len(path) // 5 + points] / SPACING_MM
+        completed, _ = complete_to_box(stops_short, frame, box, short)
+        assert completed.shape == stops_short.shape and completed[stops_short].all()
 
 
 def test_a_reference_line_that_would_reach_zero_is_flat_and_positive():

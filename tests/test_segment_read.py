@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from angiotune.data.context import CONTEXT_DIM, TREE_END, VIEW_END, view_context
+from angiotune.data.context import CONTEXT_DIM, TREE_END, VIEW_END, VIEWS_END, view_context
 from angiotune.errors import ConfigError
 from angiotune.evaluation.test_split import trivial_predictions
 from angiotune.model.heads import (
@@ -66,6 +66,29 @@ def test_the_tree_position_grows_from_the_widest_lumen_along_the_vessels():
     assert tree_position(frame, _box(side[-20]), SPACING_MM) == tip
 
 
+def test_the_box_offset_from_the_root_and_the_trees_spread_follow_the_frame():
+    """Which way the box lies from the root (x right, y down, over the extent), and the
+    tree's centre and area, the same for every box of the frame."""
+    frame, main, side = _tree()
+    tree = vessel_tree(frame)
+    far = tree_position(frame, _box(main[int(0.9 * (len(main) - 1))]), SPACING_MM, tree)
+    # The main vessel runs 20 degrees below the x axis from its widest end (y grows down).
+    assert far.root_dx > 0.7 and 0.15 < far.root_dy / far.root_dx < 0.6
+    branch = tree_position(frame, _box(side[-20]), SPACING_MM, tree)
+    assert branch.root_dy > far.root_dy  # the side branch heads down the frame at 85 degrees
+    assert (branch.spread_dx, branch.spread_dy, branch.area) == (
+        far.spread_dx, far.spread_dy, far.area)
+    assert 0.2 < far.spread_dx < 0.7 and far.spread_dy > 0 and 0 < far.area < 0.5
+    flipped = vessel_tree(frame[:, ::-1].copy())
+    assert flipped.spread[0] == pytest.approx(-tree.spread[0], abs=0.05)
+    context = view_context({"angle_lao_deg": 30.0, "angle_cranial_deg": -20.0,
+                            "frame_width": frame.shape[1], "frame_height": frame.shape[0],
+                            **dict(zip(("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"),
+                                       _box(side[-20]), strict=True)), **branch.columns()})
+    assert context[VIEWS_END:].tolist() == pytest.approx(
+        [branch.root_dx, branch.root_dy, branch.spread_dx, branch.spread_dy, branch.area])
+
+
 def test_a_frame_without_vessels_has_no_tree_position_and_the_context_says_so():
     flat = np.full((120, 120), 0.8, dtype=np.float32)
     assert vessel_tree(flat) is None
@@ -77,7 +100,8 @@ def test_a_frame_without_vessels_has_no_tree_position_and_the_context_says_so():
                             "tree_fraction": position.fraction})
     share, mm, flag = without[TREE]
     assert len(without) == CONTEXT_DIM and flag == 1.0 and share == 0.0
-    assert math.isnan(mm) and np.isfinite(np.delete(without, VIEW_END + 1)).all()
+    assert math.isnan(mm) and np.isfinite(np.delete(without[:VIEWS_END], VIEW_END + 1)).all()
+    assert np.isnan(without[VIEWS_END:]).all()  # no offset from a root, no tree to spread
     assert np.array_equal(without, view_context(row), equal_nan=True)  # an older index
     within = view_context({**row, "tree_distance_mm": 42.0, "tree_fraction": 0.5})
     assert within[TREE].tolist() == pytest.approx([0.5, 0.42, 0.0])
@@ -97,11 +121,11 @@ def test_the_context_says_how_far_the_view_is_from_each_vessels_standard_views()
     for vessel in ("RCA", "LAD", "LCX"):
         view = load_views().of(vessel)[0]
         distances = view_context({**row, "angle_lao_deg": view.lao_deg,
-                                  "angle_cranial_deg": view.cranial_deg})[TREE_END:]
+                                  "angle_cranial_deg": view.cranial_deg})[TREE_END:VIEWS_END]
         assert distances[("RCA", "LAD", "LCX").index(vessel)] == 0.0
         assert (distances >= 0).all() and np.isfinite(distances).all()
     no_angles = view_context({**row, "angle_lao_deg": None, "angle_cranial_deg": None})
-    assert np.isnan(no_angles[TREE_END:]).all() and no_angles[2] == 1.0
+    assert np.isnan(no_angles[TREE_END:VIEWS_END]).all() and no_angles[2] == 1.0
 
 
 def test_the_segment_read_learns_from_the_tree_and_the_reference_diameter():
@@ -335,3 +359,66 @@ def test_heads_read_the_tree_only_from_an_index_that_traced_it(phantom_dir, phan
     untraced = build_index(phantom_dir / "manifest.csv", tmp_path / "untraced.parquet",
                            IndexSettings(salt="test-salt", vessel_tree=False)).out
     assert context_dim_of(untraced) == OLD_CONTEXT_DIM
+
+
+def _left_injection_rows(informative: bool, n: int = 60) -> np.ndarray:
+    """Collected rows (``train.calibration`` layout) of LAD and LCX lesions all filmed in an
+    LAD view, as one left injection shows both: the box lies right of the root on the LAD and
+    left of it on the LCX (``informative``), or anywhere (not)."""
+    from angiotune.train.calibration import CLASS_ID, CONTEXT, FOLD
+
+    rng = np.random.default_rng(1)
+    rows = np.zeros((n, CONTEXT.stop), np.float32)
+    for i in range(n):
+        lcx = i % 3 == 0
+        side = (-1.0 if lcx else 1.0) if informative else rng.choice([-1.0, 1.0])
+        rows[i, CONTEXT] = view_context({
+            "angle_lao_deg": rng.normal(0, 3), "angle_cranial_deg": 35 + rng.normal(0, 3),
+            "frame_width": 100, "frame_height": 100, "bbox_x0": 40, "bbox_y0": 40,
+            "bbox_x1": 60, "bbox_y1": 60, "tree_distance_mm": 40.0, "tree_fraction": 0.5,
+            "tree_root_dx": side * rng.uniform(0.2, 0.6), "tree_root_dy": rng.uniform(0, 0.5),
+            "tree_spread_dx": 0.2, "tree_spread_dy": 0.3, "tree_area": 0.1})
+        rows[i, CLASS_ID] = 2 if lcx else 1  # classes ("2", "13", "19"): RCA, LAD, LCX
+        rows[i, FOLD] = (i // 3) % 3
+    return rows
+
+
+def test_the_vessel_read_routes_only_where_it_named_the_vessels_better_than_the_view(
+        tmp_path, caplog):
+    """LCX lesions filmed in an LAD view: the view routes them wrong; the box's side of the
+    root tells them, so the read earns the say. Where the frame tells nothing, it does not."""
+    from safetensors.torch import load_file, save_file
+
+    from angiotune.predict.routing import route_by_angles, second_opinion
+    from angiotune.train.calibration import CONTEXT, ReadoutCollector
+
+    heads = LesionHeads(HeadSettings(classes=("2", "13", "19"), feature_dim=10))
+    collector = ReadoutCollector(heads)
+    fit, decides = collector._vessel_fit(_left_injection_rows(informative=True))
+    assert decides and fit["held_out"] > 0.9
+    assert not collector._vessel_fit(_left_injection_rows(informative=False))[1]
+    heads.set_vessel_read(fit, decides)
+    rows = _left_injection_rows(informative=True)
+    context = torch.as_tensor(rows[:, CONTEXT])
+    n = len(rows)
+    answer = heads.eval()(torch.randn(n, 10), context, torch.full((n,), 0.1))["vessel_logits"]
+    assert (answer.argmax(1)[::3] == 2).all()  # every LCX lesion named LCX
+    save_heads(heads, tmp_path)
+    assert bool(load_heads(tmp_path).vessel_decides)
+    # Routing: the view says LAD; the read that earned it moves the lesion, one that did not
+    # only where the view is undecided.
+    view = route_by_angles(0.0, 35.0)
+    moved = second_opinion(view, "LCX", "the heads' vessel read", 0.9, {"LAD", "LCX"}, True)
+    assert moved.vessel == "LCX" and "better than the view" in moved.reason
+    kept = second_opinion(view, "LCX", "the heads' vessel read", 0.9, {"LAD", "LCX"}, False)
+    assert kept.vessel == "LAD" and "the view decides" in kept.reason
+    # A format-4 vessel read (fewer inputs) is set aside with a warning, not a shape error.
+    state = load_file(tmp_path / "heads.safetensors")
+    state["vessel_weight"] = state["vessel_weight"][:, :9].contiguous()
+    for part in ("mean", "scale"):
+        state[f"vessel_{part}"] = state[f"vessel_{part}"][:9].contiguous()
+    save_file(state, tmp_path / "heads.safetensors")
+    with caplog.at_level(logging.WARNING, logger="angiotune.model.heads"):
+        old = load_heads(tmp_path)
+    assert "vessel read of an older angiotune" in caplog.text
+    assert not bool(old.vessel_fitted) and not bool(old.vessel_decides)

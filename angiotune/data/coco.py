@@ -351,8 +351,7 @@ class _FileReader:
             "mask_path": _relative(self.masks_final / mask_name, self.root), "contour_path": "",
             "pixel_spacing_mm": nan, "spacing_source": "none",
             "bbox_x0": box[0], "bbox_y0": box[1], "bbox_x1": box[2], "bbox_y1": box[3],
-            "mask_area_px": int(mask.sum()), "tree_distance_mm": position.distance_mm,
-            "tree_fraction": position.fraction,
+            "mask_area_px": int(mask.sum()), **position.columns(),
             "mld_mm": nan, "diameter_stenosis_pct": nan, "rvd_mm": nan, "lesion_length_mm": nan,
             "proximal_diameter_mm": nan, "distal_diameter_mm": nan, "mld_x": nan, "mld_y": nan,
             "angle_lao_deg": nan, "angle_cranial_deg": nan, "angle_source": "none",
@@ -395,14 +394,14 @@ class _FileReader:
         """The box's place on its image's vessel tree (no spacing: the share only). Traced
         once per image; the last few are kept, as a file's annotations come image by image."""
         if not self.trace_trees:
-            return TreePosition(math.nan, math.nan)
+            return TreePosition()
         if image_id not in self.trees:
             relative = self.frames[image_id][0]
             self.trees[image_id] = vessel_tree(read_frame(self.root / relative, 0))
             while len(self.trees) > TREES_KEPT:
                 self.trees.pop(next(iter(self.trees)))
         tree = self.trees[image_id]
-        return tree.position(box, None) if tree is not None else TreePosition(math.nan, math.nan)
+        return tree.position(box, None) if tree is not None else TreePosition()
 
     def _read_image(self, entry: dict) -> tuple[str, object, str] | str:
         name = str(entry.get("file_name") or "")

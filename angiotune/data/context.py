@@ -15,8 +15,13 @@ from angiotune.data.readers import finite_number
 from angiotune.names import ADAPTER_VESSELS
 from angiotune.taxonomies.views import load_views
 
-# Where each part of ``view_context`` ends: the view and the box, the tree, the standard views.
-VIEW_END, TREE_END, CONTEXT_DIM = 6, 9, 9 + len(ADAPTER_VESSELS)
+# Where each part of ``view_context`` ends: the view and the box, the tree, the standard views,
+# then the box's offset from the tree's root and the frame's tree (appended last, so that heads
+# trained on a shorter context read the same numbers in the same places).
+VIEW_END, TREE_END = 6, 9
+VIEWS_END = TREE_END + len(ADAPTER_VESSELS)
+ROOT_END = VIEWS_END + 2
+CONTEXT_DIM = ROOT_END + 3
 
 
 def view_context(row: dict) -> np.ndarray:
@@ -25,14 +30,18 @@ def view_context(row: dict) -> np.ndarray:
     size as fractions of the frame) and along the frame's vessel tree (``TREE_COLUMNS``: share
     of the tree's extent, mm / 100; zero, NaN and flagged when not computed, NaN mm without a
     calibration), and how far the angles are from each vessel's nearest standard view
-    (``taxonomies/views.yaml``; degrees / 100, NaN when missing). A crop around the lesion barely
-    shows which branch it is. The distances let a linear read follow the view table's regions,
-    which no weighting of the raw angles can (a vessel's views are not on one side of a line)."""
+    (``taxonomies/views.yaml``; degrees / 100, NaN when missing), the box centre's offset from
+    the tree's root across the frame and the frame's tree (its centre from the root, its area:
+    ``angiotune.qca.tree``; NaN when not traced). A crop around the lesion barely shows which
+    branch it is. The distances let a linear read follow the view table's regions, which no
+    weighting of the raw angles can (a vessel's views are not on one side of a line); the
+    offset says which way the box lies from the ostium, which tells the LAD from the LCX in one
+    left injection, and the tree's shape a left injection from a right one."""
     lao, cranial = row.get("angle_lao_deg"), row.get("angle_cranial_deg")
     missing = lao is None or cranial is None or not (math.isfinite(lao) and math.isfinite(cranial))
     width, height = float(row["frame_width"]), float(row["frame_height"])
     x0, y0, x1, y1 = (float(row[f"bbox_{k}"]) for k in ("x0", "y0", "x1", "y1"))
-    distance, fraction = (finite_number(row.get(name)) for name in TREE_COLUMNS)
+    distance, fraction, *frame_tree = (finite_number(row.get(name)) for name in TREE_COLUMNS)
     no_tree = fraction is None
     return np.array([0.0 if missing else lao / 90, 0.0 if missing else cranial / 90,
                      float(missing), (x0 + x1) / 2 / width, (y0 + y1) / 2 / height,
@@ -42,7 +51,8 @@ def view_context(row: dict) -> np.ndarray:
                      # root". The trunk reads it as 0, the segment read as the mean.
                      math.nan if distance is None or no_tree else distance / 100,
                      float(no_tree),
-                     *view_distances(None if missing else lao, None if missing else cranial)],
+                     *view_distances(None if missing else lao, None if missing else cranial),
+                     *(math.nan if no_tree or v is None else v for v in frame_tree)],
                     dtype=np.float32)
 
 

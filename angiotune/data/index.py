@@ -26,7 +26,8 @@ STAGE2_FIELDS = ("mld_mm", "diameter_stenosis_pct", "rvd_mm", "pixel_spacing_mm"
 BOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 # Where the box sits along the frame's vessel tree (``angiotune.qca.tree``); NaN where not
 # computed (COCO imports, indexes older than the columns).
-TREE_COLUMNS = ("tree_distance_mm", "tree_fraction")
+TREE_COLUMNS = ("tree_distance_mm", "tree_fraction", "tree_root_dx", "tree_root_dy",
+                "tree_spread_dx", "tree_spread_dy", "tree_area")
 INDEX_COLUMNS = ["sample_id", "patient_key", "split", "row", "vessel", "vessel_source", "segment",
             "segment_name", "segment_position", "taxonomy", "phase", "frame_index", "frames",
             "frame_height", "frame_width", "image_path", "image_format", "transfer_syntax",

@@ -42,7 +42,7 @@ from scipy.optimize import minimize
 from torch import nn
 
 from angiotune import jsonio
-from angiotune.data.context import CONTEXT_DIM, TREE_END, VIEW_END
+from angiotune.data.context import CONTEXT_DIM, ROOT_END, TREE_END, VIEW_END, VIEWS_END
 from angiotune.errors import ConfigError
 from angiotune.names import ADAPTER_VESSELS
 from angiotune.qca.readout import QUANTITIES, READOUTS
@@ -56,9 +56,11 @@ MEASURED = ("stenosis", "mld", "rvd")  # the tasks a calibration reads QCA for, 
 CALIBRATION_INPUTS = (*READOUTS, "head", "bias")
 MIN_CALIBRATION_SAMPLES = 12
 SEGMENT_READ_DIM = TREE_END + 1  # the view, the box, the tree and the reference diameter (mm)
-# The vessel read: the view and the box, and how far the view is from each vessel's standard
-# views (``angiotune.data.context``); the tree and calibre name segments, not vessels.
-VESSEL_READ_DIM = VIEW_END + CONTEXT_DIM - TREE_END
+# The vessel read: the view and the box, how far the view is from each vessel's standard
+# views, which way the box lies from the tree's root and which way the tree spreads from it
+# (each alone and times each angle), and the tree's area (``angiotune.data.context``); the
+# path length and the calibre name segments, not vessels.
+VESSEL_READ_DIM = VIEW_END + (VIEWS_END - TREE_END) + 4 * 3 + 1
 # Weight decay on standardised inputs, chosen per fit by cross-validation over lesions: a
 # trial with few lesions of its vessel needs the heavy end (near the class prior), one with a
 # hundred the light end.
@@ -68,8 +70,9 @@ OLD_CONTEXT_DIM = 6  # heads.json without "context_dim": the view context before
 READ_PARTS = ("weight", "bias", "mean", "scale", "fitted")
 SEGMENT_READ_BUFFERS = tuple(f"segment_{part}" for part in READ_PARTS)
 VESSEL_READ_BUFFERS = tuple(f"vessel_{part}" for part in READ_PARTS)
-# 2: the QCA read; 3: the segment read and the tree; 4: the vessel read and the standard views.
-HEADS_FORMAT = 4
+# 2: the QCA read; 3: the segment read and the tree; 4: the vessel read and the standard views;
+# 5: the vessel read also reads the box's offset from the tree's root and the frame's tree.
+HEADS_FORMAT = 5
 
 
 @dataclass(frozen=True)
@@ -193,12 +196,14 @@ def fit_segment_read(inputs: np.ndarray, labels: np.ndarray, classes: int,
     x, y = inputs[keep].astype(np.float64), labels[keep].astype(np.int64)
     if len(y) < MIN_CALIBRATION_SAMPLES or len(np.unique(y)) < 2:
         return None
-    decay = SEGMENT_READ_DECAYS[0]
+    decay, held_out = SEGMENT_READ_DECAYS[0], math.nan
     if folds is not None:
         folds = folds[keep]
         scores = [_held_out_accuracy(x, y, folds, classes, d) for d in SEGMENT_READ_DECAYS]
         decay = SEGMENT_READ_DECAYS[len(scores) - 1 - int(np.argmax(scores[::-1]))]  # ties: heavier
-    return {**_logistic(x, y, classes, decay), "decay": np.float64(decay)}
+        held_out = max(scores)
+    return {**_logistic(x, y, classes, decay), "decay": np.float64(decay),
+            "held_out": np.float64(held_out)}
 
 
 def _held_out_accuracy(x: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: int,
@@ -295,6 +300,9 @@ class LesionHeads(nn.Module):
         weights, _ = fit_calibration(np.empty((0, 6)), np.empty((0, 3)), np.empty((0, 3)))
         self.register_buffer("calibration", torch.as_tensor(weights, dtype=torch.float32))
         self.register_buffer("calibrated", torch.zeros(len(MEASURED), dtype=torch.bool))
+        # Whether the vessel read routes (``predict.routing.second_opinion``): it named the
+        # vessels of its held-out training lesions better than the nearest standard view did.
+        self.register_buffer("vessel_decides", torch.zeros((), dtype=torch.bool))
         classes = len(settings.classes)
         for read, outputs, inputs in (("segment", classes, SEGMENT_READ_DIM),
                                       ("vessel", len(ADAPTER_VESSELS), VESSEL_READ_DIM)):
@@ -311,8 +319,9 @@ class LesionHeads(nn.Module):
     def set_segment_read(self, fit: dict[str, np.ndarray] | None) -> None:
         self._set_read("segment", fit)
 
-    def set_vessel_read(self, fit: dict[str, np.ndarray] | None) -> None:
+    def set_vessel_read(self, fit: dict[str, np.ndarray] | None, decides: bool = False) -> None:
         self._set_read("vessel", fit)
+        self.vessel_decides.fill_(fit is not None and decides)
 
     def _set_read(self, read: str, fit: dict[str, np.ndarray] | None) -> None:
         getattr(self, f"{read}_fitted").fill_(fit is not None)
@@ -392,8 +401,15 @@ def segment_read_inputs(context: torch.Tensor, rvd_mm: torch.Tensor) -> torch.Te
 
 
 def vessel_read_inputs(context: torch.Tensor) -> torch.Tensor:
-    """(B, ``VESSEL_READ_DIM``): the view, the box, and the distances to the standard views."""
-    return torch.cat([context[:, :VIEW_END], context[:, TREE_END:CONTEXT_DIM]], dim=1).float()
+    """(B, ``VESSEL_READ_DIM``): the view, the box, the distances to the standard views, the
+    box's offset from the tree's root and the tree's spread, each alone and times each angle
+    (which way a branch runs on the frame turns with the C-arm, and a linear read sees that
+    turn only through products), and the tree's area."""
+    context = context.float()
+    directions, angles = context[:, VIEWS_END:ROOT_END + 2], context[:, :2]
+    turned = (directions[:, :, None] * angles[:, None, :]).flatten(1)
+    return torch.cat([context[:, :VIEW_END], context[:, TREE_END:VIEWS_END], directions, turned,
+                      context[:, ROOT_END + 2:CONTEXT_DIM]], dim=1)
 
 
 def feature_dim_of(config) -> int:
@@ -450,10 +466,17 @@ def load_heads(folder: Path) -> LesionHeads:
                     "other distances than in training", folder)
     heads = LesionHeads(settings)
     state = load_file(Path(folder) / HEADS_WEIGHTS)
+    if "vessel_weight" in state and state["vessel_weight"].shape != heads.vessel_weight.shape:
+        # Format 4: a vessel read of fewer inputs. Routing falls back to the segment vote.
+        log.warning("angiotune: %s has a vessel read of an older angiotune; it is not used "
+                    "(routing asks the segment probabilities instead)", folder)
+        state = {k: v for k, v in state.items()
+                 if k not in (*VESSEL_READ_BUFFERS, "vessel_decides")}
     # Format-1 heads have no QCA read, format 2 no segment read, format 3 no vessel read: they
     # keep the unfitted buffers, their own outputs.
     missing = set(heads.state_dict()) - set(state)
-    if missing - {"calibration", "calibrated", *SEGMENT_READ_BUFFERS, *VESSEL_READ_BUFFERS}:
+    if missing - {"calibration", "calibrated", "vessel_decides", *SEGMENT_READ_BUFFERS,
+                  *VESSEL_READ_BUFFERS}:
         raise ConfigError(f"{folder}: {HEADS_WEIGHTS} lacks {sorted(missing)}")
     heads.load_state_dict(state, strict=False)
     return heads.eval()

@@ -442,7 +442,8 @@ def _predict_lesion(frame, box, box_source, proposal, route: Route, fallback: bo
     if not settings.vessel and segmentation.heads is not None:
         heads = segmentation.heads
         route = second_opinion(route, heads["vessel"], heads["vessel_vote"],
-                               heads["vessel_probability"], models.available)
+                               heads["vessel_probability"], models.available,
+                               heads["vessel_decides"])
         if (fallback and route.vessel == vessel != GENERAL and GENERAL in models.available
                 and not _head_confirms(heads, vessel)):
             route = Route(GENERAL, f"{route.reason}; the head did not settle the vessel, so the "

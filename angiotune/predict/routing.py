@@ -3,7 +3,10 @@
 The standard views live in ``taxonomies/views.yaml``. Views of different vessels can sit close
 together (LAO cranial shows the LAD and, a few degrees away, the RCA); when the nearest views of
 two vessels are within ``ambiguity_deg``, the route says so, and the CASS head, when the adapter
-has one, gets the last word (``second_opinion``).
+has one, gets the last word (``second_opinion``). The view cannot say which vessel a box is on
+when one left injection shows the LAD and the LCX, or when a lesion is filmed in another
+vessel's view; the heads' vessel read, which weighs the view with the frame's tree, can, and
+where it named the training lesions' vessels better than the view did, it decides.
 """
 
 from __future__ import annotations
@@ -55,10 +58,12 @@ def route_by_angles(lao_deg: float | None, cranial_deg: float | None,
 
 
 def second_opinion(route: Route, head_vessel: str | None, grounds: str,
-                   probability: float, available: set[str]) -> Route:
+                   probability: float, available: set[str], decides: bool = False) -> Route:
     """The route after the heads have spoken (``grounds``: what their vote rests on, in words).
-    They decide only where the angles could not (missing, or ambiguous), and then only when
-    sure: their ``probability`` for the vessel must reach ``head_override_probability``."""
+    ``decides``: their vote is a vessel read that named the vessels of its training lesions
+    better than the view did (it weighs the view itself): it then routes. Otherwise they
+    decide only where the angles could not (missing, or ambiguous), and then only when sure:
+    their ``probability`` for the vessel must reach ``head_override_probability``."""
     if head_vessel is None:
         return route
     table = load_views()
@@ -67,6 +72,11 @@ def second_opinion(route: Route, head_vessel: str | None, grounds: str,
     if adapter == route.vessel:
         return Route(route.vessel, f"{route.reason}; {heard}: it agrees", route.view,
                      route.ambiguous, route.alternative)
+    if decides and adapter in available:
+        return Route(adapter, f"{route.reason}; {heard}, and this read, which weighs the view "
+                     "with the frame, named its training lesions' vessels better than the view "
+                     f"did, so the {adapter} adapter was used", route.view, route.ambiguous,
+                     route.vessel)
     undecided = route.vessel is None or route.ambiguous
     if undecided and adapter in available and probability >= table.head_override_probability:
         return Route(adapter, f"{route.reason}; {heard}, so the {adapter} adapter was used",

@@ -115,7 +115,7 @@ def _head_outputs(model: LesionModel, out: dict, i: int,
     except ConfigError:  # a user's taxonomy file not at hand: codes without names or vessels
         codes = {}
     segment = codes.get(settings.classes[best])
-    by_vessel, vote = _vessel_vote(settings, out, i, logits, codes)
+    by_vessel, vote, read = _vessel_vote(settings, out, i, logits, codes)
     vessel = max(by_vessel, key=by_vessel.get) if by_vessel else None
     measured = {"diameter_stenosis_pct": ("stenosis", "stenosis_pct", 2),
                 "MLD_mm": ("mld", "mld_mm", 3), "RVD_mm": ("rvd", "rvd_mm", 3)}
@@ -124,18 +124,22 @@ def _head_outputs(model: LesionModel, out: dict, i: int,
             "probability": round(float(named[best]), 3),
             "vessel": vessel, "vessel_probability": round(by_vessel.get(vessel, 0.0), 3),
             "vessel_vote": vote,
+            # The vessel read routes where it beat the view on its training lesions.
+            "vessel_decides": read and bool(model.heads.vessel_decides),
             **{key: round(float(out[name][i]), places)
                for key, (task, name, places) in measured.items() if task in settings.tasks}}
 
 
 def _vessel_vote(settings, out: dict, i: int, segment_logits: torch.Tensor,
-                 codes: dict) -> tuple[dict[str, float], str]:
-    """Each adapter vessel's probability, and what the vote rests on: the vessel read where the
-    heads have one and the angles are known, else the segment probabilities summed per vessel."""
+                 codes: dict) -> tuple[dict[str, float], str, bool]:
+    """Each adapter vessel's probability, what the vote rests on, and whether it is the vessel
+    read: that where the heads have one and the angles are known, else the segment
+    probabilities summed per vessel."""
     if "vessel_logits" in out and bool(torch.isfinite(out["vessel_logits"][i]).all()):
         probabilities = torch.softmax(out["vessel_logits"][i].float(), dim=0).cpu().numpy()
         return ({v: float(p) for v, p in zip(ADAPTER_VESSELS, probabilities, strict=True)},
-                "the heads' vessel read (view angles against the standard views, the box)")
+                "the heads' vessel read (view angles against the standard views, the box on "
+                "the frame's vessel tree)", True)
     probabilities = torch.softmax(segment_logits, dim=1)[0].cpu().numpy()
     groups = class_vessels(settings.classes, settings.taxonomy)
     by_vessel: dict[str, float] = {}
@@ -143,11 +147,11 @@ def _vessel_vote(settings, out: dict, i: int, segment_logits: torch.Tensor,
         if group is not None:
             by_vessel[group] = by_vessel.get(group, 0.0) + float(p)
     if not by_vessel:
-        return by_vessel, "the heads' segments"
+        return by_vessel, "the heads' segments", False
     winner = max(by_vessel, key=by_vessel.get)
     # Named by the likeliest segment of the vessel voted for, so the words match the vote.
     voted = max((i for i, group in enumerate(groups) if group == winner),
                 key=lambda i: probabilities[i])
     code = settings.classes[voted]
     return by_vessel, (f"the heads' segments ({settings.taxonomy}) favour {codes[code].name} "
-                       f"({code})")
+                       f"({code})"), False

@@ -39,7 +39,9 @@ def complete_to_box(mask: np.ndarray, frame: np.ndarray, box, path: np.ndarray,
     x0, y0, x1, y1 = (float(v) for v in box)
     side = max(x1 - x0, y1 - y0)
     limit = max(settings.short_fraction * side, settings.min_short_px)
-    tail = max(3, min(len(path) // 4, 12))
+    if len(path) < 2:  # a speck of a mask: no heading to follow
+        return mask, []
+    tail = min(max(3, min(len(path) // 4, 12)), len(path) - 1)  # a short path: its ends
     ends = [(path[0], path[0] - path[tail]), (path[-1], path[-1] - path[-1 - tail])]
     short = [(end, heading) for end, heading in ends
              if _room_ahead(end, heading, (x0, y0, x1, y1)) > limit]

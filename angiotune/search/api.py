@@ -19,7 +19,7 @@ from angiotune.search.trial import with_checkpoint_paths
 
 # 200 lesions: enough validation and test lesions per vessel for the heads' metrics to mean
 # something; 3 frames a run keeps generation near two minutes on two cores.
-EMBEDDED_PHANTOMS = dict(lesions=200, size=512, frames=3, seed=0)
+EMBEDDED_PHANTOMS = dict(lesions=200, size=512, frames=3, seed=0, shared_views=0.3)
 EMBEDDED_SALT = "angiotune-embedded-phantoms"  # synthetic patients: nothing to protect
 PHANTOM_DATA = "angiotune's synthetic phantoms (not clinical data)"
 EMBEDDED_MODEL = "the embedded tiny SAM 3 model"

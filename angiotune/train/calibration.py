@@ -22,6 +22,7 @@ from angiotune.model.heads import (
     vessel_read_inputs,
 )
 from angiotune.names import ADAPTER_VESSELS
+from angiotune.predict.routing import route_by_angles
 from angiotune.qca.readout import crop_readouts
 from angiotune.train.step import head_targets
 
@@ -110,7 +111,8 @@ class ReadoutCollector:
             self.heads.set_segment_read(self._segment_fit(rows, readouts, own))
             vessels = self._vessel_fit(rows)
             if vessels is not None:  # else keep the read the heads started from, if any
-                self.heads.set_vessel_read(vessels)
+                fit, decides = vessels
+                self.heads.set_vessel_read(fit, decides)
 
     def _segment_fit(self, rows: np.ndarray, readouts: np.ndarray, own: np.ndarray):
         """The segment read on the reference diameter the just-fitted QCA read gives."""
@@ -135,7 +137,17 @@ class ReadoutCollector:
         class_ids = rows[:, CLASS_ID].astype(np.int64)
         labels = np.where(class_ids >= 0, to_vessel[np.maximum(class_ids, 0)], -1)
         inputs = vessel_read_inputs(torch.as_tensor(rows[:, CONTEXT])).numpy()
-        return fit_segment_read(inputs, labels, len(ADAPTER_VESSELS), rows[:, FOLD])
+        fit = fit_segment_read(inputs, labels, len(ADAPTER_VESSELS), rows[:, FOLD])
+        if fit is None:
+            return None
+        # It routes only if, held out, it named these lesions' vessels better than the view.
+        context = rows[:, CONTEXT]
+        seen = (labels >= 0) & (context[:, 2] == 0)
+        by_view = [route_by_angles(90 * float(lao), 90 * float(cranial)).vessel
+                   for lao, cranial in context[seen, :2]]
+        view_right = np.mean([v == ADAPTER_VESSELS[label]
+                              for v, label in zip(by_view, labels[seen], strict=True)])
+        return fit, bool(seen.any() and float(fit["held_out"]) > view_right)
 
 
 def _fold(sample_id: str) -> int:

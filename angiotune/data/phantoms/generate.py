@@ -2,7 +2,11 @@
 
 Each synthetic patient gets a coronary anatomy with one to three stenoses. Each vessel group with
 a lesion is filmed in one of its standard views as a cine run (contrast filling, cardiac motion);
-the analyst's frame is an end-diastolic, fully opacified one. The export then holds the run as
+the analyst's frame is an end-diastolic, fully opacified one. As in a real study, a view is not
+always its vessel's own (``shared_views``): a left injection shows the LAD and the LCX together,
+so a patient's LAD and LCX lesions may share one run filmed in either's view, and a lesion may be
+filmed in a neighbouring vessel's view (an LCX lesion in an LAD view, an RCA lesion in LAO
+cranial). The export then holds the run as
 multi-frame XA DICOM and as an NPY cine, and per lesion a mask of the analysed segment, contour
 JSON with the measurements, and a CSV row. Like real exports it is untidy on purpose (``messy``):
 free-text vessel names, angles left out of the CSV, RLE-compressed DICOM, masks saved at half
@@ -49,6 +53,10 @@ REAL_EXPORT_COUNTS = {"1": 42, "2": 126, "3": 28, "4": 38, "12": 87, "13": 192, 
 STANDARD_VIEWS = {vessel: [(v.lao_deg, v.cranial_deg) for v in load_views().of(vessel)]
                   for vessel in ADAPTER_VESSELS}
 VIEW_GROUP = load_views().adapter_for
+# The views that also show a vessel group's lesions, though a standard view of another group:
+# a left injection fills the LAD and the LCX alike; LAO cranial shows the RCA near the LAD's.
+NEIGHBOUR_VIEWS = {"LCX": STANDARD_VIEWS["LAD"], "LAD": STANDARD_VIEWS["LCX"],
+                   "RCA": [view for view in STANDARD_VIEWS["LAD"] if view[0] > 0 < view[1]]}
 CSV_COLUMNS = ["patient_id", "vessel_pattern", "phase", "frame_index", "cass_segment",
                "primary_angle", "secondary_angle", "dicom_path", "cine_path", "medis_mask_path",
                "medis_contour_path"]
@@ -75,10 +83,13 @@ class PhantomSettings:
     frames: int = 6
     seed: int = 0
     messy: bool = True
+    shared_views: float = 0.3  # chance a run is filmed in another vessel's view (module doc)
 
     def __post_init__(self) -> None:
         if self.lesions < 1:
             raise ConfigError("lesions must be at least 1")
+        if not 0 <= self.shared_views <= 1:
+            raise ConfigError("shared_views must be between 0 and 1")
         if not 128 <= self.size <= 2048:
             raise ConfigError("size must be between 128 and 2048 pixels")
         if not 1 <= self.frames <= 120:
@@ -121,9 +132,11 @@ def generate_phantoms(out: str | Path, settings: PhantomSettings = PhantomSettin
     patients = _group_into_patients(codes, rng)
     summary = PhantomSummary(settings, out)
     rows: list[dict] = []
-    total_runs = sum(len({VIEW_GROUP[_vessel(c)] for c in p}) for p in patients)
+    filming = [_film(codes, settings, index) for index, codes in enumerate(patients)]
+    total_runs = sum(len(runs) for runs in filming)
     for patient_index, patient_codes in enumerate(patients):
-        rows += _patient(out, settings, patient_index, patient_codes, summary, on_run, total_runs)
+        rows += _patient(out, settings, patient_index, patient_codes, filming[patient_index],
+                         summary, on_run, total_runs)
     if settings.messy and len(rows) > 3:
         rows.append(dict(rows[len(rows) // 2]))  # a duplicated row, as exports have
     _write_manifests(out, rows, summary)
@@ -155,8 +168,42 @@ def _group_into_patients(codes: list[str], rng: np.random.Generator) -> list[lis
     return patients
 
 
+@dataclass(frozen=True)
+class Filming:
+    """One run of a patient: its lesions, the views it may be filmed in and the injection."""
+
+    name: str
+    codes: list[str]
+    views: list[tuple[float, float]]
+    side: str  # "left" or "right": which coronary tree the injection fills
+
+
+def _film(codes: list[str], settings: PhantomSettings, index: int) -> list[Filming]:
+    """The runs of one patient: one per vessel group in its own standard views, except that,
+    at ``shared_views`` odds, a patient's LAD and LCX lesions share a left injection filmed in
+    either's view, and a run is filmed in a neighbouring group's view (``NEIGHBOUR_VIEWS``).
+    Its own random stream: the rest of the patient is drawn as without shared views."""
+    chance = np.random.default_rng([settings.seed, 2, index]).random
+    groups: dict[str, list[str]] = {}
+    for code in codes:
+        groups.setdefault(VIEW_GROUP[_vessel(code)], []).append(code)
+    runs = [Filming(group, group_codes, STANDARD_VIEWS[group],
+                    "right" if group == "RCA" else "left")
+            for group, group_codes in groups.items()]
+    if {"LAD", "LCX"} <= set(groups) and chance() < settings.shared_views:
+        lad, lcx = groups["LAD"], groups["LCX"]
+        by = "LAD" if chance() < 0.5 else "LCX"
+        runs = [r for r in runs if r.side == "right"] + [
+            Filming(f"{by}S", lad + lcx, STANDARD_VIEWS[by], "left")]
+    # A run in a neighbour's view: its name says so ("X"), which keeps run ids unique.
+    return [replace(run, name=f"{run.name}X", views=NEIGHBOUR_VIEWS[run.name])
+            if run.name in NEIGHBOUR_VIEWS and chance() < settings.shared_views else run
+            for run in runs]
+
+
 def _patient(out: Path, settings: PhantomSettings, index: int, codes: list[str],
-             summary: PhantomSummary, on_run, total_runs: int) -> list[dict]:
+             runs: list[Filming], summary: PhantomSummary, on_run,
+             total_runs: int) -> list[dict]:
     rng = np.random.default_rng([settings.seed, 1, index])
     identity = {
         "id": f"PHANTOM RISE {101 + index % 7}-{index + 1:04d}",
@@ -173,15 +220,12 @@ def _patient(out: Path, settings: PhantomSettings, index: int, codes: list[str],
         lesions[code] = (place_lesion(tree[code], stenosis, rng.uniform(6, 16), rng), phase)
     summary.patients += 1
     rows = []
-    groups: dict[str, list[str]] = {}
-    for code in codes:
-        groups.setdefault(VIEW_GROUP[_vessel(code)], []).append(code)
-    for group, group_codes in groups.items():
-        run_id = f"{settings.seed:x}{index:04x}{group}".upper()
-        rows += _run(out, settings, rng, tree, {c: lesions[c] for c in group_codes}, group,
+    for run in runs:
+        run_id = f"{settings.seed:x}{index:04x}{run.name}".upper()
+        rows += _run(out, settings, rng, tree, {c: lesions[c] for c in run.codes}, run,
                      run_id, identity)
         summary.runs += 1
-        for code in group_codes:
+        for code in run.codes:
             summary.lesions_by_segment[code] = summary.lesions_by_segment.get(code, 0) + 1
         if on_run:
             on_run(summary.runs, total_runs)
@@ -189,9 +233,9 @@ def _patient(out: Path, settings: PhantomSettings, index: int, codes: list[str],
 
 
 def _run(out: Path, settings: PhantomSettings, rng: np.random.Generator, tree: dict,
-         lesions: dict[str, tuple[Lesion, str]], group: str, run_id: str,
+         lesions: dict[str, tuple[Lesion, str]], run: Filming, run_id: str,
          identity: dict[str, str]) -> list[dict]:
-    lao, cranial = STANDARD_VIEWS[group][rng.integers(len(STANDARD_VIEWS[group]))]
+    lao, cranial = run.views[rng.integers(len(run.views))]
     size = settings.size
     view = View(lao_deg=round(lao + rng.uniform(-5, 5), 1),
                 cranial_deg=round(cranial + rng.uniform(-5, 5), 1), size=size,
@@ -205,7 +249,7 @@ def _run(out: Path, settings: PhantomSettings, rng: np.random.Generator, tree: d
     view = replace(view, center_px=tuple(size / 2 + rng.uniform(-0.08, 0.08, 2) * size - middle))
     frames, analysed, fill, motion = _timeline(settings.frames, rng)
     anatomy = background(rng, size, view)
-    segments = [s for s in tree.values() if s.tree == ("right" if group == "RCA" else "left")]
+    segments = [s for s in tree.values() if s.tree == run.side]
     cine = np.empty((frames, size, size))
     for t in range(frames):
         projected = project_segments(segments, view, transform=motion(t))
