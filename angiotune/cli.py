@@ -40,15 +40,19 @@ def cli() -> None:
 @click.option("--size", default=512, show_default=True, help="Frame side in pixels (1016 real).")
 @click.option("--frames", default=6, show_default=True, help="Frames per cine run.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--shared-views", default=0.3, show_default=True,
+              help="Chance that a patient's LAD and LCX lesions share one left injection, and "
+              "that a run is filmed in a neighbouring vessel's view (0: each in its own).")
 @click.option("--tidy", is_flag=True, help="No deliberate export mess (free-text vessel names, "
               "missing CSV angles, compressed DICOM, rescaled masks, a duplicate row).")
-def phantoms(out_dir: Path, lesions: int, size: int, frames: int, seed: int, tidy: bool) -> None:
+def phantoms(out_dir: Path, lesions: int, size: int, frames: int, seed: int,
+             shared_views: float, tidy: bool) -> None:
     """Write synthetic angiography phantoms (DICOM + NPY, masks, contours, CSV) to OUT_DIR."""
     from angiotune.data.phantoms import PhantomSettings, generate_phantoms
 
     try:
         settings = PhantomSettings(lesions=lesions, size=size, frames=frames, seed=seed,
-                                   messy=not tidy)
+                                   messy=not tidy, shared_views=shared_views)
     except ValueError as error:
         raise AngiotuneError(str(error)) from None
     with _progress() as progress:

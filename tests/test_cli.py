@@ -23,7 +23,7 @@ def run(*args: str, env_home: Path) -> subprocess.CompletedProcess:
 def test_phantoms_then_index(tmp_path):
     data, index = tmp_path / "phantoms", tmp_path / "out" / "index.parquet"
     made = run("phantoms", str(data), "--lesions", "6", "--size", "192", "--frames", "3",
-               env_home=tmp_path / "home")
+               "--shared-views", "0.5", env_home=tmp_path / "home")
     assert made.returncode == 0, made.stderr
     assert "not clinical data" in made.stdout
     indexed = run("index", str(data / "manifest.csv"), "--out", str(index),
@@ -60,6 +60,9 @@ def test_user_errors_have_no_traceback(tmp_path):
     assert "missing column" in wrong_columns.stderr and "Traceback" not in wrong_columns.stderr
     too_small = run("phantoms", str(tmp_path / "p"), "--size", "8", env_home=tmp_path)
     assert too_small.returncode == 2 and "size" in too_small.stderr
+    odds = run("phantoms", str(tmp_path / "p"), "--shared-views", "2", env_home=tmp_path)
+    assert odds.returncode == 2 and "shared_views" in odds.stderr
+    assert "Traceback" not in odds.stderr
 
 
 def test_an_unwritable_results_folder_is_refused_before_anything_starts(tmp_path, capsys):

@@ -370,6 +370,8 @@ def test_training_steps_calibrate_the_heads_on_their_own_predictions(phantom_ind
     for _ in range(2):
         train_step(model, batch, optimizer, LossWeights(), on_outputs=collector.add)
     assert collector.collected == 12  # the limit: the second step added nothing
+    # The vessel read needs no QCA: every lesion's segment and view is kept for it.
+    assert sum(map(len, collector.labelled)) == 24
     collector.fit()
     assert collector.collected == 0 and heads.reads_qca
     # The segment read is fitted on the same rows (these six lesions span several segments).
@@ -384,7 +386,9 @@ def test_training_steps_calibrate_the_heads_on_their_own_predictions(phantom_ind
     for _ in range(2):  # the window holds two epochs: the third fit forgets the first's rows
         train_step(model, batch, optimizer, LossWeights(), on_outputs=collector.add)
         collector.fit()
-    assert len(collector.history) == 2 and sum(map(len, collector.history)) == 24
+    assert len(collector.history) == 2
+    assert sum(len(measured) for measured, _ in collector.history) == 24
+    assert sum(len(labelled) for _, labelled in collector.history) == 24
     assert not torch.equal(heads.calibration, first_fit)
     metrics = evaluate(model, [batch])
     assert math.isfinite(metrics["stenosis_mae"]) and math.isfinite(metrics["mld_mae_mm"])

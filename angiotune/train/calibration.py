@@ -39,14 +39,17 @@ class ReadoutCollector:
     nothing), QCA of the predicted masks, the heads' own estimates and the targets, all in model
     pixels, with each lesion's segment and view context; ``fit`` calibrates the heads on
     the last ``window`` epochs' rows (older predictions come from a slightly different model,
-    which a late-training fit barely feels; a small vessel's trial needs the rows)."""
+    which a late-training fit barely feels; a small vessel's trial needs the rows). The vessel
+    read needs no QCA: it is fitted on every training lesion's segment and view context
+    (``labelled``: rows of the same layout, the measurements NaN)."""
 
     def __init__(self, heads: LesionHeads, limit: int = PER_EPOCH, window: int = WINDOW) -> None:
         self.heads = heads
         self.limit = limit
         self.window = window
         self.rows: list[np.ndarray] = []
-        self.history: list[np.ndarray] = []
+        self.labelled: list[np.ndarray] = []
+        self.history: list[tuple[np.ndarray, np.ndarray]] = []
 
     @property
     def wanted(self) -> bool:
@@ -65,8 +68,14 @@ class ReadoutCollector:
     def add(self, batch: dict, outputs: dict) -> None:
         """``train_step``'s ``on_outputs`` hook."""
         rows = len(batch["segment"])
+        if not self.wanted:
+            return
+        if "segment" in self.heads.settings.tasks:
+            unmeasured = np.full((rows, SPACING + 1), np.nan, dtype=np.float32)
+            self.labelled.append(np.concatenate([unmeasured, self._labels(batch, slice(None))],
+                                                axis=1))
         room = self.limit - self.collected if self.measures else rows
-        if room <= 0 or not self.wanted:
+        if room <= 0:
             return
         take = slice(0, room)
         spacing = batch["pixel_spacing_mm"][take].float().cpu().numpy()[:, None]
@@ -81,35 +90,34 @@ class ReadoutCollector:
         # Diameters in model pixels, as the heads predict them (NaN without calibration).
         own[:, 1:] /= spacing
         targets[:, 1:] /= spacing
+        self.rows.append(np.concatenate([readouts, own, targets, spacing,
+                                         self._labels(batch, take)], axis=1))
+
+    def _labels(self, batch: dict, take: slice) -> np.ndarray:
+        """The class id, fold and view context columns of the batch's rows ``take``."""
         class_ids = head_targets(batch, self.heads.settings.classes)["segment"][take]
         class_ids = class_ids.cpu().numpy().astype(np.float32)[:, None]
         folds = np.array([[_fold(str(key))] for key in list(batch["sample_id"])[take]],
                          dtype=np.float32)
         context = np.asarray(batch["context"][take].float().cpu(), dtype=np.float32)
-        self.rows.append(np.concatenate([readouts, own, targets, spacing, class_ids, folds,
-                                         context], axis=1))
+        return np.concatenate([class_ids, folds, context], axis=1)
 
     def fit(self) -> None:
         """Calibrate the heads on what every worker collected in the window, then start the
         next epoch's collection."""
-        rows = (np.concatenate(self.rows) if self.rows
-                else np.empty((0, CONTEXT.stop), np.float32))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, rows)  # every rank fits the same
-            rows = np.concatenate(gathered)
-        self.rows = []
-        self.history = [*self.history, rows][-self.window:]
+        epoch = tuple(_gathered(collected) for collected in (self.rows, self.labelled))
+        self.rows, self.labelled = [], []
+        self.history = [*self.history, epoch][-self.window:]
         if not self.wanted:
             return
-        rows = np.concatenate(self.history)
+        rows = np.concatenate([measured for measured, _ in self.history])
         readouts, own = rows[:, :READOUTS_END], rows[:, READOUTS_END:OWN_END]
         weights, fitted = fit_calibration(readouts, own, rows[:, OWN_END:TARGETS_END])
         trained = np.array([task in self.heads.settings.tasks for task in MEASURED])
         self.heads.set_calibration(weights, fitted & trained)
         if "segment" in self.heads.settings.tasks:
             self.heads.set_segment_read(self._segment_fit(rows, readouts, own))
-            vessels = self._vessel_fit(rows)
+            vessels = self._vessel_fit(np.concatenate([labelled for _, labelled in self.history]))
             if vessels is not None:  # else keep the read the heads started from, if any
                 fit, decides = vessels
                 self.heads.set_vessel_read(fit, decides)
@@ -148,6 +156,17 @@ class ReadoutCollector:
         view_right = np.mean([v == ADAPTER_VESSELS[label]
                               for v, label in zip(by_view, labels[seen], strict=True)])
         return fit, bool(seen.any() and float(fit["held_out"]) > view_right)
+
+
+def _gathered(collected: list[np.ndarray]) -> np.ndarray:
+    """This epoch's rows of every worker (every rank then fits the same)."""
+    rows = (np.concatenate(collected) if collected
+            else np.empty((0, CONTEXT.stop), np.float32))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = np.concatenate(gathered)
+    return rows
 
 
 def _fold(sample_id: str) -> int:
