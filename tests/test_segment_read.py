@@ -359,6 +359,17 @@ def test_heads_read_the_tree_only_from_an_index_that_traced_it(phantom_dir, phan
     untraced = build_index(phantom_dir / "manifest.csv", tmp_path / "untraced.parquet",
                            IndexSettings(salt="test-salt", vessel_tree=False)).out
     assert context_dim_of(untraced) == OLD_CONTEXT_DIM
+    # An index from before the frame's tree (its five columns absent): the trunk stops before
+    # them, and predict still traces the tree for the part it read.
+    import pyarrow.parquet as pq
+
+    from angiotune.data.context import VIEWS_END
+    from angiotune.data.index import TREE_COLUMNS
+
+    table = pq.read_table(phantom_index.out)
+    older = tmp_path / "older.parquet"
+    pq.write_table(table.drop_columns(list(TREE_COLUMNS[2:])), older)
+    assert context_dim_of(older) == VIEWS_END
 
 
 def _left_injection_rows(informative: bool, n: int = 60) -> np.ndarray:
@@ -394,11 +405,12 @@ def test_the_vessel_read_routes_only_where_it_named_the_vessels_better_than_the_
 
     heads = LesionHeads(HeadSettings(classes=("2", "13", "19"), feature_dim=10))
     collector = ReadoutCollector(heads)
-    fit, decides = collector._vessel_fit(_left_injection_rows(informative=True))
-    assert decides and fit["held_out"] > 0.9
+    rows = _left_injection_rows(informative=True)
+    fit, decides = collector._vessel_fit(rows)
+    truth = np.where(np.arange(len(rows)) % 3 == 0, 2, 1)  # LCX, LAD as ADAPTER_VESSELS ids
+    assert decides and np.mean(fit["held_out"] == truth) > 0.9
     assert not collector._vessel_fit(_left_injection_rows(informative=False))[1]
     heads.set_vessel_read(fit, decides)
-    rows = _left_injection_rows(informative=True)
     context = torch.as_tensor(rows[:, CONTEXT])
     n = len(rows)
     answer = heads.eval()(torch.randn(n, 10), context, torch.full((n,), 0.1))["vessel_logits"]

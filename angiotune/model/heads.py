@@ -196,27 +196,29 @@ def fit_segment_read(inputs: np.ndarray, labels: np.ndarray, classes: int,
     x, y = inputs[keep].astype(np.float64), labels[keep].astype(np.int64)
     if len(y) < MIN_CALIBRATION_SAMPLES or len(np.unique(y)) < 2:
         return None
-    decay, held_out = SEGMENT_READ_DECAYS[0], math.nan
+    decay = SEGMENT_READ_DECAYS[0]
+    held_out = np.full(len(labels), -1)
     if folds is not None:
         folds = folds[keep]
-        scores = [_held_out_accuracy(x, y, folds, classes, d) for d in SEGMENT_READ_DECAYS]
-        decay = SEGMENT_READ_DECAYS[len(scores) - 1 - int(np.argmax(scores[::-1]))]  # ties: heavier
-        held_out = max(scores)
-    return {**_logistic(x, y, classes, decay), "decay": np.float64(decay),
-            "held_out": np.float64(held_out)}
+        predicted = [_held_out_predictions(x, y, folds, classes, d) for d in SEGMENT_READ_DECAYS]
+        scores = [float(np.mean(p == y)) for p in predicted]
+        best = len(scores) - 1 - int(np.argmax(scores[::-1]))  # ties: the heavier decay
+        decay, held_out[keep] = SEGMENT_READ_DECAYS[best], predicted[best]
+    # ``held_out``: each row's class as the read fitted without its fold names it (-1: none).
+    return {**_logistic(x, y, classes, decay), "decay": np.float64(decay), "held_out": held_out}
 
 
-def _held_out_accuracy(x: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: int,
-                       decay: float) -> float:
-    right = 0
+def _held_out_predictions(x: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: int,
+                          decay: float) -> np.ndarray:
+    predicted = np.full(len(y), -1)
     for fold in np.unique(folds):
         held = folds == fold
         if held.all():
             continue
         fit = _logistic(x[~held], y[~held], classes, decay)
         z = np.where(np.isfinite(x[held]), (x[held] - fit["mean"]) / fit["scale"], 0.0)
-        right += int(((z @ fit["weight"].T + fit["bias"]).argmax(1) == y[held]).sum())
-    return right / len(y)
+        predicted[held] = (z @ fit["weight"].T + fit["bias"]).argmax(1)
+    return predicted
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, classes: int, decay: float) -> dict[str, np.ndarray]:

@@ -278,21 +278,25 @@ def segment_classes(index: Path) -> tuple[tuple[str, ...], list[int]]:
 
 def context_dim_of(index: Path) -> int:
     """How much of the view context the heads' trunk reads: all of it when the index traced its
-    frames' vessel trees, else the part before the tree (columns that never vary in training
-    would meet values at inference that their untrained weights were never fitted to)."""
+    frames' vessel trees, the part before the frame's tree when it is older than those columns,
+    else the part before the tree (columns that never vary in training would meet values at
+    inference that their untrained weights were never fitted to)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from angiotune.data.context import CONTEXT_DIM
+    from angiotune.data.context import CONTEXT_DIM, VIEWS_END
     from angiotune.data.index import TREE_COLUMNS
     from angiotune.model.heads import OLD_CONTEXT_DIM
 
-    share = TREE_COLUMNS[1]
-    if share not in pq.read_schema(index).names:
+    names = set(pq.read_schema(index).names)
+
+    def traced(column: str) -> bool:  # one column read, not the index
+        return column in names and pc.any(pc.is_finite(
+            pq.read_table(index, columns=[column]).column(column))).as_py()
+
+    if not traced(TREE_COLUMNS[1]):  # the share of the tree
         return OLD_CONTEXT_DIM
-    values = pq.read_table(index, columns=[share]).column(share)  # one column, not the index
-    traced = pc.any(pc.is_finite(values)).as_py()
-    return CONTEXT_DIM if traced else OLD_CONTEXT_DIM
+    return CONTEXT_DIM if traced(TREE_COLUMNS[2]) else VIEWS_END  # the offset from the root
 
 
 def index_taxonomy(index: Path) -> str:

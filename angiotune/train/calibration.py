@@ -148,14 +148,17 @@ class ReadoutCollector:
         fit = fit_segment_read(inputs, labels, len(ADAPTER_VESSELS), rows[:, FOLD])
         if fit is None:
             return None
-        # It routes only if, held out, it named these lesions' vessels better than the view.
+        # It routes only if, held out, it named these lesions' vessels better than the view,
+        # on the lesions both can name (with angles: without, the read says nothing).
         context = rows[:, CONTEXT]
         seen = (labels >= 0) & (context[:, 2] == 0)
-        by_view = [route_by_angles(90 * float(lao), 90 * float(cranial)).vessel
-                   for lao, cranial in context[seen, :2]]
-        view_right = np.mean([v == ADAPTER_VESSELS[label]
-                              for v, label in zip(by_view, labels[seen], strict=True)])
-        return fit, bool(seen.any() and float(fit["held_out"]) > view_right)
+        if not seen.any():
+            return fit, False
+        by_view = np.array([route_by_angles(90 * float(lao), 90 * float(cranial)).vessel
+                            for lao, cranial in context[seen, :2]], dtype=object)
+        truth = np.array(ADAPTER_VESSELS, dtype=object)[labels[seen]]
+        read_right = np.mean(fit["held_out"][seen] == labels[seen])
+        return fit, bool(read_right > np.mean(by_view == truth))
 
 
 def _gathered(collected: list[np.ndarray]) -> np.ndarray:
