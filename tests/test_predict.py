@@ -24,6 +24,7 @@ from angiotune.predict.proposals import propose_boxes
 from angiotune.qca.measure import NO_NARROWING
 from angiotune.registry.store import promote
 
+# A run filmed in its own vessel group's views (a shared or neighbour's view ends in S or X).
 RUN_GROUP = re.compile(r"RUN_[0-9A-F]+(RCA|LAD|LCX)\.")
 
 
@@ -56,12 +57,13 @@ def test_a_folder_of_cines_is_routed_measured_and_reported(phantom_dir, kept_res
         | {failure["input"] for failure in summary.failures}
     assert accounted == set(summary.inputs)  # every input measured or reported, none lost
     assert summary.lesions, summary.failures
-    routed_clearly = 0
+    routed_clearly, own_views = 0, 0
     for lesion in summary.lesions:
         report = json.loads((out / f"{lesion.key}.json").read_text())
-        group = RUN_GROUP.search(summary.inputs[report["input"]["key"]]).group(1)
-        if not report["routing"]["ambiguous"]:
-            assert report["adapter"]["vessel"] == group, report["routing"]
+        own = RUN_GROUP.search(summary.inputs[report["input"]["key"]])
+        own_views += own is not None
+        if own and not report["routing"]["ambiguous"]:
+            assert report["adapter"]["vessel"] == own.group(1), report["routing"]
             routed_clearly += 1
         assert report["box_source"].startswith("proposal")
         assert report["input"]["spacing_source"].startswith("DICOM ImagerPixelSpacing")
@@ -72,7 +74,7 @@ def test_a_folder_of_cines_is_routed_measured_and_reported(phantom_dir, kept_res
             assert picture.size[0] > 1000 and picture.size[1] > 700
         text = (out / f"{lesion.key}.json").read_text()
         assert "RUN_" not in text and str(phantom_dir) not in text  # inputs are pseudonymous
-    assert routed_clearly >= len(summary.lesions) // 2
+    assert own_views and routed_clearly >= own_views // 2
     combined = json.loads((out / "predictions.json").read_text())
     assert len(combined["lesions"]) == len(summary.lesions)
 
