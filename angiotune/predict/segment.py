@@ -100,7 +100,7 @@ def _head_outputs(model: LesionModel, out: dict, i: int,
     """The heads' answers, their segment codes read in the taxonomy they were trained on; the
     measurements only of heads that were trained. The segment is named among ``vessel``'s
     (when it is one). The vessel the heads would choose, routing's second opinion, comes from
-    their vessel read (format 4) or else from their segment probabilities summed per vessel;
+    their vessel read (format 4 on) or else from their segment probabilities summed per vessel;
     ``vessel_vote`` says which, in words."""
     if model.heads is None:
         return None

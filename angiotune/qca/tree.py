@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -78,13 +79,13 @@ class VesselTree:
     scale: float  # working pixels per frame pixel
     root: tuple[int, int]  # x, y of the root, working scale
 
-    @property
+    @cached_property  # once a frame, not once a box
     def spread(self) -> tuple[float, float]:
         """The centre of the tree's vessels from its root, over the extent."""
         centre = self.points.mean(axis=0)
         return ((centre[0] - self.root[0]) / self.extent, (centre[1] - self.root[1]) / self.extent)
 
-    @property
+    @cached_property
     def area(self) -> float:
         """The vessels' pixels over the extent squared: scale-free, larger for a left tree."""
         return len(self.points) / self.extent ** 2

@@ -70,10 +70,10 @@ class ReadoutCollector:
         rows = len(batch["segment"])
         if not self.wanted:
             return
+        labels = self._labels(batch)  # once a batch: the QCA rows take their first ``room``
         if "segment" in self.heads.settings.tasks:
             unmeasured = np.full((rows, SPACING + 1), np.nan, dtype=np.float32)
-            self.labelled.append(np.concatenate([unmeasured, self._labels(batch, slice(None))],
-                                                axis=1))
+            self.labelled.append(np.concatenate([unmeasured, labels], axis=1))
         room = self.limit - self.collected if self.measures else rows
         if room <= 0:
             return
@@ -90,16 +90,16 @@ class ReadoutCollector:
         # Diameters in model pixels, as the heads predict them (NaN without calibration).
         own[:, 1:] /= spacing
         targets[:, 1:] /= spacing
-        self.rows.append(np.concatenate([readouts, own, targets, spacing,
-                                         self._labels(batch, take)], axis=1))
+        self.rows.append(np.concatenate([readouts, own, targets, spacing, labels[take]],
+                                        axis=1))
 
-    def _labels(self, batch: dict, take: slice) -> np.ndarray:
-        """The class id, fold and view context columns of the batch's rows ``take``."""
-        class_ids = head_targets(batch, self.heads.settings.classes)["segment"][take]
+    def _labels(self, batch: dict) -> np.ndarray:
+        """The class id, fold and view context columns of the batch's rows."""
+        class_ids = head_targets(batch, self.heads.settings.classes)["segment"]
         class_ids = class_ids.cpu().numpy().astype(np.float32)[:, None]
-        folds = np.array([[_fold(str(key))] for key in list(batch["sample_id"])[take]],
+        folds = np.array([[_fold(str(key))] for key in list(batch["sample_id"])],
                          dtype=np.float32)
-        context = np.asarray(batch["context"][take].float().cpu(), dtype=np.float32)
+        context = np.asarray(batch["context"].float().cpu(), dtype=np.float32)
         return np.concatenate([class_ids, folds, context], axis=1)
 
     def fit(self) -> None:
@@ -138,7 +138,8 @@ class ReadoutCollector:
     def _vessel_fit(self, rows: np.ndarray):
         """The vessel read (the same logistic read, over the adapter vessels), on the vessels
         of the rows' segments; None for a trial that saw one vessel (stage 3: its heads keep
-        the read of the stage-2 entry they started from, which depends on the view alone)."""
+        the read of the stage-2 entry they started from, which depends on the view and the frame,
+        not on the adapter)."""
         settings = self.heads.settings
         to_vessel = np.array([ADAPTER_VESSELS.index(v) if v in ADAPTER_VESSELS else -1
                               for v in class_vessels(settings.classes, settings.taxonomy)])
