@@ -43,9 +43,9 @@ VIEWS = list(range(TREE_END, VIEWS_END))  # distance to each vessel's nearest st
 FRAME_TREE = list(range(VIEWS_END, CONTEXT_DIM))  # offset from the root, the tree's spread, area
 RVD = [CONTEXT_DIM]
 INPUTS = {"view and box in the frame": VIEW, "+ reference diameter": VIEW + RVD,
-          "+ tree position": VIEW + TREE, "+ both (the heads' segment read)": VIEW + TREE + RVD,
+          "+ tree position": VIEW + TREE, "+ both (the segment read before)": VIEW + TREE + RVD,
           "+ both + standard views": VIEW + TREE + RVD + VIEWS,
-          "+ both + the frame's tree": VIEW + TREE + RVD + FRAME_TREE}
+          "+ both + frame's tree (the heads' read)": VIEW + TREE + RVD + FRAME_TREE}
 
 
 def cross_validated(rows: pd.DataFrame, columns: list[int],

@@ -223,7 +223,8 @@ def test_the_vessel_read_follows_the_standard_views_where_raw_angles_cannot(tmp_
         load_heads(tmp_path)
 
 
-def test_fitted_heads_answer_with_the_read_in_evaluation_only_and_keep_it_when_saved(tmp_path):
+def test_fitted_heads_answer_with_the_read_in_evaluation_only_and_keep_it_when_saved(tmp_path,
+                                                                                    caplog):
     from safetensors.torch import load_file, save_file
 
     heads = LesionHeads(HeadSettings(classes=("1", "2"), feature_dim=10))
@@ -244,6 +245,21 @@ def test_fitted_heads_answer_with_the_read_in_evaluation_only_and_keep_it_when_s
     save_heads(heads, tmp_path)
     again = load_heads(tmp_path)
     torch.testing.assert_close(again(features, context, spacing)["segment_logits"], read)
+    # Format 5: a segment read without the frame's tree (fewer inputs) is set aside with a
+    # warning; the head's own logits answer, as for heads without a read.
+    state = load_file(tmp_path / "heads.safetensors")
+    narrow = TREE_END + 1
+    state["segment_weight"] = state["segment_weight"][:, :narrow].contiguous()
+    for part in ("mean", "scale"):
+        state[f"segment_{part}"] = state[f"segment_{part}"][:narrow].contiguous()
+    save_file(state, tmp_path / "heads.safetensors")
+    with caplog.at_level(logging.WARNING, logger="angiotune.model.heads"):
+        older = load_heads(tmp_path)
+    assert "segment read of an older angiotune" in caplog.text
+    assert not bool(older.segment_fitted)
+    again.segment_fitted.fill_(False)
+    torch.testing.assert_close(older(features, context, spacing)["segment_logits"],
+                               again(features, context, spacing)["segment_logits"])
     # Heads saved before the segment read (format 2, six context numbers) still load.
     state = load_file(tmp_path / "heads.safetensors")
     state = {k: v for k, v in state.items() if not k.startswith("segment_")

@@ -55,7 +55,9 @@ TASKS = ("segment", "stenosis", "mld", "rvd")
 MEASURED = ("stenosis", "mld", "rvd")  # the tasks a calibration reads QCA for, in QUANTITIES order
 CALIBRATION_INPUTS = (*READOUTS, "head", "bias")
 MIN_CALIBRATION_SAMPLES = 12
-SEGMENT_READ_DIM = TREE_END + 1  # the view, the box, the tree and the reference diameter (mm)
+# The segment read: the view, the box, the place along the tree, the frame's tree (the box's
+# offset from its root, its spread and area) and the reference diameter (mm), last.
+SEGMENT_READ_DIM = TREE_END + (CONTEXT_DIM - VIEWS_END) + 1
 # The vessel read: the view and the box, how far the view is from each vessel's standard
 # views, which way the box lies from the tree's root and which way the tree spreads from it
 # (each alone and times each angle), and the tree's area (``angiotune.data.context``); the
@@ -71,8 +73,9 @@ READ_PARTS = ("weight", "bias", "mean", "scale", "fitted")
 SEGMENT_READ_BUFFERS = tuple(f"segment_{part}" for part in READ_PARTS)
 VESSEL_READ_BUFFERS = tuple(f"vessel_{part}" for part in READ_PARTS)
 # 2: the QCA read; 3: the segment read and the tree; 4: the vessel read and the standard views;
-# 5: the vessel read also reads the box's offset from the tree's root and the frame's tree.
-HEADS_FORMAT = 5
+# 5: the vessel read also reads the box's offset from the tree's root and the frame's tree;
+# 6: so does the segment read.
+HEADS_FORMAT = 6
 
 
 @dataclass(frozen=True)
@@ -396,10 +399,12 @@ class LesionHeads(nn.Module):
 
 
 def segment_read_inputs(context: torch.Tensor, rvd_mm: torch.Tensor) -> torch.Tensor:
-    """(B, ``SEGMENT_READ_DIM``): the view, the box, the tree and the reference diameter in
-    mm (not the standard views: three more inputs cost the segment read more than they told
-    it, ``benchmarks/segment_read.py``)."""
-    return torch.cat([context[:, :TREE_END].float(), rvd_mm.float()[:, None]], dim=1)
+    """(B, ``SEGMENT_READ_DIM``): the view, the box, the place along the tree, the frame's
+    tree and the reference diameter in mm. Not the standard views: three more inputs cost the
+    segment read more than they told it; the frame's tree named more segments, on the phantoms
+    and on ARCADE's real frames alike (``benchmarks/segment_read.py``)."""
+    return torch.cat([context[:, :TREE_END].float(), context[:, VIEWS_END:CONTEXT_DIM].float(),
+                      rvd_mm.float()[:, None]], dim=1)
 
 
 def vessel_read_inputs(context: torch.Tensor) -> torch.Tensor:
@@ -468,12 +473,15 @@ def load_heads(folder: Path) -> LesionHeads:
                     "other distances than in training", folder)
     heads = LesionHeads(settings)
     state = load_file(Path(folder) / HEADS_WEIGHTS)
-    if "vessel_weight" in state and state["vessel_weight"].shape != heads.vessel_weight.shape:
-        # Format 4: a vessel read of fewer inputs. Routing falls back to the segment vote.
-        log.warning("angiotune: %s has a vessel read of an older angiotune; it is not used "
-                    "(routing asks the segment probabilities instead)", folder)
-        state = {k: v for k, v in state.items()
-                 if k not in (*VESSEL_READ_BUFFERS, "vessel_decides")}
+    for read, buffers, instead in (
+            ("vessel", (*VESSEL_READ_BUFFERS, "vessel_decides"),
+             "routing asks the segment probabilities instead"),  # format 4
+            ("segment", SEGMENT_READ_BUFFERS, "the segment head's own logits name it")):  # 5
+        if (f"{read}_weight" in state
+                and state[f"{read}_weight"].shape != getattr(heads, f"{read}_weight").shape):
+            log.warning("angiotune: %s has a %s read of an older angiotune (fewer inputs); it "
+                        "is not used (%s)", folder, read, instead)
+            state = {k: v for k, v in state.items() if k not in buffers}
     # Format-1 heads have no QCA read, format 2 no segment read, format 3 no vessel read: they
     # keep the unfitted buffers, their own outputs.
     missing = set(heads.state_dict()) - set(state)
