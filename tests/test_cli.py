@@ -47,6 +47,7 @@ def test_phantoms_then_index(tmp_path):
             assert raw.encode() not in blob, f"{raw} leaked into {path}"
 
 
+@pytest.mark.slow
 def test_user_errors_have_no_traceback(tmp_path):
     missing = run("index", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "i.parquet"),
                   env_home=tmp_path)

@@ -266,6 +266,7 @@ def shared_arcade() -> Path | None:
 
 @pytest.mark.skipif(shared_arcade() is None, reason="the shared ARCADE folder is not on this "
                     "machine (../shared/data/arcade)")
+@pytest.mark.slow
 def test_real_arcade_frames_index_with_every_annotation_accounted_for(tmp_path: Path) -> None:
     """A handful of the real frames, through a COCO file cut from the real one."""
     arcade = shared_arcade()

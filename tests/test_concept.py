@@ -61,6 +61,7 @@ def test_text_encoder_stays_frozen(strategy):
     assert not [n for n in trainable if "text_encoder" in n or "text_projection" in n]
 
 
+@pytest.mark.slow
 def test_concept_training_and_adapter_round_trip(tokenizer, batch, tmp_path):
     torch.manual_seed(0)
     settings = AdapterSettings(rank=4, targets=("vision_qv", "decoder_attn"))

@@ -47,6 +47,7 @@ from angiotune.train.distill import (
 )
 
 
+@pytest.mark.slow
 def test_a_student_shape_shrinks_the_encoder_and_keeps_the_decoder_width():
     full = Sam3TrackerConfig()  # the hub's facebook/sam3 tracker: 32 x 1024 at 1008 px
     config = student_config(full, StudentShape(0.5, 0.25, 0.5))
@@ -255,6 +256,7 @@ def _student_record(teacher_entry: str, score: float) -> dict:
             "ms_assumption": "assumed", "search": "d", "trial_id": "t1", "epoch": 2}
 
 
+@pytest.mark.slow
 def test_students_are_kept_beside_their_teacher_and_go_stale_with_it(teacher_results, tmp_path):
     import shutil
 

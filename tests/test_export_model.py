@@ -79,6 +79,7 @@ def _front_matter(card: str) -> dict:
     return yaml.safe_load(card.split("---\n")[1])
 
 
+@pytest.mark.slow
 def test_a_merged_lora_loads_with_transformers_alone_and_predicts_the_same(kept, tmp_path):
     out = tmp_path / "LAD"
     done = export_model("LAD", out, kept)

@@ -106,6 +106,7 @@ def _identity(path: Path) -> dict:
                                             "ReferringPhysicianName")}
 
 
+@pytest.mark.slow
 def test_dicom_export_kept_in_the_source_study(studies, kept, tmp_path):
     source = studies / "case1.dcm"
     out = tmp_path / "out"
@@ -171,6 +172,7 @@ def test_the_finding_site_is_the_cass_segment_only_on_the_lesions_vessel():
         codes.SCT.CircumflexCoronaryArtery
 
 
+@pytest.mark.slow
 def test_pseudonymous_dicom_holds_no_identity_and_groups_by_study(studies, kept, tmp_path,
                                                                    phi_scan):
     source = studies / "case1.dcm"

@@ -138,6 +138,7 @@ def _batch(phantom_index, size: int = 112) -> tuple[dict, tuple[str, ...]]:
     return {k: np.stack([s[k] for s in samples]) for k in samples[0]}, classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weighting", ["fixed", "uncertainty"])
 def test_multitask_step_learns_heads_and_reports_their_metrics(phantom_index, weighting):
     torch.manual_seed(0)
@@ -195,6 +196,7 @@ def test_feature_width_from_the_config_matches_a_forward_pass(decoder_width):
     assert features.shape[-1] == feature_dim_of(config)
 
 
+@pytest.mark.slow
 def test_segment_head_trains_without_calibration_or_measurements(phantom_index):
     """COCO data (ARCADE's SYNTAX segments): no mm per pixel and no QCA values. The mm heads
     give NaN, and no NaN reaches a gradient, so the segment head and the adapter still learn."""
@@ -353,6 +355,7 @@ def test_calibrated_heads_read_qca_where_they_can_and_keep_it_when_saved(tmp_pat
     assert torch.equal(old(features, context, spacing, readouts)["mld_mm"], own["mld_mm"])
 
 
+@pytest.mark.slow
 def test_training_steps_calibrate_the_heads_on_their_own_predictions(phantom_index):
     """The collector reads the step's outputs (no second forward pass) and fits the read; an
     evaluation then goes through it, a training forward does not."""

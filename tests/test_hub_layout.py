@@ -93,6 +93,7 @@ def test_clip_tokenizer_ids_fit_a_small_vocab():
 # --- built folders (one build of each per module, ~1-2 s each once torch is imported) -----------
 
 
+@pytest.mark.slow
 def test_hub_folder_has_the_hub_layout(hub_folder: Path):
     assert sorted(p.name for p in hub_folder.glob("*.safetensors")) == [WEIGHTS_NAME]
     config = json.loads((hub_folder / "config.json").read_text(encoding="utf-8"))
@@ -113,6 +114,7 @@ def test_hub_folder_has_the_hub_layout(hub_folder: Path):
         assert (hub_folder / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_nested_folder_has_the_save_pretrained_layout(nested_folder: Path):
     keys = weight_keys(nested_folder)
     assert any(key.startswith(NESTED_TRACKER_PREFIX + "mask_decoder.") for key in keys)

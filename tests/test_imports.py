@@ -47,6 +47,7 @@ def _one_float(trial) -> None:
     trial.suggest_float("x", 0.0, 1.0)
 
 
+@pytest.mark.slow
 def test_ray_optuna_search_keeps_the_private_state_the_searcher_uses():
     """``PrunedAwareOptunaSearch`` (angiotune.search.run) reads Ray's ``OptunaSearch`` private
     state: Ray has no public hook to tell Optuna a trial was pruned. This fails, naming what is

@@ -230,6 +230,7 @@ def test_the_crop_an_adapter_learned_travels_with_it(tmp_path):
         AdapterSettings(crop_context=0.5)
 
 
+@pytest.mark.slow
 def test_the_refiner_starts_as_the_decoder_learns_and_travels(tmp_path, batch):
     """Zero-initialised, it starts from the decoder's mask; trained, it changes the mask; saved
     with the adapter, it comes back with it."""

@@ -184,6 +184,7 @@ def test_evaluate_scores_the_general_entry_on_every_test_lesion_in_pixels(uncali
     assert "| general | all | kept (stage 1) |" in markdown and "no calibration" in markdown
 
 
+@pytest.mark.slow
 def test_evaluate_on_another_index_scores_vessel_adapters_on_unnamed_lesions_too(
         uncalibrated, kept, phantom_index_npy, capsys):
     """Transfer (phantom-trained adapters on ARCADE): --data scores every entry on that index's
@@ -297,6 +298,7 @@ def test_a_route_to_a_vessel_without_an_adapter_takes_the_general_one(phantom_di
         "set by the user (--vessel general)"
 
 
+@pytest.mark.slow
 def test_an_uncalibrated_index_and_a_dicom_without_magnification_are_measured_in_pixels(
         phantom_dir, uncalibrated, kept, tmp_path):
     import pydicom

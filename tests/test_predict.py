@@ -79,6 +79,7 @@ def test_a_folder_of_cines_is_routed_measured_and_reported(phantom_dir, kept_res
     assert len(combined["lesions"]) == len(summary.lesions)
 
 
+@pytest.mark.slow
 def test_an_index_is_predicted_row_by_row_beside_the_core_lab(phantom_index, kept_results,
                                                                tmp_path):
     out = tmp_path / "by-index"
@@ -124,6 +125,7 @@ def test_cli_predicts_a_given_box_on_a_given_frame(phantom_dir, kept_results, tm
     assert "Lesions measured" in printed and str(cine) in printed  # path on the terminal only
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_clear_line(phantom_dir, kept_results, tmp_path, capsys):
     cine = sorted((phantom_dir / "dicom").glob("*.dcm"))[0]
     npy = sorted((phantom_dir / "cines").glob("*.npy"))[0]
@@ -188,6 +190,7 @@ def test_the_chosen_frame_is_a_contrast_filled_one(phantom_dir, manifest_rows):
         assert f"frame {best}" in reason
 
 
+@pytest.mark.slow
 def test_proposals_find_a_drawn_narrowing_and_nothing_on_a_blank_frame():
     path = straight(length_mm=60.0, start=(4.0, 10.0), angle_deg=30)
     for stenosis in (50.0, 70.0):
@@ -245,6 +248,7 @@ def test_predict_settings_refuse_bad_values_however_they_are_made(capsys):
     assert "--calibration" in capsys.readouterr().err  # refused before the file is looked at
 
 
+@pytest.mark.slow
 def test_kept_lora_adapters_share_one_base_and_switch_per_vessel(tmp_path):
     """One base in memory for every vessel's LoRA: each vessel's adapter runs when asked for,
     and gives what that adapter alone on its own base gives."""

@@ -4,6 +4,7 @@ vessel's end, comes first; and the proposals are different places."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from angiotune.predict.proposals import propose_boxes
 from tests.shapes import SPACING_MM, angiogram, narrowing, straight
@@ -29,6 +30,7 @@ def _branched(stenosis_pct: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return frame.astype(np.float32), centre, fork / SPACING_MM
 
 
+@pytest.mark.slow
 def test_the_narrowing_comes_first_and_the_branch_point_is_not_proposed():
     for stenosis in (40.0, 60.0):
         frame, lesion, fork = _branched(stenosis)

@@ -50,6 +50,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_leaves_the_decoder_unfilled_is_refused(tmp_path, capsys):
     nested = build_nested_layout(tmp_path / "saved")
     with pytest.raises(ModelError, match=r"missing from the checkpoint.*mask_decoder"

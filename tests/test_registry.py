@@ -248,6 +248,7 @@ def _assert_old_or_new_then_promotable(results: Path, tmp_path: Path) -> float:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["pointers", "before pointers"])
 def test_a_promotion_killed_between_any_two_steps_leaves_the_old_or_the_new_entry(
         tmp_path, monkeypatch, layout):

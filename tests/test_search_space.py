@@ -253,6 +253,7 @@ def _open_study_in_a_loop(path: str, stop) -> None:
                 optuna.load_study(study_name="s", storage=f"sqlite:///{path}")
 
 
+@pytest.mark.slow
 def test_a_reader_opening_the_study_meanwhile_does_not_end_the_search(tmp_path):
     """optuna-dashboard (or any load_study) opening optuna.db while the search creates its
     tables made SQLite fail the search at its start ("table already exists", a UNIQUE

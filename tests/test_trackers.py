@@ -81,6 +81,7 @@ def test_paths_name_sqlite_stores_under_the_search_folder(tmp_path):
     assert not is_uri(r"C:\results\mlflow.db")  # a Windows path, not a scheme
 
 
+@pytest.mark.slow
 def test_the_builder_makes_tune_callbacks_with_resolved_stores(tmp_path):
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.air.integrations.wandb import WandbLoggerCallback
