@@ -144,6 +144,7 @@ def test_the_segment_read_learns_from_the_tree_and_the_reference_diameter():
     heads.set_segment_read(fit)
     context = torch.zeros(n, CONTEXT_DIM)
     context[:, :TREE_END] = torch.as_tensor(inputs[:, :TREE_END])
+    context[:, VIEWS_END:] = torch.as_tensor(inputs[:, TREE_END:-1])  # the frame's tree
     logits = heads.read_segment(context, torch.as_tensor(inputs[:, -1], dtype=torch.float32))
     assert (logits.argmax(1).numpy() == labels).mean() > 0.9
     assert torch.isfinite(logits).all()
@@ -245,21 +246,19 @@ def test_fitted_heads_answer_with_the_read_in_evaluation_only_and_keep_it_when_s
     save_heads(heads, tmp_path)
     again = load_heads(tmp_path)
     torch.testing.assert_close(again(features, context, spacing)["segment_logits"], read)
-    # Format 5: a segment read without the frame's tree (fewer inputs) is set aside with a
-    # warning; the head's own logits answer, as for heads without a read.
+    # Formats 3-5: a segment read without the frame's tree (the view, the box, the tree, the
+    # reference diameter) loads widened, the frame's tree at zero weight: the same answer.
     state = load_file(tmp_path / "heads.safetensors")
-    narrow = TREE_END + 1
-    state["segment_weight"] = state["segment_weight"][:, :narrow].contiguous()
+    old_columns = [*range(TREE_END), SEGMENT_READ_DIM - 1]
+    state["segment_weight"] = state["segment_weight"][:, old_columns].contiguous()
     for part in ("mean", "scale"):
-        state[f"segment_{part}"] = state[f"segment_{part}"][:narrow].contiguous()
+        state[f"segment_{part}"] = state[f"segment_{part}"][old_columns].contiguous()
     save_file(state, tmp_path / "heads.safetensors")
     with caplog.at_level(logging.WARNING, logger="angiotune.model.heads"):
         older = load_heads(tmp_path)
-    assert "segment read of an older angiotune" in caplog.text
-    assert not bool(older.segment_fitted)
-    again.segment_fitted.fill_(False)
-    torch.testing.assert_close(older(features, context, spacing)["segment_logits"],
-                               again(features, context, spacing)["segment_logits"])
+    assert not caplog.text and bool(older.segment_fitted)
+    assert older.segment_weight.shape == (2, SEGMENT_READ_DIM)
+    torch.testing.assert_close(older(features, context, spacing)["segment_logits"], read)
     # Heads saved before the segment read (format 2, six context numbers) still load.
     state = load_file(tmp_path / "heads.safetensors")
     state = {k: v for k, v in state.items() if not k.startswith("segment_")

@@ -18,7 +18,8 @@ each estimate (QCA of a mask that follows a branch is confidently wrong; the fit
 
 The CASS segment is read the same way once fitted (``fit_segment_read``): a multinomial logistic
 read of the view context, where the box sits along the frame's vessel tree
-(``angiotune.qca.tree``) and the calibrated reference diameter in mm. A segment is named by its
+(``angiotune.qca.tree``), the frame's tree itself (where the box lies from its root, the
+tree's spread and area) and the calibrated reference diameter in mm. A segment is named by its
 place on the tree and vessels taper from the ostium, so these say more than the crop; the
 pooled crop features are left to the head's own logits, which the read replaces. The answer is
 then taken among the segments of the lesion's vessel (``restrict_to_vessel``).
@@ -74,7 +75,7 @@ SEGMENT_READ_BUFFERS = tuple(f"segment_{part}" for part in READ_PARTS)
 VESSEL_READ_BUFFERS = tuple(f"vessel_{part}" for part in READ_PARTS)
 # 2: the QCA read; 3: the segment read and the tree; 4: the vessel read and the standard views;
 # 5: the vessel read also reads the box's offset from the tree's root and the frame's tree;
-# 6: so does the segment read.
+# 6: so does the segment read (an older one loads widened, its new inputs at zero weight).
 HEADS_FORMAT = 6
 
 
@@ -454,6 +455,24 @@ def has_heads(folder: Path) -> bool:
     return (Path(folder) / HEADS_CONFIG).is_file()
 
 
+def _widened_segment_read(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A segment read of formats 3-5 (the view, the box, the tree, the reference diameter)
+    given the frame's tree's inputs at zero weight: the same logits as before, exactly."""
+    weight = state.get("segment_weight")
+    old_dim = TREE_END + 1
+    if weight is None or weight.shape[1] != old_dim:
+        return state
+    extra = SEGMENT_READ_DIM - old_dim
+
+    def widened(values: torch.Tensor, fill: float) -> torch.Tensor:
+        pad = torch.full((*values.shape[:-1], extra), fill, dtype=values.dtype)
+        return torch.cat([values[..., :TREE_END], pad, values[..., TREE_END:]], dim=-1)
+
+    return {**state, "segment_weight": widened(weight, 0.0),
+            "segment_mean": widened(state["segment_mean"], 0.0),
+            "segment_scale": widened(state["segment_scale"], 1.0)}
+
+
 def load_heads(folder: Path) -> LesionHeads:
     record = json.loads((Path(folder) / HEADS_CONFIG).read_text(encoding="utf-8"))
     if int(record.get("format", 1)) > HEADS_FORMAT:
@@ -473,15 +492,15 @@ def load_heads(folder: Path) -> LesionHeads:
                     "other distances than in training", folder)
     heads = LesionHeads(settings)
     state = load_file(Path(folder) / HEADS_WEIGHTS)
-    for read, buffers, instead in (
-            ("vessel", (*VESSEL_READ_BUFFERS, "vessel_decides"),
-             "routing asks the segment probabilities instead"),  # format 4
-            ("segment", SEGMENT_READ_BUFFERS, "the segment head's own logits name it")):  # 5
-        if (f"{read}_weight" in state
-                and state[f"{read}_weight"].shape != getattr(heads, f"{read}_weight").shape):
-            log.warning("angiotune: %s has a %s read of an older angiotune (fewer inputs); it "
-                        "is not used (%s)", folder, read, instead)
-            state = {k: v for k, v in state.items() if k not in buffers}
+    state = _widened_segment_read(state)
+    if ("vessel_weight" in state
+            and state["vessel_weight"].shape != heads.vessel_weight.shape):
+        # Format 4: a vessel read of other inputs. Routing falls back to the segment vote.
+        if bool(state.get("vessel_fitted", False)):
+            log.warning("angiotune: %s has a vessel read of an older angiotune; it is not used "
+                        "(routing asks the segment probabilities instead)", folder)
+        state = {k: v for k, v in state.items()
+                 if k not in (*VESSEL_READ_BUFFERS, "vessel_decides")}
     # Format-1 heads have no QCA read, format 2 no segment read, format 3 no vessel read: they
     # keep the unfitted buffers, their own outputs.
     missing = set(heads.state_dict()) - set(state)
