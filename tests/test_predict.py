@@ -126,7 +126,8 @@ def test_cli_predicts_a_given_box_on_a_given_frame(phantom_dir, kept_results, tm
 
 
 @pytest.mark.slow
-def test_cli_user_errors_are_one_clear_line(phantom_dir, kept_results, tmp_path, capsys):
+def test_cli_user_errors_are_one_clear_line(phantom_dir, kept_results, tmp_path, capsys,
+                                            monkeypatch):
     cine = sorted((phantom_dir / "dicom").glob("*.dcm"))[0]
     npy = sorted((phantom_dir / "cines").glob("*.npy"))[0]
     base = ["--out", str(tmp_path / "o"), "--results", str(kept_results)]
@@ -147,8 +148,10 @@ def test_cli_user_errors_are_one_clear_line(phantom_dir, kept_results, tmp_path,
     [report] = [json.loads(p.read_text()) for p in (tmp_path / "angled").glob("*_lesion1.json")]
     assert report["adapter"]["vessel"] == "LCX" and "RAO caudal" in report["routing"]["reason"]
     assert main(["predict", str(tmp_path / "missing.dcm")] + base) == 2
+    monkeypatch.chdir(tmp_path)  # where the default --out would go
     assert main(["predict", str(cine), "--results", str(tmp_path / "empty")]) == 2
     assert "no box-prompted adapter kept" in capsys.readouterr().err
+    assert not (tmp_path / "predictions").exists()  # a user error leaves no empty folder
 
 
 def test_without_angles_the_adapter_with_heads_starts_and_the_head_may_decide(

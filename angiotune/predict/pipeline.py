@@ -226,13 +226,13 @@ def predict(source: str | Path, out: str | Path, settings: PredictSettings = Pre
     source, out = Path(source), Path(out)
     if not source.exists():
         raise DataError("no such file or folder", file=str(source))
-    out.mkdir(parents=True, exist_ok=True)
     models = KeptModels(settings.results, settings.device, settings.model,
                         student=settings.student)
     items = list(_items(source, settings))
     if not items:
         raise DataError(f"no DICOM, NPY or image cines ({', '.join(CINE_SUFFIXES)}) found",
                         file=str(source))
+    out.mkdir(parents=True, exist_ok=True)  # not before: a user error leaves no empty folder
     summary = PredictSummary()
     salt = resolve_salt()
     writers = prediction_writers(out, settings.exports, settings.dicom_identity, salt)
