@@ -234,7 +234,9 @@ def search(space_file: str, data: Path | None, model: Path | None, name: str | N
     for failure in outcome.failed:
         out.print(f"trial {failure['trial_id']} failed: {failure['reason']}", soft_wrap=True)
     zero = outcome.zero_shot.get("dice", float("nan"))
-    out.print(f"Zero-shot base on validation: Dice {zero:.3f}")
+    out.print(f"Zero-shot base on validation: Dice {zero:.3f}"
+              + (" (an earlier search's, on the same lesions, weights and sizes)"
+                 if outcome.zero_shot_reused else ""))
     if outcome.pareto:
         _print_pareto(outcome.pareto, outcome.run_dir / "pareto.json")
     for message in outcome.messages:

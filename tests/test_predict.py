@@ -311,3 +311,21 @@ def test_every_lesion_of_a_frame_is_segmented_in_one_pass_as_each_would_be_alone
         assert batched.confidence == pytest.approx(alone.confidence, abs=1e-5)
         assert batched.heads["cass_segment"] == alone.heads["cass_segment"]
         assert batched.heads["MLD_mm"] == pytest.approx(alone.heads["MLD_mm"], abs=1e-3)
+
+
+@pytest.mark.parametrize(("data_note", "base_model", "says", "never"), [
+    ("synthetic phantoms and the embedded tiny SAM 3 model", "embedded:abc",
+     "synthetic phantoms with the embedded tiny SAM 3", None),
+    ("angiotune's synthetic phantoms (not clinical data) and the SAM 3 weights given",
+     "sam3@abc", "synthetic phantoms with the SAM 3 weights given", "tiny"),
+    ("user data and the embedded tiny SAM 3 model", "embedded:abc",
+     "the data given with the embedded tiny SAM 3", "phantoms"),
+    ("user data and the SAM 3 weights given", "sam3@abc", "research output; not", "phantoms"),
+])
+def test_a_report_says_what_its_adapter_was_trained_on_and_from(data_note, base_model, says,
+                                                                never):
+    from angiotune.predict.pipeline import _what
+
+    what = _what({"data_note": data_note, "base_model": base_model})
+    assert says in what and "not a clinical measurement" in what
+    assert never is None or never not in what

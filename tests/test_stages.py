@@ -2,8 +2,11 @@
 registry's per-vessel comparison, and the held-out evaluation of what was kept. Fast: what a
 stage-3 search competes for in the registry, and a refused ``init``."""
 
+import os
+
 import optuna
 import pytest
+from ingest_helpers import corrupt_copy
 
 from angiotune.cli import main
 from angiotune.data.ingest import IndexSettings, build_index
@@ -62,6 +65,8 @@ def test_stage_two_keeps_adapters_with_heads_and_reports_the_pareto_front(staged
 def test_stage_three_runs_one_study_per_vessel_on_its_lesions(staged):
     results, _, third, _ = staged
     assert third.trials == 2 and third.errors == 0
+    # Same lesions, weights and sizes as stage 2: its zero-shot baseline, not a second pass.
+    assert third.zero_shot_reused and third.zero_shot == staged[1].zero_shot
     storage = f"sqlite:///{third.run_dir / 'optuna.db'}"
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     assert names == {"s3-RCA", "s3-LAD"}
@@ -191,3 +196,28 @@ def test_nothing_the_searches_and_predictions_write_names_a_patient(staged, loca
     files = phi_scan([results, tmp_path / "predictions", local_ray.temp_dir])
     assert len(files) > 50 and any(p.suffix == ".png" for p in files)
     assert any(local_ray.temp_dir in p.parents for p in files)  # the Ray logs were read
+
+
+def test_the_zero_shot_baseline_is_reused_only_for_the_same_question(phantom_dir, tmp_path):
+    from angiotune.data.stream import load_rows
+    from angiotune.search.api import zero_shot_key
+
+    data = corrupt_copy(phantom_dir, tmp_path)
+    index = build_index(data / "manifest.csv", tmp_path / "index.parquet",
+                        IndexSettings(salt="test-salt")).out
+    raw = {**COMMON, "name": "s", "metric": "dice", "samples": 1, "fixed": {"strategy": "lora"},
+           "params": {"lr": {"type": "float", "low": 1e-3, "high": 3e-3}}}
+    space = parse_space(raw, "s.yaml")
+    key = zero_shot_key(space, index, "embedded:abc", "box")
+    assert zero_shot_key(space, index, "embedded:abc", "box") == key
+    larger = parse_space({**raw, "data": {"image_size": 128, "batch_size": 8}}, "s.yaml")
+    others = {zero_shot_key(larger, index, "embedded:abc", "box"),
+              zero_shot_key(space, index, "sam3@def", "box"),
+              zero_shot_key(space, index, "embedded:abc", "text_box")}
+    assert key not in others and len(others) == 3
+    # A validation frame rewritten in place (same index) is another question.
+    rows, root = load_rows(index, "val")
+    frame = root / rows["image_path"].iloc[0]
+    stat = frame.stat()
+    os.utime(frame, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert zero_shot_key(space, index, "embedded:abc", "box") != key

@@ -13,14 +13,17 @@ import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from angiotune.data.transforms import DEFAULT_CROP_CONTEXT
 from angiotune.errors import ConfigError
 from angiotune.names import CROP_CONTEXT_RANGE, STRATEGIES, TARGET_GROUPS
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 # What decoder_only trains: the tracker's prompt encoder and mask decoder, or the concept
 # model's geometry encoder, DETR decoder, scoring and mask decoder.
@@ -96,6 +99,8 @@ def encoder_block_count(model: torch.nn.Module) -> int:
 def adapt(base: torch.nn.Module, settings: AdapterSettings) -> torch.nn.Module:
     """The model to train: the base with only the strategy's weights left trainable."""
     if settings.strategy == "lora":
+        from peft import LoraConfig, get_peft_model  # peft pulls in transformers' model code
+
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
                             lora_dropout=settings.dropout,
                             target_modules=settings.target_regex(encoder_block_count(base)),
@@ -125,6 +130,8 @@ def trainable_parameters(model: torch.nn.Module) -> int:
 def save_adapter(model: torch.nn.Module, settings: AdapterSettings, folder: Path,
                  base_id: str) -> None:
     """Only what was trained, plus the settings and the base it needs."""
+    from peft import PeftModel
+
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
         model.save_pretrained(folder, safe_serialization=True)
@@ -183,6 +190,8 @@ def load_adapter(base: torch.nn.Module, folder: Path, trainable: bool = False,
     """
     settings = _checked_settings(Path(folder), base_id)
     if settings.strategy == "lora":
+        from peft import PeftModel
+
         with warnings.catch_warnings():  # peft asks a transformers 5 property it deprecated
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
             model = PeftModel.from_pretrained(base, folder, adapter_name=name,

@@ -627,11 +627,16 @@ def _student_report(student: dict | None) -> dict | None:
 
 
 def _what(entry: dict) -> str:
-    if "phantom" in str(entry.get("data_note", "")).lower() or \
-            str(entry.get("base_model", "")).startswith("embedded:"):
-        return ("research output of a model adapted on synthetic phantoms with the embedded "
-                "tiny SAM 3; not a clinical measurement")
-    return "research output; not a clinical measurement"
+    """What the adapter was trained on and from, each said only where it is true: phantoms
+    with the full-size weights are still phantoms, and user data with the tiny model is still
+    the tiny model."""
+    phantoms = "phantom" in str(entry.get("data_note", "")).lower()
+    embedded = str(entry.get("base_model", "")).startswith("embedded:")
+    if not phantoms and not embedded:
+        return "research output; not a clinical measurement"
+    data = "synthetic phantoms" if phantoms else "the data given"
+    model = "the embedded tiny SAM 3" if embedded else "the SAM 3 weights given"
+    return f"research output of a model adapted on {data} with {model}; not a clinical measurement"
 
 
 def _angles_text(angles: tuple[float | None, float | None]) -> dict | None:
