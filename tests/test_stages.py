@@ -208,16 +208,23 @@ def test_the_zero_shot_baseline_is_reused_only_for_the_same_question(phantom_dir
     raw = {**COMMON, "name": "s", "metric": "dice", "samples": 1, "fixed": {"strategy": "lora"},
            "params": {"lr": {"type": "float", "low": 1e-3, "high": 3e-3}}}
     space = parse_space(raw, "s.yaml")
-    key = zero_shot_key(space, index, "embedded:abc", "box")
-    assert zero_shot_key(space, index, "embedded:abc", "box") == key
+    key = zero_shot_key(space, index, None, "embedded:abc", "box")
+    assert key is not None and zero_shot_key(space, index, None, "embedded:abc", "box") == key
     larger = parse_space({**raw, "data": {"image_size": 128, "batch_size": 8}}, "s.yaml")
-    others = {zero_shot_key(larger, index, "embedded:abc", "box"),
-              zero_shot_key(space, index, "sam3@def", "box"),
-              zero_shot_key(space, index, "embedded:abc", "text_box")}
-    assert key not in others and len(others) == 3
+    wider = parse_space({**raw, "fixed": {"strategy": "lora", "crop_context": 4.0}}, "s.yaml")
+    gpu = parse_space({**raw, "resources": {"gpus_per_worker": 1}}, "s.yaml")
+    others = {zero_shot_key(larger, index, None, "embedded:abc", "box"),
+              zero_shot_key(wider, index, None, "embedded:abc", "box"),
+              zero_shot_key(gpu, index, None, "embedded:abc", "box"),
+              zero_shot_key(space, index, None, "sam3@def", "box"),
+              zero_shot_key(space, index, None, "embedded:abc", "text_box")}
+    assert key not in others and len(others) == 5
     # A validation frame rewritten in place (same index) is another question.
     rows, root = load_rows(index, "val")
     frame = root / rows["image_path"].iloc[0]
     stat = frame.stat()
     os.utime(frame, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert zero_shot_key(space, index, "embedded:abc", "box") != key
+    assert zero_shot_key(space, index, None, "embedded:abc", "box") != key
+    # A validation file the driver cannot see: no key, so no cache; the trials report it.
+    frame.unlink()
+    assert zero_shot_key(space, index, None, "embedded:abc", "box") is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,40 +253,76 @@ def check_weights(model: Path | None, mode: str) -> None:
     gc.collect()
 
 
-def zero_shot_on_cluster(space: SearchSpace, index: Path, model: Path | None,
-                         mode: str) -> dict[str, float]:
-    """The zero-shot baseline as a Ray task with one trial's resources (its GPU, when trials
-    have one): the driver keeps no weights or CUDA memory for the whole search. On a GPU the
-    task's process exits afterwards, so no CUDA memory stays held; on CPUs it stays in Ray's
-    pool with torch and transformers imported, which a trial started next reuses (3-7 s less
-    per search on two cores, side by side)."""
+def on_trial_resources(space: SearchSpace, function, *args, exit_after: bool = True):
+    """``function(*args)`` as a Ray task with one trial's CPUs and GPU. ``exit_after``: in a
+    process that exits afterwards (no weights or CUDA memory stay behind); otherwise it goes
+    back to Ray's pool with torch imported, for a trial to reuse. A user's error comes back as
+    itself, its message, not Ray's traceback."""
     import ray
 
-    once = 1 if space.gpus_per_worker else 0  # 0: no limit on the calls a process serves
-    task = ray.remote(max_calls=once)(zero_shot).options(num_cpus=space.cpus_per_worker,
-                                                         num_gpus=space.gpus_per_worker or 0)
+    task = ray.remote(max_calls=1 if exit_after else 0)(function).options(
+        num_cpus=space.cpus_per_worker, num_gpus=space.gpus_per_worker or 0)
+    try:
+        return ray.get(task.remote(*args))
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, AngiotuneError):
+            raise error.cause from None
+        raise
+
+
+def zero_shot_on_cluster(space: SearchSpace, index: Path, model: Path | None,
+                         mode: str) -> dict[str, float]:
+    """The zero-shot baseline where trials run (their GPU, when they have one): the driver
+    keeps no weights or CUDA memory for the whole search. On CPUs the process stays in Ray's
+    pool for the first trial (3-7 s less per search on two cores, side by side)."""
     crop = space.fixed.get("crop_context")  # a searched crop: the base on the default one
-    return ray.get(task.remote(index, model, space.image_size, mode, space.batch_size,
-                               None if crop is None else float(crop)))
+    return on_trial_resources(space, zero_shot, index, model, space.image_size, mode,
+                              space.batch_size, None if crop is None else float(crop),
+                              exit_after=bool(space.gpus_per_worker))
 
 
-def zero_shot_key(space: SearchSpace, index: Path, base_id: str, mode: str) -> str:
-    """What the zero-shot baseline depends on: the base weights, the validation lesions as
-    indexed and their files as they are on disk, the input size, the prompt, the crop, the
-    device kind and the scoring code. Stages 2 and 3 on the same data and weights ask the same
-    question as stage 1 did; a full-size pass over every validation lesion is minutes."""
-    from angiotune import __version__
+# The code a baseline's score goes through: reading, cropping, the model's forward and the
+# metrics. Their bytes are part of its key, so an upgrade of angiotune never serves an old score.
+ZERO_SHOT_SOURCES = ("data/readers.py", "data/transforms.py", "data/stream.py", "model/sam3.py",
+                     "model/lesion.py", "train/step.py", "train/metrics.py", "search/api.py")
+
+
+def zero_shot_key(space: SearchSpace, index: Path, model: Path | None, base_id: str,
+                  mode: str) -> str | None:
+    """What the zero-shot baseline depends on: the base weights and the model folder's
+    configuration, the validation lesions as indexed and their files (size and modification
+    time), the input size, the prompt, the crop, the device kind, and the code and library
+    versions that score it. None when a file cannot be looked at from here (the trials' own
+    reading then reports it, naming the file). Stages 2 and 3 on the same data and weights ask
+    the same question as stage 1 did; a full-size pass over every validation lesion is
+    minutes."""
+    import torch
+    import transformers
+
+    import angiotune
     from angiotune.data.stream import load_rows
+    from angiotune.data.transforms import DEFAULT_CROP_CONTEXT
 
     rows, root = load_rows(index, "val")
     files = []
-    for column in ("image_path", "mask_path"):
-        for name in sorted(set(rows[column].astype(str))):
-            stat = (root / name).stat()
-            files.append(f"{(root / name).resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    try:
+        for column in ("image_path", "mask_path"):
+            for name in sorted(set(rows[column].astype(str))):
+                stat = (root / name).stat()
+                files.append(f"{(root / name).resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+        package = Path(angiotune.__file__).parent
+        code = hashlib.sha256(b"".join((package / f).read_bytes() for f in ZERO_SHOT_SOURCES))
+        if model is not None:  # configuration and tokenizer files: the weights have base_id
+            for extra in sorted(Path(model).glob("*.json")):
+                code.update(extra.name.encode() + extra.read_bytes())
+    except OSError:
+        return None
+    crop = space.fixed.get("crop_context")
     identity = json.dumps({
-        "format": ZERO_SHOT_FORMAT, "angiotune": __version__, "base": base_id, "mode": mode,
-        "image_size": space.image_size, "crop": space.fixed.get("crop_context"),
+        "format": ZERO_SHOT_FORMAT, "code": code.hexdigest(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "base": base_id, "mode": mode,
+        "image_size": space.image_size,
+        "crop": float(DEFAULT_CROP_CONTEXT if crop is None else crop),
         "gpu": bool(space.gpus_per_worker),
         "rows": rows.sort_values("sample_id").to_json(orient="records", default_handler=str),
         "files": files}, sort_keys=True)
@@ -297,16 +333,19 @@ def cached_zero_shot(space: SearchSpace, index: Path, model: Path | None, mode: 
                      base_id: str, results: Path) -> tuple[dict[str, float], bool]:
     """The zero-shot baseline and whether it came from ``results/cache/zero_shot`` (computed
     by an earlier search of the same question) rather than a fresh pass."""
-    stored = results / "cache" / "zero_shot" / f"{zero_shot_key(space, index, base_id, mode)}.json"
+    key = zero_shot_key(space, index, model, base_id, mode)
+    if key is None:
+        return zero_shot_on_cluster(space, index, model, mode), False
+    stored = results / "cache" / "zero_shot" / f"{key}.json"
     try:
         return {k: float(v) for k, v in json.loads(stored.read_text()).items()}, True
-    except (OSError, ValueError, AttributeError):  # absent, or unreadable: computed again
+    except (OSError, ValueError, TypeError, AttributeError):  # absent or unreadable: again
         pass
     baseline = zero_shot_on_cluster(space, index, model, mode)
     stored.parent.mkdir(parents=True, exist_ok=True)
-    partial = stored.with_suffix(f".{os.getpid()}.tmp")
+    partial = stored.with_suffix(f".{uuid.uuid4().hex}.tmp")
     partial.write_text(json.dumps(baseline, indent=1, sort_keys=True))
-    partial.replace(stored)  # whole or absent, for searches sharing the folder
+    partial.replace(stored)  # whole or absent, for searches (and hosts) sharing the folder
     return baseline, False
 
 

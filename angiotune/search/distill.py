@@ -18,6 +18,7 @@ from pathlib import Path
 
 from angiotune import jsonio
 from angiotune.errors import AngiotuneError
+from angiotune.search.api import on_trial_resources
 from angiotune.search.space import DISTILL, SearchSpace
 
 STATE_FILE = "distill_state.pt"
@@ -81,7 +82,7 @@ def distill(space: SearchSpace, results: str | Path = "results", model: Path | N
             continue
         row, config, trial_id = best
         folder = Path(row["checkpoint_path"]) / STUDENT_DIR
-        tests = _on_trial_resources(space, _test_scores, str(targets), str(folder))
+        tests = on_trial_resources(space, _test_scores, str(targets), str(folder))
         record = _record(space, entry, base, row, config, trial_id, tests, name, folder)
         outcome.students[key] = {**record, "student": str(folder)}
         _, message = promote_student(results, key, folder, record)
@@ -151,21 +152,6 @@ def _missing_splits(index: str, key: str) -> list[str]:
     return [split for split in ("val", "test") if not (rows["split"] == split).any()]
 
 
-def _on_trial_resources(space: SearchSpace, function, *args):
-    """``function(*args)`` as a Ray task with one trial's CPUs and GPU, in a process that
-    exits afterwards (no weights or CUDA memory stay behind)."""
-    import ray
-
-    task = ray.remote(max_calls=1)(function).options(num_cpus=space.cpus_per_worker,
-                                                     num_gpus=space.gpus_per_worker or 0)
-    try:
-        return ray.get(task.remote(*args))
-    except ray.exceptions.RayTaskError as error:  # a user's error: its message, not Ray's
-        if isinstance(error.cause, AngiotuneError):
-            raise error.cause from None
-        raise
-
-
 def _targets(space: SearchSpace, entry: dict, key: str, base: str | None, folder: Path,
              results: Path, resume: bool) -> Path:
     import shutil
@@ -186,8 +172,8 @@ def _targets(space: SearchSpace, entry: dict, key: str, base: str | None, folder
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(Path(entry["path"]) / ADAPTER, folder / "teacher")
     cache = str((results / "cache" / "frames").resolve())
-    _on_trial_resources(space, _teacher_pass, str(folder / "teacher"), entry["index"], key,
-                        base, str(folder), teacher["frames_per_cine"], cache, space.batch_size)
+    on_trial_resources(space, _teacher_pass, str(folder / "teacher"), entry["index"], key,
+                       base, str(folder), teacher["frames_per_cine"], cache, space.batch_size)
     record.write_text(json.dumps(teacher), encoding="utf-8")
     return folder
 
@@ -209,7 +195,7 @@ def _device(gpus: float):
 
 def _teacher_pass(adapter: str, index: str, key: str, base: str | None, folder: str,
                   frames: int, cache: str, batch_size: int) -> None:
-    """The teacher over its lesions' frames (a Ray task: ``_on_trial_resources``)."""
+    """The teacher over its lesions' frames (a Ray task: ``on_trial_resources``)."""
     import ray
 
     from angiotune.data.stream import load_rows
