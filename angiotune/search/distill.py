@@ -18,7 +18,6 @@ from pathlib import Path
 
 from angiotune import jsonio
 from angiotune.errors import AngiotuneError
-from angiotune.search.api import on_trial_resources
 from angiotune.search.space import DISTILL, SearchSpace
 
 STATE_FILE = "distill_state.pt"
@@ -82,6 +81,8 @@ def distill(space: SearchSpace, results: str | Path = "results", model: Path | N
             continue
         row, config, trial_id = best
         folder = Path(row["checkpoint_path"]) / STUDENT_DIR
+        from angiotune.search.api import on_trial_resources  # imports torch
+
         tests = on_trial_resources(space, _test_scores, str(targets), str(folder))
         record = _record(space, entry, base, row, config, trial_id, tests, name, folder)
         outcome.students[key] = {**record, "student": str(folder)}
@@ -172,6 +173,8 @@ def _targets(space: SearchSpace, entry: dict, key: str, base: str | None, folder
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(Path(entry["path"]) / ADAPTER, folder / "teacher")
     cache = str((results / "cache" / "frames").resolve())
+    from angiotune.search.api import on_trial_resources  # imports torch
+
     on_trial_resources(space, _teacher_pass, str(folder / "teacher"), entry["index"], key,
                        base, str(folder), teacher["frames_per_cine"], cache, space.batch_size)
     record.write_text(json.dumps(teacher), encoding="utf-8")
