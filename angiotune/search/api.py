@@ -24,7 +24,6 @@ EMBEDDED_PHANTOMS = dict(lesions=200, size=512, frames=3, seed=0, shared_views=0
 EMBEDDED_SALT = "angiotune-embedded-phantoms"  # synthetic patients: nothing to protect
 PHANTOM_DATA = "angiotune's synthetic phantoms (not clinical data)"
 EMBEDDED_MODEL = "the embedded tiny SAM 3 model"
-ZERO_SHOT_FORMAT = 1  # raise when what the baseline scores changes
 
 
 def data_note(index: Path, model: Path | None) -> str:
@@ -319,7 +318,7 @@ def zero_shot_key(space: SearchSpace, index: Path, model: Path | None, base_id: 
         return None
     crop = space.fixed.get("crop_context")
     identity = json.dumps({
-        "format": ZERO_SHOT_FORMAT, "code": code.hexdigest(), "torch": torch.__version__,
+        "code": code.hexdigest(), "torch": torch.__version__,
         "transformers": transformers.__version__, "base": base_id, "mode": mode,
         "image_size": space.image_size,
         "crop": float(DEFAULT_CROP_CONTEXT if crop is None else crop),
