@@ -43,12 +43,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _alive_nodes(address: str, env: dict) -> list[dict]:
+def _alive_nodes(address: str, env: dict) -> tuple[list[dict], str]:
+    """The alive nodes' resources, and what went wrong when the cluster could not be asked."""
     script = (f"import json, ray; ray.init(address={address!r}, log_to_driver=False); "
               "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=120)
-    return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+    if done.returncode != 0:
+        return [], done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), ""
 
 
 def _stop(node: subprocess.Popen) -> None:
@@ -75,7 +78,8 @@ def _wait_for_port(port: int, seconds: float) -> None:
 @pytest.fixture
 def two_node_cluster():
     """Head with 1 CPU, a second node with 2 CPUs and a ``second_node`` resource; yields its
-    address, the environment to reach it with, and the folder of its logs."""
+    address, the environment to reach it with, the folder of its logs and the alive nodes'
+    resources."""
     temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # Ray's socket paths must be short
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
@@ -95,10 +99,16 @@ def two_node_cluster():
              "--num-cpus=2", '--resources={"second_node": 1}'],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True))
-        deadline = time.time() + 60
-        while len(_alive_nodes(address, env)) < 2 and time.time() < deadline:
+        # Generous: on a loaded 2-core machine two `ray start`s can take over a minute.
+        deadline = time.time() + 180
+        alive, problem = _alive_nodes(address, env)
+        while len(alive) < 2 and time.time() < deadline:
             time.sleep(1)
-        yield address, env, Path(temp_dir)
+            alive, problem = _alive_nodes(address, env)
+        if len(alive) < 2:
+            pytest.fail(f"the two-node cluster did not come up in 180 s ({len(alive)} alive): "
+                        f"{problem}")
+        yield address, env, Path(temp_dir), alive
     finally:
         for node in reversed(nodes):
             _stop(node)
@@ -129,8 +139,7 @@ def _histories(run_dir) -> list[list[dict]]:
 
 def test_search_on_a_two_node_cluster_survives_a_driver_kill(two_node_cluster, phantom_index,
                                                              phi_scan, tmp_path):
-    address, env, logs = two_node_cluster
-    resources = _alive_nodes(address, env)
+    address, env, logs, resources = two_node_cluster
     assert len(resources) == 2 and any(r.get("second_node") for r in resources)
     space = tmp_path / "resumable.yaml"
     space.write_text(yaml.safe_dump(SPACE))

@@ -9,7 +9,9 @@ import pytest
 from scipy import ndimage
 from shapes import SPACING_MM, arc, narrowing, straight, tube
 
-from angiotune.qca import QCAError, measure
+from angiotune.qca import QCAError, QCASettings, measure
+from angiotune.qca.blur import Blur, measured_blur, true_diameters
+from angiotune.qca.edges import EdgeSettings
 
 
 @pytest.mark.parametrize("shape_name", ["straight", "curved"])
@@ -107,9 +109,10 @@ def test_unmeasurable_masks_are_refused_clearly():
 # --- edges from the frame ----------------------------------------------------------------------
 
 def _render(path_mm: np.ndarray, diameter_mm: np.ndarray, shape=(200, 200),
-            crossing: bool = False) -> np.ndarray:
+            crossing: bool = False, blur_px: float = 0.8, flat: bool = False) -> np.ndarray:
     """An X-ray-like frame: a dark tube (transmission falls with the chord through the lumen) on
-    a textured background, blurred and noisy; ``crossing`` adds a dark vessel across it."""
+    a textured background, blurred and noisy; ``crossing`` adds a dark vessel across it;
+    ``flat``: a uniformly dark band instead, as a vessel painted into an image."""
     from scipy.spatial import cKDTree
 
     ys, xs = np.mgrid[0:shape[0], 0:shape[1]]
@@ -122,14 +125,14 @@ def _render(path_mm: np.ndarray, diameter_mm: np.ndarray, shape=(200, 200),
     rng = np.random.default_rng(3)
     texture = ndimage.gaussian_filter(rng.normal(size=shape), 6)
     background = np.exp(0.15 * texture / texture.std() - 0.4 * (ys / shape[0]))
-    attenuation = 0.06 * chord
+    attenuation = 0.06 * (np.where(chord > 0, 2 * radius.reshape(shape), 0.0) if flat else chord)
     if crossing:  # a 1.6 mm vessel crossing at 70 degrees, a third of the way along
         point = path_mm[len(path_mm) // 3] / SPACING_MM
         direction = np.array([np.cos(np.deg2rad(110)), np.sin(np.deg2rad(110))])
         offset = np.stack([xs - point[0], ys - point[1]], axis=-1)
         across = np.abs(offset @ np.array([-direction[1], direction[0]]))
         attenuation = attenuation + 0.06 * 2 * np.sqrt(np.clip(16 - across**2, 0, None))
-    frame = ndimage.gaussian_filter(background * np.exp(-attenuation), 0.8)
+    frame = ndimage.gaussian_filter(background * np.exp(-attenuation), blur_px)
     return np.clip(0.1 + 0.5 * frame + rng.normal(0, 0.008, shape), 0, 1).astype(np.float32)
 
 
@@ -143,7 +146,6 @@ def test_frame_edges_recover_a_stenosis_that_a_mask_twice_too_wide_hides():
     assert mask_only.edge_source == "mask" and guided.edge_source == "frame"
     assert guided.measurements()["edges"] == "frame"
     assert mask_only.mld_mm > 4.5 and mask_only.diameter_stenosis_pct < 20  # what it cannot see
-    # weight 0 (first derivative alone) reads this renderer's light blur ~1 px narrow
     assert guided.mld_mm == pytest.approx(1.5, abs=0.35)
     assert guided.rvd_mm == pytest.approx(3.0, abs=0.35)
     assert guided.diameter_stenosis_pct == pytest.approx(50.0, abs=7.0)
@@ -163,6 +165,70 @@ def test_frame_edges_agree_with_a_true_mask_and_do_not_depend_on_the_dtype():
         other = measure(mask, SPACING_MM, frame=(frame * peak).round().astype(dtype))
         assert other.mld_mm == pytest.approx(as_float.mld_mm, abs=0.05)
         assert other.rvd_mm == pytest.approx(as_float.rvd_mm, abs=0.05)
+
+
+@pytest.mark.parametrize("blur_px", [0.5, 1.5])
+@pytest.mark.parametrize("diameter_px", [7, 14])
+def test_the_frames_blur_is_measured_and_the_edges_width_error_undone(blur_px, diameter_px):
+    """Edges at the steepest point of a blurred round lumen read it narrow by about 1.3 blur
+    widths; measuring the blur at the segment and inverting the detector's response gives the
+    lumen back, at light and at heavy blur."""
+    path = straight()
+    diameters = np.full(len(path), diameter_px * SPACING_MM)
+    frame = _render(path, diameters, blur_px=blur_px)
+    mask = tube(path, diameters)
+    raw = measure(mask, SPACING_MM, frame=frame,
+                  settings=QCASettings(edges=EdgeSettings(correct_blur=False)))
+    corrected = measure(mask, SPACING_MM, frame=frame)
+    read_raw = np.median(raw.diameter_mm) / SPACING_MM
+    read = np.median(corrected.diameter_mm) / SPACING_MM
+    assert read_raw < diameter_px - 0.6  # the error being undone is there
+    assert abs(read - diameter_px) < min(0.6, 0.5 * abs(read_raw - diameter_px))
+
+
+def test_the_blur_and_the_cross_section_are_read_from_the_frame():
+    path = straight()
+    diameters = np.full(len(path), 10 * SPACING_MM)
+    mask = tube(path, diameters)
+    path_px, normal = _straight_scanlines(mask)
+    for flat in (False, True):
+        for blur_px in (0.5, 1.5):
+            frame = _render(path, diameters, blur_px=blur_px, flat=flat)
+            blur = measured_blur(frame, path_px, normal, np.full(len(path_px), 5.0),
+                                 np.full(len(path_px), 5.0))
+            assert blur.shape == ("flat" if flat else "round")
+            assert blur.sigma_px == pytest.approx(np.hypot(blur_px, 0.3), rel=0.35)
+
+
+def test_a_painted_flat_band_is_not_widened():
+    """A uniformly dark band (a vessel drawn into an image) has its steepest point at the wall:
+    a correction for round lumens would widen it by a blur width."""
+    path = straight()
+    diameters = np.full(len(path), 8 * SPACING_MM)
+    frame = _render(path, diameters, blur_px=0.5, flat=True)
+    read = np.median(measure(tube(path, diameters), SPACING_MM, frame=frame).diameter_mm)
+    assert read / SPACING_MM == pytest.approx(8, abs=0.4)
+
+
+def test_the_inverse_response_is_monotone_and_shifts_wide_lumens_by_a_constant():
+    blur = Blur(1.0, "round")
+    measured = np.linspace(0.5, 80, 400)
+    true = true_diameters(measured, blur, derivative_scale=0.7)
+    assert np.all(np.diff(true) > 0)
+    wide = true[measured > 60] - measured[measured > 60]
+    assert wide.min() > 1.0 and np.ptp(wide) < 1e-6  # round lumens read narrow, by a constant
+    assert true_diameters(np.array([np.nan]), blur, 0.7)[0] != true_diameters(  # NaN stays NaN
+        np.array([np.nan]), blur, 0.7)[0]
+
+
+def _straight_scanlines(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The centerline of a straight tube mask, and its unit normals."""
+    from angiotune.qca.centerline import centerline
+
+    path = centerline(mask).astype(float)[10:-10]
+    tangent = path[-1] - path[0]
+    tangent /= np.linalg.norm(tangent)
+    return path, np.tile([tangent[1], -tangent[0]], (len(path), 1))
 
 
 def test_a_crossing_vessel_does_not_capture_the_edge():

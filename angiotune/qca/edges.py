@@ -17,11 +17,10 @@ segment mask (the model's, coarse) only says where to look; the edge is where th
    (an outward correction, + ``second_derivative_weight_px``, shifts the edge out by about the
    weight in px) and outside it for lumens narrower than about two blur widths (the overestimate
    of small diameters that CMS/CAAS correct inward, a negative weight). Which wins depends on
-   the frame's blur, and the two checks disagree: on the embedded phantoms (3-19 px lumens, light
-   blur) +0.5 is unbiased and 0 reads diameters ~0.5 px narrow; on 53 straight pieces of real
-   angiograms (real-xca-80, 4.5-14 px, expert masks) diameters read wider than the expert's by
-   +2.3 px at +0.5, +1.65 at 0 and +0.9 at -0.5. 0 is the uncorrected middle; a weight chosen
-   from the frame's measured blur would be the next step. Derivatives
+   the lumen's width against the frame's blur, so no fixed weight serves frames of different
+   blur: the edges are found uncorrected (weight 0), and then the blur is measured at the
+   segment and each diameter mapped back to the round lumen that reads so
+   (``angiotune.qca.blur``; ``correct_blur``). Derivatives
    of the wrong polarity (bright to dark going out, e.g. the near side of a crossing vessel) cost.
 3. Costs are made relative to the strongest edges of the segment, so uint8, uint16 and float
    frames, of any contrast, are treated alike.
@@ -40,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from angiotune.qca.blur import measured_blur, true_diameters
+
 _BLOCKED = 1e3  # cost outside the search band: never chosen while any allowed sample exists
 
 
@@ -56,6 +57,7 @@ class EdgeSettings:
     outside_weight: float = 0.5  # cost of an edge whose outside is still as dark as the lumen
     outside_px: float = 2.0  # where "outside" is read, beyond the blurred wall
     weak_edge: float = 0.08  # below this relative strength a scanline has no edge: interpolated
+    correct_blur: bool = True  # undo the width error of edges at the steepest point (qca.blur)
 
 
 def frame_edges(frame: np.ndarray, path: np.ndarray, normal: np.ndarray,
@@ -71,8 +73,26 @@ def frame_edges(frame: np.ndarray, path: np.ndarray, normal: np.ndarray,
     priors = [_smooth_prior(prior_left), _smooth_prior(prior_right)]
     if _vessel_is_bright(image, path, normal, priors):
         image = -image
-    return tuple(_one_side(image, path, sign * normal, prior, settings)
-                 for sign, prior in ((1.0, priors[0]), (-1.0, priors[1])))
+    left, right = (_one_side(image, path, sign * normal, prior, settings)
+                   for sign, prior in ((1.0, priors[0]), (-1.0, priors[1])))
+    if settings.correct_blur:
+        left, right = _unblurred(image, path, normal, left, right, settings)
+    return left, right
+
+
+def _unblurred(image: np.ndarray, path: np.ndarray, normal: np.ndarray, left: np.ndarray,
+               right: np.ndarray, settings: EdgeSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Both edges moved, symmetrically about their midpoint, to the diameter of the round lumen
+    that reads as they do at the blur measured here; crossed edges are left alone."""
+    blur = measured_blur(image, path, normal, left, right)
+    if blur is None:
+        return left, right
+    measured = left + right
+    diameter = np.where(measured > 0, true_diameters(
+        measured, blur, settings.derivative_scale_px, settings.second_derivative_weight_px),
+        measured)
+    centre = 0.5 * (left - right)
+    return centre + 0.5 * diameter, 0.5 * diameter - centre
 
 
 def _smooth_prior(distance: np.ndarray) -> np.ndarray:
